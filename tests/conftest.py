@@ -1,0 +1,10 @@
+"""Test set-up: eight host devices for sharding tests, quiet TensorFlow, CPU only."""
+
+import os
+import sys
+
+# Must happen before jax initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(__file__))

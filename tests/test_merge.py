@@ -1,0 +1,271 @@
+"""The merge functions: invariants, a NumPy reference, jit/vmap/grad, schedules."""
+
+import functools
+import json
+import pathlib
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import numpy_tome as ref
+from tome_jax import merge
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+
+
+def random_inputs(seed, batch, tokens, channels, metric_kind="normal"):
+    rng = np.random.default_rng(seed)
+    if metric_kind == "zero":
+        metric = np.zeros((batch, tokens, channels), np.float32)
+    elif metric_kind == "duplicated":
+        metric = np.broadcast_to(rng.normal(size=(batch, 1, channels)), (batch, tokens, channels))
+    else:
+        metric = rng.normal(size=(batch, tokens, channels))
+    x = rng.normal(size=(batch, tokens, 5))
+    size = rng.integers(1, 6, size=(batch, tokens)).astype(np.float32)
+    return metric.astype(np.float32), x.astype(np.float32), size
+
+
+@functools.partial(jax.jit, static_argnames=("r", "class_token", "distill_token"))
+def bipartite_wavg(metric, x, size, r, class_token=False, distill_token=False):
+    """One compiled program per shape and flags, instead of op-by-op dispatch."""
+    plan = merge.bipartite_soft_merge(metric, r, class_token=class_token, distill_token=distill_token)
+    return plan, *merge.merge_wavg(plan, x, size)
+
+
+def flags(data):
+    class_token = data.draw(st.booleans(), "class_token")
+    distill_token = class_token and data.draw(st.booleans(), "distill_token")
+    return class_token, distill_token
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    batch=st.integers(1, 3),
+    tokens=st.integers(1, 33),
+    r=st.integers(0, 40),
+    seed=st.integers(0, 2**16),
+    metric_kind=st.sampled_from(["normal", "zero", "duplicated"]),
+)
+def test_merge_invariants(data, batch, tokens, r, seed, metric_kind):
+    class_token, distill_token = flags(data)
+    if tokens < int(class_token) + int(distill_token):
+        return
+    metric, x, size = random_inputs(seed, batch, tokens, 4, metric_kind)
+    protected = int(class_token) + int(distill_token)
+    _, x_out, size_out = bipartite_wavg(metric, x, size, r, class_token, distill_token)
+    x_out, size_out = np.asarray(x_out), np.asarray(size_out)
+
+    r_eff = min(r, (tokens - protected) // 2)
+    assert x_out.shape == (batch, tokens - r_eff, 5)
+    assert size_out.shape == (batch, tokens - r_eff)
+    np.testing.assert_allclose(size_out.sum(1), size.sum(1))  # total size conserved
+    assert (size_out > 0).all()
+    assert np.isfinite(x_out).all()
+    # The size-weighted sum of features is conserved too.
+    np.testing.assert_allclose(
+        (x_out * size_out[..., None]).sum(1), (x * size[..., None]).sum(1), rtol=1e-4, atol=1e-4
+    )
+    for i in range(protected):  # class token at 0, distillation token at 1, untouched
+        np.testing.assert_allclose(x_out[:, i], x[:, i], rtol=1e-6)  # x * s / s rounds
+        np.testing.assert_array_equal(size_out[:, i], size[:, i])
+    if r == 0:
+        np.testing.assert_array_equal(x_out, x)
+        np.testing.assert_array_equal(size_out, size)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(2, 30), r=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_merging_identical_tokens_is_exact(tokens, r, seed):
+    metric, _, size = random_inputs(seed, 2, tokens, 4)
+    value = np.random.default_rng(seed).normal(size=(2, 1, 5)).astype(np.float32)
+    x = np.broadcast_to(value, (2, tokens, 5))
+    _, x_out, _ = bipartite_wavg(metric, x, size, r)
+    np.testing.assert_allclose(np.asarray(x_out), np.broadcast_to(value, x_out.shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("tokens,r", [(2, 1), (9, 2), (16, 8), (17, 3), (31, 15), (40, 100)])
+def test_bipartite_matches_numpy_reference(class_token, distill_token, tokens, r):
+    metric, x, size = random_inputs(tokens * 31 + r, 3, tokens, 6)
+    plan, x_out, size_out = bipartite_wavg(metric, x, size, r, class_token, distill_token)
+    y = np.random.default_rng(0).normal(size=(3, plan.tokens_out, 2)).astype(np.float32)
+    unmerged = np.asarray(merge.unmerge(plan, jnp.asarray(y)))
+    source = np.asarray(merge.merge_source(plan, merge.initial_source(3, tokens)))
+    for b in range(3):
+        groups = ref.bipartite_groups(metric[b], r, class_token, distill_token)
+        want_x, want_size = ref.apply_groups(groups, x[b].astype(np.float64), size[b])
+        np.testing.assert_allclose(np.asarray(x_out[b]), want_x, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(size_out[b]), want_size)
+        np.testing.assert_array_equal(unmerged[b], ref.unmerge_groups(groups, y[b], tokens))
+        for j, group in enumerate(groups):
+            assert sorted(np.flatnonzero(source[b] == j)) == sorted(group)
+
+
+def test_merges_chain_and_unmerge_inverts_the_chain():
+    """Two merges: sources compose, and unmerging both restores full resolution."""
+    metric, x, _ = random_inputs(7, 2, 21, 4)
+    plan1 = merge.bipartite_soft_merge(jnp.asarray(metric), 5, class_token=True)
+    x1, size1 = merge.merge_wavg(plan1, jnp.asarray(x))
+    plan2 = merge.bipartite_soft_merge(x1[..., :4], 4, class_token=True)
+    x2, size2 = merge.merge_wavg(plan2, x1, size1)
+    source = merge.merge_source(plan2, merge.merge_source(plan1, merge.initial_source(2, 21)))
+    matrix = np.asarray(merge.source_matrix(source, x2.shape[1]))
+    np.testing.assert_array_equal(matrix.sum(-1), np.asarray(size2))  # group sizes agree
+    restored = merge.unmerge(plan1, merge.unmerge(plan2, x2))
+    expected = np.take_along_axis(np.asarray(x2), np.asarray(source)[..., None], axis=1)
+    np.testing.assert_array_equal(np.asarray(restored), expected)
+
+
+@pytest.mark.parametrize("class_token", [False, True])
+@pytest.mark.parametrize("tokens,k", [(12, 2), (13, 3), (20, 4), (9, 1)])
+def test_kth_matches_numpy_reference(class_token, tokens, k):
+    metric, x, size = random_inputs(tokens + k, 2, tokens, 5)
+    plan = merge.kth_bipartite_merge(jnp.asarray(metric), k, class_token=class_token)
+    x_out, size_out = merge.merge_wavg(plan, jnp.asarray(x), jnp.asarray(size))
+    for b in range(2):
+        groups = ref.kth_groups(metric[b], k, class_token)
+        want_x, want_size = ref.apply_groups(groups, x[b].astype(np.float64), size[b])
+        np.testing.assert_allclose(np.asarray(x_out[b]), want_x, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(size_out[b]), want_size)
+
+
+def test_kth_rejects_a_stride_longer_than_the_sequence():
+    with pytest.raises(ValueError, match="k=9 exceeds the 5 mergeable tokens"):
+        merge.kth_bipartite_merge(jnp.ones((1, 6, 3)), 9, class_token=True)
+
+
+@pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True)])
+def test_random_matcher_matches_numpy_reference(class_token, distill_token):
+    tokens, r = 19, 6
+    metric, x, size = random_inputs(3, 4, tokens, 5)
+    plan = merge.random_bipartite_merge(
+        jnp.asarray(metric), r, jax.random.key(1), class_token=class_token, distill_token=distill_token
+    )
+    x_out, size_out = merge.merge_wavg(plan, jnp.asarray(x), jnp.asarray(size))
+    protected = int(class_token) + int(distill_token)
+    merged = np.asarray(plan.merged)
+    assert len({tuple(sorted(m)) for m in merged}) > 1  # each example draws its own set
+    for b in range(4):
+        a_pos = sorted(merged[b])
+        assert len(a_pos) == r and min(a_pos) >= protected
+        b_pos = [i for i in range(protected, tokens) if i not in a_pos]
+        groups = ref.groups_into_best(metric[b], a_pos, b_pos, protected)
+        want_x, want_size = ref.apply_groups(groups, x[b].astype(np.float64), size[b])
+        np.testing.assert_allclose(np.asarray(x_out[b]), want_x, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(size_out[b]), want_size)
+
+
+def test_jit_vmap_and_eager_agree():
+    metric, x, size = random_inputs(11, 2, 25, 4)
+    stacked = np.stack([metric, metric[::-1]]), np.stack([x, x[::-1]]), np.stack([size, size[::-1]])
+
+    def step(m, x, s):
+        return merge.merge_wavg(merge.bipartite_soft_merge(m, 7, class_token=True), x, s)
+
+    eager = [step(*(jnp.asarray(a[i]) for a in stacked)) for i in range(2)]
+    jitted = jax.jit(jax.vmap(step))(*(jnp.asarray(a) for a in stacked))
+    for i in range(2):
+        np.testing.assert_allclose(np.asarray(jitted[0][i]), np.asarray(eager[i][0]), rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(jitted[1][i]), np.asarray(eager[i][1]))
+
+
+def test_gradients_flow_like_pooling():
+    """d(sum of merged)/dx_i = size_i / size of its group; the matching gets none."""
+    metric, x, size = random_inputs(5, 2, 15, 4)
+
+    def total(x, metric):
+        plan = merge.bipartite_soft_merge(metric, 5, class_token=True)
+        return merge.merge_wavg(plan, x, jnp.asarray(size))[0].sum()
+
+    grad_x, grad_metric = jax.grad(total, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(metric))
+    plan = merge.bipartite_soft_merge(jnp.asarray(metric), 5, class_token=True)
+    group_size = np.asarray(merge.merge_sum(plan, jnp.asarray(size)))
+    dest = np.asarray(plan.dest)
+    want = size / np.take_along_axis(group_size, dest, axis=1)
+    np.testing.assert_allclose(np.asarray(grad_x), np.broadcast_to(want[..., None], x.shape), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(grad_metric), 0.0)
+
+
+def test_gradients_are_finite_for_degenerate_metrics():
+    def total(metric):
+        plan = merge.bipartite_soft_merge(metric, 4)
+        return merge.merge_wavg(plan, metric)[0].sum()
+
+    for metric in (jnp.zeros((1, 10, 3)), jnp.ones((1, 10, 3))):
+        assert np.isfinite(np.asarray(jax.grad(total)(metric))).all()
+
+
+def test_one_compilation_serves_every_batch():
+    step = jax.jit(
+        lambda m, x: merge.merge_wavg(merge.bipartite_soft_merge(m, 6, class_token=True), x)
+    )
+    for seed in range(4):
+        metric, x, _ = random_inputs(seed, 2, 20, 4)
+        step(jnp.asarray(metric), jnp.asarray(x))
+    assert step._cache_size() == 1
+
+
+def test_r_is_clamped_at_trace_time():
+    metric = jnp.asarray(random_inputs(0, 1, 11, 3)[0])
+    assert merge.bipartite_soft_merge(metric, 100).tokens_out == 11 - 5
+    assert merge.bipartite_soft_merge(metric, 100, class_token=True).tokens_out == 11 - 5
+    assert merge.bipartite_soft_merge(metric, 100, class_token=True, distill_token=True).tokens_out == 11 - 4
+    assert merge.clamp_r(3, 11, 1) == 3
+    assert merge.clamp_r(9, 11, 1) == 5
+    assert merge.clamp_r(9, 1, 1) == 0
+    with pytest.raises(ValueError, match="r must be >= 0, got -1"):
+        merge.bipartite_soft_merge(metric, -1)
+    with pytest.raises(TypeError, match="r must be a Python int"):
+        merge.bipartite_soft_merge(metric, 2.5)
+    with pytest.raises(TypeError, match="r must be a Python int"):
+        merge.bipartite_soft_merge(metric, jnp.int32(2))
+
+
+def test_parse_r_reproduces_the_official_schedules():
+    table = json.loads((SHARED / "models" / "tome_accuracy.json").read_text())
+    for key, row in table.items():
+        r = eval(key)  # "4" or "(8, -1.0)", the official spec that made the row
+        assert list(merge.parse_r(12, r)) == row["schedule"], key
+        tokens = merge.tokens_per_layer(65, row["schedule"], protected=1)
+        assert tokens[-1] == row["tokens_left"], key
+    for r in [0, 3, (5, -1), (5, 0.5), (7, 1), (4, 0), [1, 2, 3]]:
+        assert list(merge.parse_r(12, r)) == ref.parse_r(12, r), r
+    assert merge.parse_r(3, [4, 2]) == (4, 2, 0)
+    assert merge.parse_r(1, (6, -1)) == (12,)
+
+
+@pytest.mark.parametrize(
+    "r,error,message",
+    [
+        (-2, ValueError, "r must be >= 0"),
+        ([1, -1], ValueError, r"r\[1\] must be >= 0"),
+        ([1] * 5, ValueError, "r lists 5 layers but the model has 4"),
+        ((4, 2.0), ValueError, r"inflection must be a number in \[-1, 1\]"),
+        ((4, 0.5, 1), TypeError, r"r\[1\] must be an int"),
+        ("8", TypeError, "r must be an int, an"),
+        (True, TypeError, "r must be an int, an"),
+    ],
+)
+def test_parse_r_errors_name_the_problem(r, error, message):
+    with pytest.raises(error, match=message):
+        merge.parse_r(4, r)
+
+
+def test_schedule_for_token_budget():
+    full = 197 * 12
+    assert merge.schedule_for_token_budget(197, 12, full, protected=1) == (0,) * 12
+    schedule = merge.schedule_for_token_budget(197, 12, full // 2, protected=1)
+    assert sum(merge.tokens_per_layer(197, schedule, 1)[:-1]) <= full // 2
+    smaller = merge.parse_r(12, schedule[0] - 1)
+    assert sum(merge.tokens_per_layer(197, smaller, 1)[:-1]) > full // 2  # fewest merges
+    decreasing = merge.schedule_for_token_budget(197, 12, full // 2, protected=1, inflection=-1)
+    assert decreasing[0] > decreasing[-1]
+    assert sum(merge.tokens_per_layer(197, decreasing, 1)[:-1]) <= full // 2
+    with pytest.raises(ValueError, match="out of reach"):
+        merge.schedule_for_token_budget(197, 12, 100, protected=1)

@@ -1,0 +1,248 @@
+"""The Flax ViT: r = 0 equals a plain ViT, merging behaves, configs and errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import erf
+
+import tome_jax
+from tome_jax import merge
+
+SMALL = dict(num_classes=7, img_size=16, patch_size=4, width=24, depth=3, num_heads=3)
+
+
+def layer_norm(x, p, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def dense(x, p):
+    return x @ p["kernel"] + p.get("bias", 0.0)
+
+
+def plain_vit(params, images, cfg):
+    """A textbook ViT forward in float64 NumPy: no sizes, no merging, no sharing with tome_jax."""
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    images = np.asarray(images, np.float64)
+    batch, height, width, chans = images.shape
+    ph, pw = cfg["patch_size"] if isinstance(cfg["patch_size"], tuple) else (cfg["patch_size"],) * 2
+    patches = images.reshape(batch, height // ph, ph, width // pw, pw, chans).transpose(0, 1, 3, 2, 4, 5)
+    kernel = params["patch_embed"]["kernel"]  # [ph, pw, chans, dim]
+    x = np.einsum("bhwijc,ijcd->bhwd", patches, kernel) + params["patch_embed"].get("bias", 0.0)
+    x = x.reshape(batch, -1, kernel.shape[-1])
+    prefix = [np.broadcast_to(params[k], (batch, 1, x.shape[-1])) for k in ("cls_token", "dist_token") if k in params]
+    if cfg.get("no_embed_class"):
+        x = np.concatenate(prefix + [x + params["pos_embed"]], 1)
+    else:
+        x = np.concatenate(prefix + [x], 1) + params["pos_embed"]
+    if cfg.get("pre_norm"):
+        x = layer_norm(x, params["norm_pre"])
+    heads = cfg["num_heads"]
+    for i in range(cfg["depth"]):
+        p = params[f"blocks_{i}"]
+        h = layer_norm(x, p["norm1"])
+        tokens, dim = h.shape[1:]
+        qkv = dense(h, p["attn"]["qkv"]).reshape(batch, tokens, 3, heads, dim // heads)
+        q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
+        if "q_norm" in p["attn"]:
+            q, k = layer_norm(q, p["attn"]["q_norm"]), layer_norm(k, p["attn"]["k_norm"])
+        logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(dim // heads)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        y = dense((weights @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, dim), p["attn"]["proj"])
+        x = x + y * p["ls_1"]["gamma"] if "ls_1" in p else x + y
+        h = dense(layer_norm(x, p["norm2"]), p["mlp"]["fc1"])
+        h = dense(0.5 * h * (1 + erf(h / math.sqrt(2))), p["mlp"]["fc2"])
+        x = x + h * p["ls_2"]["gamma"] if "ls_2" in p else x + h
+    prefix_len = len(prefix)
+    if cfg.get("global_pool") == "avg":
+        pooled = x[:, prefix_len:].mean(1)
+        pooled = layer_norm(pooled, params["fc_norm"]) if "fc_norm" in params else pooled
+    else:
+        x = layer_norm(x, params["norm"])
+        pooled = x[:, 0]
+    if "head_dist" in params:
+        return (dense(pooled, params["head"]) + dense(x[:, 1], params["head_dist"])) / 2
+    return dense(pooled, params["head"])
+
+
+STATIC = ("r", "train", "prop_attn", "trace_source", "return_state")
+
+
+def jit_apply(model):
+    """model.apply compiled once per static option set (eager Flax dispatches op by op)."""
+    return jax.jit(model.apply, static_argnames=STATIC)
+
+
+def random_variables(model, images, seed=0):
+    """Initialised, then every leaf redrawn so that no zero-initialised head hides a bug."""
+    variables = model.init(jax.random.key(seed), images)
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [0.3 * jax.random.normal(k, leaf.shape) + (leaf.ndim == 1) * 0.5 for k, leaf in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def images_for(cfg, batch=2, seed=0):
+    size = cfg["img_size"] if isinstance(cfg["img_size"], tuple) else (cfg["img_size"],) * 2
+    return jax.random.normal(jax.random.key(seed), (batch, *size, 3))
+
+
+VARIANTS = {
+    "class_token": {},
+    "distilled": dict(distill_token=True),
+    "gap_no_class_token": dict(class_token=False, global_pool="avg"),
+    "gap_fc_norm_layer_scale": dict(global_pool="avg", layer_scale_init=0.1),
+    "deit3_no_embed_class": dict(no_embed_class=True, layer_scale_init=1e-1),
+    "pre_norm": dict(pre_norm=True),
+    "qk_norm": dict(qk_norm=True),
+    "non_square": dict(img_size=(16, 24), patch_size=(4, 8)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_r0_equals_plain_vit(variant):
+    cfg = {**SMALL, **VARIANTS[variant]}
+    model = tome_jax.ViT(**cfg)
+    images = images_for(cfg)
+    variables = random_variables(model, images)
+    want = plain_vit(variables["params"], images, cfg)
+    for prop_attn in (True, False):  # sizes are all 1 at r = 0: log 1 = 0
+        got = jit_apply(model)(variables, images, r=0, prop_attn=prop_attn)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["class_token", "distilled", "gap_no_class_token"])
+def test_merging_keeps_protected_tokens_and_conserves_size(variant):
+    cfg = {**SMALL, **VARIANTS[variant], "depth": 4}
+    model = tome_jax.ViT(**cfg)
+    images = images_for(cfg)
+    variables = random_variables(model, images)
+    for r in (2, (3, -1), (5, 0, 1)):  # a per-layer tuple is hashable, so jit-static
+        logits, state = jit_apply(model)(variables, images, r=r, trace_source=True, return_state=True)
+        schedule = merge.parse_r(cfg["depth"], r)
+        tokens = merge.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
+        assert state.tokens.shape == (2, tokens[-1], cfg["width"])
+        np.testing.assert_array_equal(np.asarray(state.size.sum(1)), model.num_tokens)
+        assert logits.shape == (2, cfg["num_classes"]) and np.isfinite(np.asarray(logits)).all()
+        source = np.asarray(state.source)
+        for i in range(model.num_prefix_tokens):
+            np.testing.assert_array_equal(np.asarray(state.size[:, i]), 1)
+            np.testing.assert_array_equal(source[:, i], i)
+        counts = np.stack([np.bincount(s, minlength=tokens[-1]) for s in source])
+        np.testing.assert_array_equal(counts, np.asarray(state.size))
+
+
+def test_gap_pooling_weights_merged_tokens_by_size():
+    cfg = {**SMALL, **VARIANTS["gap_no_class_token"], "num_classes": 0}
+    model = tome_jax.ViT(**cfg)
+    images = images_for(cfg)
+    variables = random_variables(model, images)
+    pooled, state = jit_apply(model)(variables, images, r=3, return_state=True)
+    weights = np.asarray(state.size)[..., None]
+    want = (np.asarray(state.tokens, np.float64) * weights).sum(1) / weights.sum(1)
+    fc_norm = jax.tree_util.tree_map(np.asarray, variables["params"]["fc_norm"])
+    np.testing.assert_allclose(np.asarray(pooled), layer_norm(want, fc_norm), rtol=1e-4, atol=1e-4)
+
+
+def test_r_is_chosen_per_call_and_compiles_once_per_schedule():
+    model = tome_jax.ViT(**SMALL)
+    images = images_for(SMALL)
+    variables = random_variables(model, images)
+    apply = jit_apply(model)
+    outputs = {}
+    for r in (0, 3, (3, -1), 0, 3):
+        for seed in range(3):
+            outputs[r, seed] = apply(variables, images_for(SMALL, seed=seed), r=r)
+    assert apply._cache_size() == 3
+    assert not np.allclose(np.asarray(outputs[0, 0]), np.asarray(outputs[3, 0]))
+
+
+def test_gradients_with_merging_and_stochastic_depth_are_finite():
+    cfg = {**SMALL, "drop_path_rate": 0.2}
+    model = tome_jax.ViT(**cfg)
+    images = images_for(cfg)
+    variables = random_variables(model, images)
+
+    def loss(params):
+        logits = model.apply(
+            {"params": params}, images, r=(4, -1), train=True, rngs={"dropout": jax.random.key(3)}
+        )
+        return jax.nn.log_softmax(logits)[:, 0].mean()
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    flat = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
+    assert np.isfinite(flat).all() and np.abs(flat).max() > 0
+
+
+def test_bfloat16_compute_tracks_float32():
+    images = images_for(SMALL)
+    model32 = tome_jax.ViT(**SMALL)
+    variables = random_variables(model32, images)
+    model16 = tome_jax.ViT(**SMALL, dtype=jnp.bfloat16)
+    got = jit_apply(model16)(variables, images, r=2)
+    assert got.dtype == jnp.bfloat16
+    want = jit_apply(model32)(variables, images, r=2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0.1, atol=0.3)
+
+
+@pytest.mark.parametrize(
+    "overrides,shape,message",
+    [
+        ({}, (1, 18, 16, 3), r"image size \(18, 16\) is not divisible by patch size \(4, 4\)"),
+        ({}, (1, 20, 20, 3), r"image size \(20, 20\) differs from the model's img_size \(16, 16\)"),
+        (dict(img_size=18), (1, 18, 18, 3), r"image size \(18, 18\) is not divisible by patch size"),
+        (dict(class_token=False), (1, 16, 16, 3), "global_pool='token' needs a class token"),
+        (dict(class_token=False, distill_token=True, global_pool="avg"), (1, 16, 16, 3), "distillation token needs a class token"),
+        (dict(global_pool="max"), (1, 16, 16, 3), "global_pool must be 'token' or 'avg'"),
+        (dict(num_heads=5), (1, 16, 16, 3), "width 24 is not divisible by num_heads 5"),
+        ({}, (16, 16, 3), r"images must be \[batch, height, width, channels\]"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(overrides, shape, message):
+    model = tome_jax.ViT(**{**SMALL, **overrides})
+    with pytest.raises(ValueError, match=message):
+        model.init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_r_errors_surface_from_the_model():
+    model = tome_jax.ViT(**SMALL)
+    images = images_for(SMALL)
+    variables = model.init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="r lists 4 layers but the model has 3"):
+        model.apply(variables, images, r=[1, 1, 1, 1])
+    with pytest.raises(ValueError, match="r must be >= 0"):
+        model.apply(variables, images, r=-1)
+
+
+# Parameter counts of timm's models with these names (timm.create_model(name).num_params).
+TIMM_PARAM_COUNTS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_base_patch16_224": 86_567_656,
+    "vit_base_patch32_224": 88_224_232,
+    "deit_small_distilled_patch16_224": 22_436_432,
+    "deit3_small_patch16_224": 22_059_496,
+    "vit_large_patch16_224": 304_326_632,
+    "vit_tiny_patch4_32": 5_362_762,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_PARAM_COUNTS))
+def test_named_configs_have_timm_parameter_counts(name):
+    model = tome_jax.create_model(name)
+    size = model.img_size if isinstance(model.img_size, int) else model.img_size[0]
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    count = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
+    assert count == TIMM_PARAM_COUNTS[name]
+
+
+def test_create_model_rejects_unknown_names_and_attributes():
+    with pytest.raises(KeyError, match="unknown model 'vit_gigantic'"):
+        tome_jax.create_model("vit_gigantic")
+    with pytest.raises(TypeError, match=r"unknown ViT attributes \['embed_dims'\]"):
+        tome_jax.create_model("vit_base_patch16_224", embed_dims=3)
+    assert tome_jax.create_model("vit_base_patch16_224.augreg_in21k_ft_in1k").width == 768

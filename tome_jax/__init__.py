@@ -1,0 +1,22 @@
+"""tome_jax: Token Merging (ToMe) and DTEM for Vision Transformers in JAX/Flax."""
+
+from tome_jax.attention import Attention, proportional_attention
+from tome_jax.merge import (
+    MergePlan,
+    bipartite_soft_merge,
+    effective_schedule,
+    initial_source,
+    kth_bipartite_merge,
+    merge_source,
+    merge_sum,
+    merge_wavg,
+    parse_r,
+    random_bipartite_merge,
+    schedule_for_token_budget,
+    source_matrix,
+    tokens_per_layer,
+    unmerge,
+)
+from tome_jax.vit import MODEL_CONFIGS, MergeState, ViT, create_model, model_config
+
+__version__ = "0.1.0"

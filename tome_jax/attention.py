@@ -1,0 +1,86 @@
+"""Multi-head self-attention with ToMe's proportional attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def layer_norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+    """LayerNorm with timm's ViT epsilon (1e-6)."""
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def size_bias(size: jax.Array) -> jax.Array:
+    """[batch, tokens] sizes -> [batch, 1, 1, tokens] additive logit bias `log(size)`.
+
+    A token faded to size 0 by the soft merge gets a very negative but finite bias
+    (log of the smallest normal float), so it vanishes from the softmax without
+    sending infinities into the gradient.
+    """
+    size = jnp.maximum(size.astype(jnp.float32), jnp.finfo(jnp.float32).tiny)
+    return jnp.log(size)[:, None, None, :]
+
+
+def proportional_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    size: jax.Array | None = None,
+    *,
+    implementation: str | None = None,
+) -> jax.Array:
+    """`softmax(q k^T / sqrt(d) + log size_key) v`, through `jax.nn.dot_product_attention`.
+
+    Args:
+      query, key, value: [batch, tokens, heads, head_dim].
+      size: [batch, tokens] patches held by each key token; None is plain attention.
+      implementation: passed on ("xla", "cudnn" or None to let JAX choose).
+
+    Returns:
+      [batch, tokens, heads, head_dim].
+    """
+    bias = None if size is None else size_bias(size).astype(query.dtype)
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, implementation=implementation)
+
+
+class Attention(nn.Module):
+    """timm-layout attention (one fused `qkv` projection, then `proj`).
+
+    Returns the attention output and the merge metric, the keys' mean over heads.
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, size: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """x: [batch, tokens, dim]; size: [batch, tokens] or None.
+
+        Returns ([batch, tokens, dim], metric [batch, tokens, head_dim]).
+        """
+        batch, tokens, dim = x.shape
+        if dim % self.num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {self.num_heads}")
+        head_dim = dim // self.num_heads
+        dense = lambda features, name, bias=True: nn.Dense(  # noqa: E731
+            features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        qkv = dense(3 * dim, "qkv", self.qkv_bias)(x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.qk_norm:
+            query = layer_norm("q_norm", self.dtype, self.param_dtype)(query)
+            key = layer_norm("k_norm", self.dtype, self.param_dtype)(key)
+        out = proportional_attention(query, key, value, size, implementation=self.implementation)
+        out = dense(dim, "proj")(out.reshape(batch, tokens, dim))
+        return out, key.mean(axis=2)

@@ -1,0 +1,431 @@
+"""Token merging as pure JAX functions.
+
+A merge step is planned once from a merge metric (the attention keys in ToMe, a
+learned embedding in DTEM) and the plan is then applied to every per-token array
+that must follow the tokens: features, sizes, sources. `r` is a static Python
+int, so every shape is known at trace time and one compilation serves every batch.
+
+Typical use inside a transformer block::
+
+    plan = bipartite_soft_merge(metric, r, class_token=True)
+    x, size = merge_wavg(plan, x, size)
+
+Shapes: `batch` examples, `tokens` tokens in, `tokens - r` tokens out.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# An `r` as users write it: one int for every layer, an `(r, inflection)` pair,
+# or one int per layer.
+RSpec = Union[int, tuple[int, float], Sequence[int]]
+
+
+class MergePlan(NamedTuple):
+    """Where every token goes in one merge step (a pytree of int32 arrays).
+
+    Attributes:
+      dest: [batch, tokens_in] the output slot each input token ends up in.
+      kept: [batch, tokens_out] the input token each output slot starts from.
+      merged: [batch, r] the input tokens added into another token's slot.
+    """
+
+    dest: jax.Array
+    kept: jax.Array
+    merged: jax.Array
+
+    @property
+    def tokens_in(self) -> int:
+        return self.dest.shape[-1]
+
+    @property
+    def tokens_out(self) -> int:
+        return self.kept.shape[-1]
+
+
+def max_r(tokens: int, protected: int = 0) -> int:
+    """The most tokens one bipartite step can remove: half the unprotected ones."""
+    return max(tokens - protected, 0) // 2
+
+
+def clamp_r(r: int, tokens: int, protected: int = 0) -> int:
+    """Validates `r` and clamps it to `max_r(tokens, protected)`, at trace time.
+
+    Clamping rather than failing is the official behaviour: a schedule written for
+    a long sequence keeps working on a short one, merging as much as it can.
+    """
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"r must be a Python int, got {r!r} ({type(r).__name__})")
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    return min(int(r), max_r(tokens, protected))
+
+
+def identity_plan(batch: int, tokens: int) -> MergePlan:
+    """The plan that keeps every token where it is (r = 0)."""
+    order = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+    return MergePlan(dest=order, kept=order, merged=jnp.zeros((batch, 0), jnp.int32))
+
+
+def _unit(metric: jax.Array) -> jax.Array:
+    """[..., channels] scaled to unit length; a zero vector stays zero (no NaN)."""
+    metric = metric.astype(jnp.float32)
+    norm = jnp.linalg.norm(metric, axis=-1, keepdims=True)
+    return metric / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+
+
+def _cosine_scores(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[batch, ta, c] x [batch, tb, c] -> [batch, ta, tb], full fp32 precision."""
+    return jnp.einsum("bic,bjc->bij", a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def _plan_from_kept(kept, merged, merged_into, tokens):
+    """One example's plan from its kept tokens and its merges (per-example arrays).
+
+    kept: [tokens_out] input tokens that own a slot, in output order.
+    merged: [r] input tokens folded away; merged_into: [r] the input token each joins.
+    """
+    slots = jnp.arange(kept.shape[0], dtype=jnp.int32)
+    dest = jnp.zeros((tokens,), jnp.int32).at[kept].set(slots)
+    dest = dest.at[merged].set(dest[merged_into])
+    return MergePlan(dest=dest, kept=kept.astype(jnp.int32), merged=merged.astype(jnp.int32))
+
+
+def bipartite_soft_merge(
+    metric: jax.Array, r: int, *, class_token: bool = False, distill_token: bool = False
+) -> MergePlan:
+    """ToMe's bipartite soft matching: plans the merge of the `r` most similar pairs.
+
+    Tokens alternate into set A (even positions) and B (odd positions); each A
+    token picks its most similar B token by cosine similarity; the `r` A tokens with
+    the best matches are merged into their partners. The class token (index 0) is
+    never merged and the distillation token (index 1) never receives.
+
+    Output order follows the official implementation, which the next block's
+    alternating split depends on: the unmerged A tokens then the B tokens; with a
+    class token the unmerged A tokens keep their sequence order, without one they
+    are ordered by best score, descending; with a distillation token the order is
+    `[A0, B0, A1.., B1..]` so the protected tokens stay at indices 0 and 1.
+
+    Ties are broken by position (stable sort), so equal scores give the same plan
+    on every backend. The matching is not differentiated; gradients flow through
+    the merged values when the plan is applied.
+
+    Args:
+      metric: [batch, tokens, channels] similarity features (keys' head-mean).
+      r: tokens to remove, a static int; clamped to `max_r(tokens, protected)`.
+      class_token: token 0 is a class token.
+      distill_token: token 1 is a DeiT distillation token.
+
+    Returns:
+      A plan mapping `tokens` inputs to `tokens - r` outputs.
+    """
+    batch, tokens, _ = metric.shape
+    protected = int(class_token) + int(distill_token)
+    r = clamp_r(r, tokens, protected)
+    if r == 0:
+        return identity_plan(batch, tokens)
+
+    metric = _unit(jax.lax.stop_gradient(metric))
+    scores = _cosine_scores(metric[:, ::2], metric[:, 1::2])
+    if class_token:
+        scores = scores.at[:, 0, :].set(-jnp.inf)
+    if distill_token:
+        scores = scores.at[:, :, 0].set(-jnp.inf)
+    best_score = scores.max(axis=-1)
+    best_partner = scores.argmax(axis=-1)
+    num_b = tokens // 2
+
+    def plan_one(best_score, best_partner):
+        order = jnp.argsort(best_score, descending=True, stable=True)
+        unmerged, merged = order[r:], order[:r]
+        if class_token:
+            unmerged = jnp.sort(unmerged)
+        kept_a, kept_b = 2 * unmerged, 2 * jnp.arange(num_b) + 1
+        if distill_token:
+            kept = jnp.concatenate([kept_a[:1], kept_b[:1], kept_a[1:], kept_b[1:]])
+        else:
+            kept = jnp.concatenate([kept_a, kept_b])
+        return _plan_from_kept(kept, 2 * merged, 2 * best_partner[merged] + 1, tokens)
+
+    return jax.vmap(plan_one)(best_score, best_partner)
+
+
+def _merge_set_into(metric, a_idx, b_idx, protected):
+    """One example: every token of `a_idx` joins its most similar token of `b_idx`.
+
+    metric: [tokens, c] unit vectors; a_idx: [na]; b_idx: [nb] in sequence order.
+    Output order: the protected tokens, then `b_idx`.
+    """
+    scores = metric[a_idx] @ metric[b_idx].T
+    into = b_idx[scores.argmax(axis=-1)]
+    kept = jnp.concatenate([jnp.arange(protected), b_idx])
+    return _plan_from_kept(kept, a_idx, into, metric.shape[0])
+
+
+def kth_bipartite_merge(metric: jax.Array, k: int, *, class_token: bool = False) -> MergePlan:
+    """The "kth" matcher: B is every k-th token, every other token merges into B.
+
+    Leaves about `tokens / k` tokens. Unlike the official version, which drops the
+    tokens past the last full group of k, those tokens merge into B as well, so the
+    total size is conserved. A class token stays at index 0 and is never merged.
+
+    Args:
+      metric: [batch, tokens, channels].
+      k: the stride of set B; `k <= 1` merges nothing.
+    """
+    batch, tokens, _ = metric.shape
+    protected = int(class_token)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a Python int, got {k!r}")
+    if k <= 1:
+        return identity_plan(batch, tokens)
+    positions = np.arange(protected, tokens)
+    if len(positions) < k:
+        raise ValueError(f"k={k} exceeds the {len(positions)} mergeable tokens")
+    in_b = (positions - protected) % k == k - 1
+    a_idx, b_idx = jnp.asarray(positions[~in_b]), jnp.asarray(positions[in_b])
+    plan_one = lambda m: _merge_set_into(m, a_idx, b_idx, protected)  # noqa: E731
+    return jax.vmap(plan_one)(_unit(jax.lax.stop_gradient(metric)))
+
+
+def random_bipartite_merge(
+    metric: jax.Array,
+    r: int,
+    rng: jax.Array,
+    *,
+    class_token: bool = False,
+    distill_token: bool = False,
+) -> MergePlan:
+    """The "random" matcher: `r` random tokens merge into their best other token.
+
+    Set A is `r` tokens drawn per example (never a protected one); the rest, B, keep
+    their sequence order (the official version leaves them shuffled, which would
+    scramble the next block's alternating split).
+
+    Args:
+      metric: [batch, tokens, channels].
+      r: tokens to remove, clamped like `bipartite_soft_merge`.
+      rng: a PRNG key; one draw per example.
+    """
+    batch, tokens, _ = metric.shape
+    protected = int(class_token) + int(distill_token)
+    r = clamp_r(r, tokens, protected)
+    if r == 0:
+        return identity_plan(batch, tokens)
+    shuffled = protected + jnp.argsort(jax.random.uniform(rng, (batch, tokens - protected)))
+
+    def plan_one(m, order):
+        return _merge_set_into(m, order[:r], jnp.sort(order[r:]), protected)
+
+    return jax.vmap(plan_one)(_unit(jax.lax.stop_gradient(metric)), shuffled)
+
+
+def _gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x: [batch, tokens, ...], idx: [batch, n] -> [batch, n, ...]."""
+    return jax.vmap(lambda xi, ii: xi[ii])(x, idx)
+
+
+def merge_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """Sums the tokens that share an output slot.
+
+    Gathers the kept tokens and scatter-adds only the `r` merged ones, so the
+    scatter is `r` rows rather than the whole sequence.
+
+    Args:
+      x: [batch, tokens_in, ...].
+
+    Returns:
+      [batch, tokens_out, ...].
+    """
+    if plan.merged.shape[-1] == 0:
+        return _gather_tokens(x, plan.kept)
+    slots = jnp.take_along_axis(plan.dest, plan.merged, axis=1)
+    moved = _gather_tokens(x, plan.merged)
+    kept = _gather_tokens(x, plan.kept)
+    return jax.vmap(lambda k, s, m: k.at[s].add(m))(kept, slots, moved)
+
+
+def merge_wavg(
+    plan: MergePlan, x: jax.Array, size: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Size-weighted average of merged tokens, and the merged sizes.
+
+    Args:
+      x: [batch, tokens_in, channels].
+      size: [batch, tokens_in] patches held by each token; None means all ones.
+
+    Returns:
+      x: [batch, tokens_out, channels] in x's dtype (accumulated in float32);
+      size: [batch, tokens_out] float32.
+    """
+    if size is None:
+        size = jnp.ones(x.shape[:2], jnp.float32)
+    if plan.merged.shape[-1] == 0:
+        return _gather_tokens(x, plan.kept), _gather_tokens(size, plan.kept)
+    size = size.astype(jnp.float32)
+    total = merge_sum(plan, x.astype(jnp.float32) * size[..., None])
+    size = merge_sum(plan, size)
+    # A zero-size slot (only possible after a soft merge faded a token) stays zero.
+    merged_x = total / jnp.where(size > 0, size, 1.0)[..., None]
+    return merged_x.astype(x.dtype), size
+
+
+def unmerge(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """Copies every merged token back to each position it came from.
+
+    Args:
+      x: [batch, tokens_out, ...] outputs of the merged sequence.
+
+    Returns:
+      [batch, tokens_in, ...] in the order the plan's input had.
+    """
+    return _gather_tokens(x, plan.dest)
+
+
+def initial_source(batch: int, tokens: int) -> jax.Array:
+    """[batch, tokens] int32: before any merge, input token i is output token i."""
+    return jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+
+
+def merge_source(plan: MergePlan, source: jax.Array) -> jax.Array:
+    """Source tracking: follows each original token through one more merge.
+
+    The official code tracks a [batch, tokens, patches] 0/1 matrix merged with
+    `max`; since merged groups are disjoint, the token index of each original
+    patch says the same in [batch, patches] (see `source_matrix`).
+
+    Args:
+      source: [batch, patches] the current token holding each original token.
+
+    Returns:
+      [batch, patches] the token holding each original token after `plan`.
+    """
+    return jnp.take_along_axis(plan.dest, source, axis=1)
+
+
+def source_matrix(source: jax.Array, tokens: int) -> jax.Array:
+    """[batch, patches] token indices -> [batch, tokens, patches] bool membership.
+
+    Row `j` marks the original tokens that current token `j` holds, as in the
+    official `merge_source`.
+    """
+    return jnp.arange(tokens)[None, :, None] == source[:, None, :]
+
+
+def parse_r(num_layers: int, r: RSpec) -> tuple[int, ...]:
+    """Expands an `r` spec into one int per layer.
+
+    Accepted forms (those of the official `parse_r`):
+      * int: the same `r` for every layer;
+      * `(r, inflection)` pair (a tuple of length 2), inflection in [-1, 1]: layer
+        `i` gets `int(lo + (hi - lo) / (num_layers - 1) * i)` with
+        `lo = int(r * (1 - inflection))` and `hi = 2 * r - lo`; `(r, -1)` is the
+        paper's decreasing schedule, `(r, 0)` is constant;
+      * list (or a tuple of another length) of per-layer ints, padded with zeros.
+        A per-layer schedule of exactly two layers must be a list.
+
+    Returns a tuple, hashable, so it can be a static argument of `jax.jit`.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
+        raise TypeError(f"num_layers must be an int, got {num_layers!r}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if isinstance(r, numbers.Integral) and not isinstance(r, bool):
+        _check_r(r, "r")
+        return (int(r),) * num_layers
+    if isinstance(r, tuple) and len(r) == 2:
+        return _inflected_schedule(num_layers, *r)
+    if isinstance(r, (list, tuple, np.ndarray)):
+        per_layer = [_check_r(v, f"r[{i}]") for i, v in enumerate(r)]
+        if len(per_layer) > num_layers:
+            raise ValueError(
+                f"r lists {len(per_layer)} layers but the model has {num_layers}"
+            )
+        return tuple(per_layer) + (0,) * (num_layers - len(per_layer))
+    raise TypeError(
+        f"r must be an int, an (r, inflection) tuple or a list of ints, got {r!r}"
+    )
+
+
+def _check_r(r, name: str) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {r!r} ({type(r).__name__})")
+    if r < 0:
+        raise ValueError(f"{name} must be >= 0, got {r}")
+    return int(r)
+
+
+def _inflected_schedule(num_layers: int, r, inflection) -> tuple[int, ...]:
+    r = _check_r(r, "r")
+    if not isinstance(inflection, numbers.Real) or not -1.0 <= inflection <= 1.0:
+        raise ValueError(f"inflection must be a number in [-1, 1], got {inflection!r}")
+    lo = int(r * (1.0 - inflection))
+    hi = 2 * r - lo
+    if num_layers == 1:
+        return (lo,)
+    step = (hi - lo) / (num_layers - 1)
+    return tuple(int(lo + step * i) for i in range(num_layers))
+
+
+def effective_schedule(
+    tokens: int, schedule: Sequence[int], protected: int = 0
+) -> tuple[int, ...]:
+    """The `r` each layer really merges after the clamp, for `tokens` input tokens."""
+    effective = []
+    for r in schedule:
+        r = clamp_r(r, tokens, protected)
+        effective.append(r)
+        tokens -= r
+    return tuple(effective)
+
+
+def tokens_per_layer(
+    tokens: int, schedule: Sequence[int], protected: int = 0
+) -> tuple[int, ...]:
+    """Tokens entering each layer, then the tokens left at the end (len(schedule) + 1)."""
+    counts = [tokens]
+    for r in effective_schedule(tokens, schedule, protected):
+        counts.append(counts[-1] - r)
+    return tuple(counts)
+
+
+def schedule_for_token_budget(
+    tokens: int,
+    num_layers: int,
+    budget: int,
+    *,
+    protected: int = 0,
+    inflection: float = 0.0,
+) -> tuple[int, ...]:
+    """The `(r, inflection)` schedule with the smallest `r` within a token budget.
+
+    Block cost grows with the tokens it processes, so the budget is the sum over
+    layers of the tokens entering each block (`tokens * num_layers` at `r = 0`).
+
+    Args:
+      tokens: input sequence length, protected tokens included.
+      budget: the largest admissible sum of tokens entering the blocks.
+      inflection: schedule shape, 0 constant, -1 decreasing (see `parse_r`).
+
+    Returns:
+      the per-layer schedule, as `parse_r` gives it.
+    """
+    floor = None
+    # Past the clamp a larger r still reaches deeper layers of a shaped schedule.
+    for r in range(tokens + 1):
+        schedule = parse_r(num_layers, (r, inflection))
+        cost = sum(tokens_per_layer(tokens, schedule, protected)[:-1])
+        if cost <= budget:
+            return schedule
+        floor = cost if floor is None else min(floor, cost)
+    raise ValueError(
+        f"a budget of {budget} tokens is out of reach: with inflection {inflection} "
+        f"the smallest total for {tokens} tokens over {num_layers} layers is {floor}"
+    )

@@ -1,0 +1,390 @@
+"""Vision Transformer (timm's ViT/DeiT family) with token merging in every block.
+
+Parameter names follow timm (`patch_embed`, `cls_token`, `blocks_3/attn/qkv`, ...)
+so converted checkpoints read naturally. Images are NHWC.
+
+    model = create_model("vit_base_patch16_224")
+    variables = model.init(jax.random.key(0), images)
+    logits = model.apply(variables, images, r=(16, -1))   # any r, same parameters
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tome_jax import merge
+from tome_jax.attention import Attention, layer_norm
+
+
+class MergeState(NamedTuple):
+    """What the merges left behind at the end of the encoder.
+
+    Attributes:
+      tokens: [batch, tokens, width] final tokens (after the final norm).
+      size: [batch, tokens] input tokens (patches and prefix tokens) each holds.
+      source: [batch, input_tokens] the final token holding each input token, or
+        None when not traced (`merge.source_matrix` gives the official matrix).
+    """
+
+    tokens: jax.Array
+    size: jax.Array
+    source: jax.Array | None
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[batch, tokens, dim] -> [batch, tokens, dim]."""
+        width = x.shape[-1]
+        x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        # timm uses the exact (erf) GELU; flax's default is the tanh approximation.
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+
+
+class LayerScale(nn.Module):
+    init_value: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param(
+            "gamma", nn.initializers.constant(self.init_value), (x.shape[-1],), self.param_dtype
+        )
+        return x * gamma.astype(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with ToMe between attention and MLP."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    layer_scale_init: float | None = None
+    drop_path: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attn_implementation: str | None = None
+
+    def _residual(self, x, branch, name, train):
+        if self.layer_scale_init is not None:
+            branch = LayerScale(self.layer_scale_init, self.param_dtype, name=f"ls_{name}")(branch)
+        # Stochastic depth: drop the whole branch per example.
+        branch = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(branch, deterministic=not train)
+        return x + branch
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        size: jax.Array,
+        *,
+        r: int,
+        class_token: bool,
+        distill_token: bool,
+        prop_attn: bool,
+        train: bool = False,
+    ) -> tuple[jax.Array, jax.Array, merge.MergePlan | None]:
+        """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int.
+
+        Returns x [batch, tokens - r', dim], size [batch, tokens - r'] and the
+        merge plan (None when nothing merged), r' being r after the clamp.
+        """
+        norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)  # noqa: E731
+        attn = Attention(
+            self.num_heads,
+            qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.attn_implementation,
+            name="attn",
+        )
+        y, metric = attn(norm("norm1")(x), size if prop_attn else None)
+        x = self._residual(x, y, "1", train)
+
+        plan = None
+        if merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token)) > 0:
+            plan = merge.bipartite_soft_merge(
+                metric, r, class_token=class_token, distill_token=distill_token
+            )
+            x, size = merge.merge_wavg(plan, x, size)
+
+        mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")
+        x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
+        return x, size, plan
+
+
+class ViT(nn.Module):
+    """timm's VisionTransformer (and DeiT's distilled variant) with ToMe.
+
+    Attributes follow timm's constructor: `width` is timm's `embed_dim`,
+    `layer_scale_init` its `init_values`; `fc_norm=None` means "norm after pooling
+    when `global_pool == 'avg'`", as in timm.
+    """
+
+    num_classes: int = 1000
+    img_size: int | tuple[int, int] = 224
+    patch_size: int | tuple[int, int] = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    class_token: bool = True
+    distill_token: bool = False
+    global_pool: str = "token"
+    fc_norm: bool | None = None
+    pre_norm: bool = False
+    no_embed_class: bool = False
+    layer_scale_init: float | None = None
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attn_implementation: str | None = None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        (h, w), (ph, pw) = _pair(self.img_size), _pair(self.patch_size)
+        _check_divisible((h, w), (ph, pw))
+        return h // ph, w // pw
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.distill_token)
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence length entering the first block."""
+        gh, gw = self.grid_size
+        return gh * gw + self.num_prefix_tokens
+
+    def _validate(self):
+        if self.distill_token and not self.class_token:
+            raise ValueError("a distillation token needs a class token")
+        if self.global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("global_pool='token' needs a class token")
+
+    def _embed(self, images: jax.Array) -> jax.Array:
+        """[batch, height, width, channels] -> [batch, tokens, width]."""
+        if images.ndim != 4:
+            raise ValueError(f"images must be [batch, height, width, channels], got {images.shape}")
+        patch = _pair(self.patch_size)
+        _check_divisible(images.shape[1:3], patch)
+        if tuple(images.shape[1:3]) != _pair(self.img_size):
+            raise ValueError(
+                f"image size {tuple(images.shape[1:3])} differs from the model's img_size "
+                f"{_pair(self.img_size)}; build the model for this size (tome_jax.from_timm "
+                "resamples position embeddings when given img_size)"
+            )
+        x = nn.Conv(
+            self.width,
+            patch,
+            strides=patch,
+            padding="VALID",
+            use_bias=not self.pre_norm,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="patch_embed",
+        )(images)
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, self.width)
+
+        prefix = []
+        init = nn.initializers.normal(1e-6)
+        if self.class_token:
+            prefix.append(self.param("cls_token", init, (1, 1, self.width), self.param_dtype))
+        if self.distill_token:
+            prefix.append(self.param("dist_token", init, (1, 1, self.width), self.param_dtype))
+        prefix = [jnp.broadcast_to(p, (batch, 1, self.width)).astype(x.dtype) for p in prefix]
+
+        pos_len = x.shape[1] + (0 if self.no_embed_class else len(prefix))
+        pos_embed = self.param(
+            "pos_embed", nn.initializers.normal(0.02), (1, pos_len, self.width), self.param_dtype
+        ).astype(x.dtype)
+        if self.no_embed_class:
+            x = jnp.concatenate(prefix + [x + pos_embed], axis=1)
+        else:
+            x = jnp.concatenate(prefix + [x], axis=1) + pos_embed
+        if self.pre_norm:
+            x = self._norm("norm_pre")(x)
+        return x
+
+    def _norm(self, name):
+        return layer_norm(name, self.dtype, self.param_dtype)
+
+    def _pool(self, x: jax.Array, size: jax.Array) -> jax.Array:
+        """[batch, tokens, width] -> [batch, width] (or [batch, 2, width] distilled)."""
+        if self.global_pool == "avg":
+            # Weighting by size averages over patches, not over merged tokens.
+            weights = size[:, self.num_prefix_tokens :, None].astype(jnp.float32)
+            tokens = x[:, self.num_prefix_tokens :].astype(jnp.float32)
+            return ((tokens * weights).sum(1) / weights.sum(1)).astype(x.dtype)
+        if self.distill_token:
+            return x[:, :2]
+        return x[:, 0]
+
+    def _head(self, pooled: jax.Array) -> jax.Array:
+        """timm's heads: zero classes gives the pooled features."""
+        if self.num_classes == 0:
+            return pooled.mean(1) if self.distill_token else pooled
+        head = lambda name: nn.Dense(  # noqa: E731
+            self.num_classes,
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        if self.distill_token:
+            # DeiT's inference rule: the mean of the class and distillation heads.
+            return (head("head")(pooled[:, 0]) + head("head_dist")(pooled[:, 1])) / 2
+        return head("head")(pooled)
+
+    @nn.compact
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        r: merge.RSpec = 0,
+        train: bool = False,
+        prop_attn: bool = True,
+        trace_source: bool = False,
+        return_state: bool = False,
+    ):
+        """Classifies images, merging tokens in every block.
+
+        Args:
+          images: [batch, height, width, channels], already normalised.
+          r: tokens merged per block: int, `(r, inflection)` or per-layer list;
+            static (a new `r` is a new compilation, the parameters are the same).
+          train: enables stochastic depth (needs a 'dropout' rng).
+          prop_attn: proportional attention (on for supervised models and for
+            training with merging; off for off-the-shelf MAE models).
+          trace_source: record which final token holds each input token.
+          return_state: also return a `MergeState`.
+
+        Returns:
+          logits [batch, num_classes] (pooled features when num_classes == 0),
+          and the `MergeState` when `return_state`.
+        """
+        self._validate()
+        schedule = merge.parse_r(self.depth, r)
+        x = self._embed(images)
+        batch, tokens, _ = x.shape
+        size = jnp.ones((batch, tokens), jnp.float32)
+        source = merge.initial_source(batch, tokens) if trace_source else None
+
+        rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+        for i, block_r in enumerate(schedule):
+            x, size, plan = Block(
+                self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                qkv_bias=self.qkv_bias,
+                qk_norm=self.qk_norm,
+                layer_scale_init=self.layer_scale_init,
+                drop_path=rates[i],
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                attn_implementation=self.attn_implementation,
+                name=f"blocks_{i}",
+            )(
+                x,
+                size,
+                r=block_r,
+                class_token=self.class_token,
+                distill_token=self.distill_token,
+                prop_attn=prop_attn,
+                train=train,
+            )
+            if plan is not None and source is not None:
+                source = merge.merge_source(plan, source)
+
+        use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
+        if not use_fc_norm:
+            x = self._norm("norm")(x)
+        pooled = self._pool(x, size)
+        if use_fc_norm:
+            pooled = self._norm("fc_norm")(pooled)
+        logits = self._head(pooled)
+        if return_state:
+            return logits, MergeState(tokens=x, size=size, source=source)
+        return logits
+
+
+def _check_divisible(image_hw, patch_hw):
+    if any(s % p for s, p in zip(image_hw, patch_hw)):
+        raise ValueError(
+            f"image size {tuple(image_hw)} is not divisible by patch size {tuple(patch_hw)}"
+        )
+
+
+# timm architecture names -> ViT attributes. Pretrained tags (".augreg_in21k", ...)
+# select weights, not architecture, and are stripped by `create_model`.
+_TI, _S, _B = dict(width=192, num_heads=3), dict(width=384, num_heads=6), dict(width=768, num_heads=12)
+_L, _H = dict(width=1024, depth=24, num_heads=16), dict(width=1280, depth=32, num_heads=16)
+_DEIT3 = dict(no_embed_class=True, layer_scale_init=1e-6)
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16_224": dict(**_TI, patch_size=16),
+    "vit_tiny_patch16_384": dict(**_TI, patch_size=16, img_size=384),
+    "vit_small_patch16_224": dict(**_S, patch_size=16),
+    "vit_small_patch32_224": dict(**_S, patch_size=32),
+    "vit_small_patch16_384": dict(**_S, patch_size=16, img_size=384),
+    "vit_base_patch8_224": dict(**_B, patch_size=8),
+    "vit_base_patch16_224": dict(**_B, patch_size=16),
+    "vit_base_patch32_224": dict(**_B, patch_size=32),
+    "vit_base_patch16_384": dict(**_B, patch_size=16, img_size=384),
+    "vit_large_patch16_224": dict(**_L, patch_size=16),
+    "vit_large_patch16_384": dict(**_L, patch_size=16, img_size=384),
+    "vit_huge_patch14_224": dict(**_H, patch_size=14),
+    "deit_tiny_patch16_224": dict(**_TI, patch_size=16),
+    "deit_small_patch16_224": dict(**_S, patch_size=16),
+    "deit_base_patch16_224": dict(**_B, patch_size=16),
+    "deit_base_patch16_384": dict(**_B, patch_size=16, img_size=384),
+    "deit_tiny_distilled_patch16_224": dict(**_TI, patch_size=16, distill_token=True),
+    "deit_small_distilled_patch16_224": dict(**_S, patch_size=16, distill_token=True),
+    "deit_base_distilled_patch16_224": dict(**_B, patch_size=16, distill_token=True),
+    "deit_base_distilled_patch16_384": dict(
+        **_B, patch_size=16, img_size=384, distill_token=True
+    ),
+    "deit3_small_patch16_224": dict(**_S, patch_size=16, **_DEIT3),
+    "deit3_base_patch16_224": dict(**_B, patch_size=16, **_DEIT3),
+    "deit3_large_patch16_224": dict(**_L, patch_size=16, **_DEIT3),
+    # MAE fine-tuned checkpoints: global average pooling with fc_norm.
+    "vit_base_patch16_224_mae": dict(**_B, patch_size=16, global_pool="avg"),
+    "vit_large_patch16_224_mae": dict(**_L, patch_size=16, global_pool="avg"),
+    "vit_huge_patch14_224_mae": dict(**_H, patch_size=14, global_pool="avg"),
+    # The bundled CIFAR-10 model (../shared/models/vit_tiny_p4_cifar10.safetensors).
+    "vit_tiny_patch4_32": dict(**_TI, patch_size=4, img_size=32, num_classes=10),
+}
+
+
+def model_config(name: str, **overrides) -> dict[str, Any]:
+    """The ViT attributes of a named architecture, with `overrides` applied."""
+    arch = name.split(".")[0]
+    if arch not in MODEL_CONFIGS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    unknown = set(overrides) - set(ViT.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown ViT attributes {sorted(unknown)} for {name!r}")
+    return {**MODEL_CONFIGS[arch], **overrides}
+
+
+def create_model(name: str, **overrides) -> ViT:
+    """A ViT by timm architecture name, e.g. `create_model("deit_small_patch16_224")`."""
+    return ViT(**model_config(name, **overrides))
