@@ -1,0 +1,39 @@
+"""The bundled default: the shipped ViT-Ti/4 on the shipped CIFAR-10 test set, offline.
+
+    python eval.py                                    # this config
+    python eval.py --config.r="0, 4, (8, -1)" --config.limit=2000
+"""
+
+import ml_collections
+
+from tome_jax import data
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    # A timm model name, a timm checkpoint file (.safetensors/.pth/.bin/.npz) or a
+    # torchvision ViT state dict. Relative paths are relative to the repository.
+    config.model = "assets/vit_tiny_p4_cifar10.safetensors"
+    config.pretrained = True  # for timm names: download weights (False: random init)
+    config.model_overrides = ml_collections.ConfigDict()  # ViT attributes, e.g. img_size
+    config.method = "tome"  # "tome": merge on attention keys
+
+    # One sweep row per entry: ints, (r, inflection) pairs, per-layer lists.
+    config.r = "0, 1, 2, 3, 4, 5, (4, -1), (6, -1), (8, -1)"
+    config.prop_attn = True  # proportional attention (off for off-the-shelf MAE models)
+
+    config.dataset = "bundled_cifar10"  # TFDS name, "folder:/path", or "bundled_cifar10"
+    config.data_dir = ml_collections.config_dict.placeholder(str)
+    config.split = "test"
+    config.limit = ml_collections.config_dict.placeholder(int)  # first N examples only
+    config.batch_size = 500
+    # "timm": the model's pretrained preprocessing; else these explicit values.
+    config.preprocess = "explicit"
+    config.mean = data.CIFAR10_MEAN
+    config.std = data.CIFAR10_STD
+    config.crop_pct = 1.0
+    config.interpolation = "bicubic"
+
+    config.timing_runs = 5  # images/s: median of this many timed batches per r
+    config.workdir = "results/eval_cifar10"
+    return config

@@ -1,0 +1,285 @@
+"""Accuracy, throughput and FLOPs of a ViT at each `r`, shared by eval.py and train.py."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import pathlib
+import statistics
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from tome_jax import merge
+from tome_jax.vit import ViT
+
+# (variables, images [batch, h, w, 3]) -> logits [batch, classes]
+PredictFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def r_label(r: merge.RSpec) -> str:
+    """A stable printable name for an r spec: `4`, `(8, -1)`, `[4, 4, 2]`."""
+    return repr(list(r)) if isinstance(r, (list, tuple)) and not _is_pair(r) else repr(r)
+
+
+def _is_pair(r) -> bool:
+    return isinstance(r, tuple) and len(r) == 2
+
+
+def parse_r_values(text: str) -> list[merge.RSpec]:
+    """"0, 4, (8, -1), [4, 4, 2]" -> [0, 4, (8, -1), [4, 4, 2]] (one entry per sweep row)."""
+    try:
+        values = ast.literal_eval(f"[{text}]")
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot parse r values {text!r}: {e}") from None
+    for value in values:
+        if not isinstance(value, (int, tuple, list)) or isinstance(value, bool):
+            raise ValueError(f"r value {value!r} in {text!r} is not an int, (r, inflection) or list")
+    return values
+
+
+def compile_predict(
+    model: ViT, r: merge.RSpec, variables, images: jax.Array, *, prop_attn: bool = True
+) -> tuple[PredictFn, dict[str, float]]:
+    """Compiles `(variables, images) -> logits` at a fixed `r` for `images`' shape.
+
+    Returns the compiled function and its compile time and GFLOPs per image (XLA's
+    cost analysis), so accuracy and timing run exactly the program that was costed.
+    """
+    predict = jax.jit(lambda v, x: model.apply(v, x, r=r, prop_attn=prop_attn))
+    start = time.perf_counter()
+    compiled = predict.lower(variables, images).compile()
+    seconds = time.perf_counter() - start
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return compiled, {"gflops": analysis["flops"] / images.shape[0] / 1e9, "compile_s": seconds}
+
+
+@jax.jit
+def _correct_counts(logits, labels, mask):
+    """Top-1 and top-5 hits over the valid rows of one batch."""
+    k = min(5, logits.shape[-1])
+    top = jax.lax.top_k(logits, k)[1]
+    hits = top == labels[:, None]
+    return jnp.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum()])
+
+
+def accuracy(
+    predict: PredictFn,
+    variables,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    progress: str | None = None,
+    total: int | None = None,
+) -> dict[str, float]:
+    """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.py)."""
+    counts = jnp.zeros(3, jnp.int32)
+    for batch in tqdm(batches, desc=progress, total=total, disable=progress is None, leave=False):
+        logits = predict(variables, batch["images"])
+        counts = counts + _correct_counts(logits, batch["labels"], batch["mask"])
+    top1, top5, count = (int(c) for c in jax.device_get(counts))
+    if count == 0:
+        raise ValueError("no examples were evaluated")
+    return {"top1": top1 / count, "top5": top5 / count, "count": count}
+
+
+def throughput(
+    predict: PredictFn,
+    variables,
+    images: Sequence[jax.Array],
+    *,
+    runs: int = 5,
+    warmup: int = 1,
+) -> dict[str, float]:
+    """Images/s of a compiled `predict`: median over `runs` timed calls after `warmup`.
+
+    `images` holds a few batches that the runs rotate through, so no result can be
+    served from a cache of the same input.
+    """
+    batch = images[0].shape[0]
+    times = []
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        jax.block_until_ready(predict(variables, images[i % len(images)]))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"images_per_s": batch / median, "batch_time_s": median}
+
+
+def sweep(
+    model: ViT,
+    variables,
+    r_values: Sequence[merge.RSpec],
+    make_batches: Callable[[], Iterable[dict[str, np.ndarray]]],
+    *,
+    timing_images: Sequence[jax.Array],
+    prop_attn: bool = True,
+    runs: int = 5,
+    num_batches: int | None = None,
+) -> list[dict[str, Any]]:
+    """One row per r: accuracy, images/s, GFLOPs per image, tokens left at the head.
+
+    `make_batches()` yields eval batches of the same shape as `timing_images[i]`.
+    """
+    rows = []
+    for r in tqdm(r_values, desc="r sweep", unit="r"):
+        predict, cost = compile_predict(model, r, variables, timing_images[0], prop_attn=prop_attn)
+        schedule = merge.parse_r(model.depth, r)
+        tokens = merge.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
+        row = {"r": r_label(r), "schedule": list(merge.effective_schedule(
+            model.num_tokens, schedule, model.num_prefix_tokens)), "tokens_left": tokens[-1]}
+        row.update(cost)
+        row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
+        row.update(throughput(predict, variables, timing_images, runs=runs))
+        rows.append(row)
+    baseline = next((row for row in rows if row["tokens_left"] == model.num_tokens), None)
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / baseline["images_per_s"] if baseline else None
+    return rows
+
+
+COLUMNS = ("r", "top1", "top5", "images_per_s", "speedup", "gflops", "tokens_left", "compile_s")
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the sweep (accuracy in %)."""
+    def cell(key, value):
+        if value is None:
+            return "-"
+        if key in ("top1", "top5"):
+            return f"{100 * value:.2f}"
+        if key == "speedup":
+            return f"{value:.2f}x"
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(k, row[k]) for k in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, meta: dict) -> None:
+    """sweep.json (rows + meta), sweep.csv and sweep.png (top-1 vs images/s)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_tradeoff(rows, out / "sweep.png", title=meta.get("title", ""))
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = [row["images_per_s"] for row in rows]
+    ys = [100 * row["top1"] for row in rows]
+    ax.plot(xs, ys, "o", color="tab:blue")
+    for row, x, y in zip(rows, xs, ys):
+        ax.annotate(f"r={row['r']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("images / s")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def resolve_source(source: str) -> str:
+    """A checkpoint path relative to the working directory or the repository, else as is."""
+    for candidate in (pathlib.Path(source), REPO / source):
+        if candidate.suffix and candidate.exists():
+            return str(candidate)
+    return source
+
+
+def load_model(config) -> tuple[ViT, Any, str]:
+    """The ViT and variables the config names (`model`, `pretrained`, `model_overrides`)."""
+    from tome_jax.convert import from_timm
+
+    source = resolve_source(config.model)
+    overrides = dict(config.model_overrides)
+    if not pathlib.Path(source).suffix:
+        overrides["pretrained"] = config.pretrained
+    model, variables = from_timm(source, **overrides)
+    return model, variables, source
+
+
+def preprocess_for(config, model: ViT, source: str):
+    """Evaluation preprocessing: the model's timm config, or the config's own values."""
+    from tome_jax import data
+
+    size = model.img_size if isinstance(model.img_size, (tuple, list)) else (model.img_size,) * 2
+    if config.preprocess == "timm":
+        from tome_jax.convert import pretrained_data_config
+
+        timm_config = pretrained_data_config(source)
+        if timm_config is None:
+            raise ValueError(f"{source} carries no timm preprocessing; set config.preprocess='explicit'")
+        return data.preprocess_from_config(timm_config, size)
+    if config.preprocess != "explicit":
+        raise ValueError(f"config.preprocess must be 'timm' or 'explicit', got {config.preprocess!r}")
+    return data.Preprocess(
+        size=tuple(size),
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        crop_pct=config.crop_pct,
+        interpolation=config.interpolation,
+    )
+
+
+def run(config) -> list[dict[str, Any]]:
+    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir."""
+    from tome_jax import data
+
+    r_values = parse_r_values(config.r)
+    model, variables, source = load_model(config)
+    variables = jax.device_put(variables)
+    dataset = data.builder(config.dataset, config.data_dir)
+    preprocess = preprocess_for(config, model, source)
+    available = data.num_examples(dataset, config.split)
+    count = min(available, config.limit) if config.limit else available
+    num_batches = -(-count // config.batch_size)
+
+    def make_batches():
+        return data.eval_batches(dataset, config.split, preprocess, config.batch_size, limit=config.limit)
+
+    timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
+    rows = sweep(
+        model,
+        variables,
+        r_values,
+        make_batches,
+        timing_images=timing_images,
+        prop_attn=config.prop_attn,
+        runs=config.timing_runs,
+        num_batches=num_batches,
+    )
+    meta = {
+        "model": config.model,
+        "dataset": config.dataset,
+        "split": config.split,
+        "examples": count,
+        "batch_size": config.batch_size,
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "title": f"{pathlib.Path(config.model).name} on {config.dataset}/{config.split} ({count} images)",
+    }
+    print(format_table(rows))
+    write_results(rows, config.workdir, meta)
+    print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
+    return rows
