@@ -5,7 +5,7 @@ embeddings or patches, with or without a class token. Each block merges `r`
 tokens between attention and MLP with the pure functions of `tome_jax.merge`:
 
     y, metric = attend(qkv(norm1(x)), size, heads) # token_ops.py: metric = keys' head-mean
-    x = x + y
+    x = x + proj(y)
     plan = merge.bipartite_soft_merge(metric, r, class_token=class_token)
     x, size = merge.merge_wavg(plan, x, size)      # size: input tokens each token holds
     x = x + mlp(norm2(x))
