@@ -1,0 +1,1 @@
+"""Examples of token merging inside other people's Flax models (run with `python -m examples.NAME`)."""
