@@ -1,6 +1,13 @@
 """tome_jax: Token Merging (ToMe) and DTEM for Vision Transformers in JAX/Flax."""
 
 from tome_jax.attention import Attention, proportional_attention
+from tome_jax.dtem import (
+    SoftMerge,
+    dtem_soft_merge,
+    merge_assigned,
+    soft_khot,
+    soft_merge_scores,
+)
 from tome_jax.merge import (
     MergePlan,
     bipartite_soft_merge,

@@ -74,10 +74,16 @@ def identity_plan(batch: int, tokens: int) -> MergePlan:
 
 
 def _unit(metric: jax.Array) -> jax.Array:
-    """[..., channels] scaled to unit length; a zero vector stays zero (no NaN)."""
+    """[..., channels] scaled to unit length; a zero vector stays zero (no NaN).
+
+    Safe to differentiate (DTEM learns its metric through this): the norm's
+    derivative is infinite at zero, so a vector too short to normalise passes
+    through unscaled, with a finite gradient, rather than giving NaN.
+    """
     metric = metric.astype(jnp.float32)
-    norm = jnp.linalg.norm(metric, axis=-1, keepdims=True)
-    return metric / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+    squared = jnp.sum(metric * metric, axis=-1, keepdims=True)
+    normalisable = squared > jnp.finfo(jnp.float32).tiny
+    return metric / jnp.sqrt(jnp.where(normalisable, squared, 1.0))
 
 
 def _cosine_scores(a: jax.Array, b: jax.Array) -> jax.Array:
