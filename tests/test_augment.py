@@ -242,7 +242,9 @@ def test_random_crop_window_falls_back_to_the_centre():
 
 
 def test_random_resized_crop_matches_pil(jpegs):
-    """The crop resized as timm does it (PIL bicubic) from the same window."""
+    """The crop resized as timm does it (PIL bicubic) from the same window. PIL resamples in
+    two 8-bit passes, TensorFlow in one float pass: a fraction of a level on average, more
+    where clipping an overshoot at a hard edge differs."""
     for encoded in jpegs:
         image = data.decode_image(encoded).numpy()
         size = (32, 32) if image.shape[0] == 32 else (96, 112)
@@ -254,7 +256,7 @@ def test_random_resized_crop_matches_pil(jpegs):
             out = augment.random_resized_crop(image, size, seed).numpy()
             assert out.shape == (*size, 3) and out.dtype == np.uint8
             diff = difference(out, expected)
-            assert diff.max() <= 8 and diff.mean() < 0.3
+            assert diff.max() <= 24 and diff.mean() < 0.3
 
 
 def test_decode_and_random_crop_equals_decode_then_crop(jpegs, test_images):
@@ -383,11 +385,17 @@ def test_same_seed_same_output_other_seed_other_output(name, cifar_jpegs):
     assert any(not np.array_equal(first, other) for other in others)
 
 
-def train_dataset(encoded_images, config, epoch):
-    """What a training pipeline does: a per-example seed from (run seed, epoch, index)."""
-    ds = tf.data.Dataset.from_tensor_slices(encoded_images).enumerate()
-    example_seed = lambda index: tf.random.experimental.stateless_fold_in(tf.constant([17, epoch], tf.int64), index)
-    return ds.map(lambda index, encoded: augment.augment_train(encoded, example_seed(index), config))
+def train_dataset(encoded_images, config, epochs):
+    """What a training pipeline does, `epochs` times over: per-example seeds from (run seed, epoch, index)."""
+    count = len(encoded_images)
+    epoch, index = np.repeat(np.arange(epochs), count), np.tile(np.arange(count), epochs)
+    ds = tf.data.Dataset.from_tensor_slices((epoch, index, encoded_images * epochs))
+
+    def augment_example(epoch, index, encoded):
+        seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.constant(17, tf.int64), epoch]), index)
+        return augment.augment_train(encoded, seed, config)
+
+    return ds.map(augment_example, num_parallel_calls=2)
 
 
 @pytest.mark.parametrize(
@@ -399,20 +407,19 @@ def train_dataset(encoded_images, config, epoch):
 )
 def test_augment_train_in_tf_data(config, jpegs):
     encoded = jpegs[:4] if config.crop == "padded" else jpegs
-    epoch0 = list(train_dataset(encoded, config, 0).as_numpy_iterator())
-    again = list(train_dataset(encoded, config, 0).as_numpy_iterator())
-    epoch1 = list(train_dataset(encoded, config, 1).as_numpy_iterator())
+    ds = train_dataset(encoded, config, epochs=2)
+    images = np.stack(list(ds.as_numpy_iterator()))
+    np.testing.assert_array_equal(images, np.stack(list(ds.as_numpy_iterator())))
+    assert images.shape == (2 * len(encoded), *config.size, 3) and images.dtype == np.float32
+    epoch0, epoch1 = np.split(images, 2)
+    assert all(not np.array_equal(a, b) for a, b in zip(epoch0, epoch1))
     low = (0 - np.array(config.mean)) / np.array(config.std)
     high = (1 - np.array(config.mean)) / np.array(config.std)
-    for image, same, other in zip(epoch0, again, epoch1):
-        assert image.shape == (*config.size, 3) and image.dtype == np.float32
-        np.testing.assert_array_equal(image, same)
-        assert not np.array_equal(image, other)
-        # Pixels outside the normalised range can only be erasing noise.
-        outside = np.any((image < low - 1e-5) | (image > high + 1e-5), axis=-1)
-        assert outside.mean() < 1 / 3 + 0.05
+    # Pixels outside the normalised range can only be erasing noise.
+    outside = np.any((images < low - 1e-5) | (images > high + 1e-5), axis=-1).mean(axis=(1, 2))
+    assert outside.max() < 1 / 3 + 0.05
     if config.erasing_prob == 1.0:
-        assert all(np.any(np.any((image < low - 1e-5) | (image > high + 1e-5), -1)) for image in epoch0)
+        assert outside.min() > 0
 
 
 def test_train_augment_fill_and_errors():
@@ -486,16 +493,15 @@ def test_mixup_cutmix_jits_and_targets_are_distributions():
     images, labels = random_batch()
     mix = functools.partial(augment.mixup_cutmix, num_classes=10)
     jitted = jax.jit(mix)
-    for index in range(3):
-        key = jax.random.key(index)
-        out, targets = jitted(key, images, labels)
-        eager_out, eager_targets = mix(key, images, labels)
+    for index in range(6):
+        out, targets = jitted(jax.random.key(index), images, labels)
         assert out.shape == images.shape and targets.shape == (8, 10) and targets.dtype == jnp.float32
-        np.testing.assert_allclose(out, eager_out, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(targets, eager_targets, rtol=1e-6)
         np.testing.assert_allclose(np.sum(targets, 1), 1.0, rtol=1e-6)
         assert np.all(np.asarray(targets) >= 0)
     assert jitted._cache_size() == 1
+    eager_out, eager_targets = mix(jax.random.key(5), images, labels)
+    np.testing.assert_allclose(out, eager_out, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(targets, eager_targets, rtol=1e-6)
 
 
 def test_no_mixing_is_the_identity_up_to_smoothing():
@@ -524,8 +530,6 @@ def test_sample_mix_params_statistics():
     assert abs(lam[mixed & use_cutmix].std() - math.sqrt(1 / 12)) < 0.02
     assert abs(lam[mixed & ~use_cutmix].std() - math.sqrt(1 / (4 * 2.6))) < 0.02
     assert centre[:, 0].min() == 0 and centre[:, 0].max() == 31 and centre[:, 1].max() == 23
-    only_cutmix = jax.vmap(lambda key: sample(key, mixup_alpha=0.0))(keys[:50])
-    assert np.all(np.asarray(only_cutmix.use_cutmix))
 
 
 @pytest.mark.parametrize(
