@@ -424,7 +424,11 @@ def test_augment_train_in_tf_data(config, jpegs):
 
 def test_train_augment_fill_and_errors():
     assert augment.TrainAugment((224, 224), IMAGENET_MEAN, IMAGENET_STD).fill == FILL
-    for bad in (dict(crop="centre"), dict(scale=(0.0, 1.0)), dict(erasing_prob=2.0), dict(erasing_mode="x")):
+    for bad in (
+        dict(crop="centre"), dict(scale=(0.0, 1.0)), dict(interpolation="area"), dict(padding=-4),
+        dict(rand_augment_layers=-1), dict(rand_augment_magnitude_std=-1.0), dict(erasing_prob=2.0),
+        dict(erasing_mode="x"),
+    ):  # fmt: skip
         with pytest.raises(ValueError):
             augment.TrainAugment((224, 224), IMAGENET_MEAN, IMAGENET_STD, **bad)
 

@@ -214,14 +214,18 @@ def decode_and_random_crop(
     return tf.cond(tf.io.is_jpeg(encoded), crop_jpeg, crop_decoded)
 
 
+def _check_padding(padding) -> None:
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+
+
 def random_crop_with_padding(image, size, padding, seed) -> tf.Tensor:
     """The CIFAR crop: zero-pad every side by `padding`, then a uniform random `size` crop.
 
     [h, w, c] -> [size, c], any dtype.
     """
     height, width = _pair(size)
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    _check_padding(padding)
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
     shape = tf.shape(padded)
     seeds = tf.random.split(seed, 2)
@@ -500,6 +504,13 @@ def _rand_augment_draws(seed, num_layers, num_ops, magnitude, magnitude_std, pro
     return _LayerDraws(op_index, applied, tf.clip_by_value(level, 0.0, _MAX_LEVEL), negate)
 
 
+def _check_rand_augment(num_layers, magnitude, magnitude_std) -> None:
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+    if magnitude < 0 or not magnitude_std >= 0:
+        raise ValueError(f"magnitude and magnitude_std must be >= 0, got {magnitude}, {magnitude_std}")
+
+
 def _apply_rand_op(op: RandOp, image, level, negate, fill):
     return tf.ensure_shape(op.apply(image, op.level_to_arg(level, negate), fill), image.shape)
 
@@ -524,10 +535,7 @@ def rand_augment(
     magnitude. `fill` colours the pixels that geometric ops bring in; timm's
     training transform passes the dataset mean, round(255 * mean).
     """
-    if num_layers < 0:
-        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-    if magnitude < 0 or not magnitude_std >= 0:
-        raise ValueError(f"magnitude and magnitude_std must be >= 0, got {magnitude}, {magnitude_std}")
+    _check_rand_augment(num_layers, magnitude, magnitude_std)
     _check_probability("prob", prob)
     if len(fill) != 3 or not all(0 <= v <= 255 for v in fill):
         raise ValueError(f"fill must be three values in [0, 255], got {fill!r}")
@@ -569,8 +577,10 @@ def random_erasing(
     """
     _check_probability("probability", probability)
     _check_range("(min_area, max_area)", (min_area, max_area), 0.0, 1.0)
-    _check_range("(min_aspect, max_aspect)", (min_aspect, max_aspect or math.inf), 0.0, math.inf)
+    if not min_aspect > 0:
+        raise ValueError(f"min_aspect must be > 0, got {min_aspect}")
     max_aspect = max_aspect or 1 / min_aspect
+    _check_range("(min_aspect, max_aspect)", (min_aspect, max_aspect), 0.0, math.inf)
     if mode not in _ERASING_MODES:
         raise ValueError(f"mode must be one of {_ERASING_MODES}, got {mode!r}")
     seeds = tf.random.split(seed, 3)
@@ -627,6 +637,8 @@ class TrainAugment:
         _pair(self.size)
         _check_crop_ranges(self.scale, self.ratio)
         _check_interpolation(self.interpolation)
+        _check_padding(self.padding)
+        _check_rand_augment(self.rand_augment_layers, self.rand_augment_magnitude, self.rand_augment_magnitude_std)
         _check_probability("erasing_prob", self.erasing_prob)
         if self.erasing_mode not in _ERASING_MODES:
             raise ValueError(f"erasing_mode must be one of {_ERASING_MODES}, got {self.erasing_mode!r}")
