@@ -233,6 +233,13 @@ def test_random_crop_window_statistics():
     assert 0.4 < area.mean() < 0.6
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 7), (2, 1000), (1000, 3), (5, 5)])
+def test_random_crop_window_is_never_empty_nor_outside(height, width):
+    top, left, crop_height, crop_width = windows(height, width, 200).T
+    assert (crop_height >= 1).all() and (crop_width >= 1).all() and (top >= 0).all() and (left >= 0).all()
+    assert (top + crop_height <= height).all() and (left + crop_width <= width).all()
+
+
 def test_random_crop_window_falls_back_to_the_centre():
     """No box of 90-100% area fits 20x400 within the aspect range: centre crop, 4:3 wide."""
     window = augment.random_crop_window(20, 400, tf.constant([0, 0]), scale=(0.9, 1.0)).numpy()

@@ -102,6 +102,8 @@ def _first_fitting_box(seed, height, width, area_range, log_ratio_range, strict)
         fits = (box_width < width) & (box_height < height)
     else:
         fits = (box_width <= width) & (box_height <= height)
+    # Unlike timm, never propose an empty box (tiny images round sides down to 0).
+    fits &= (box_width > 0) & (box_height > 0)
     first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
     box_height, box_width = box_height[first], box_width[first]
     top = _randint(seeds[2], height - box_height)
