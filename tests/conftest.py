@@ -3,6 +3,10 @@
 import os
 import sys
 
+# torchvision (under timm's data transforms, the tests' reference) must load before
+# TensorFlow: the other order registers LLVM options twice and aborts the process.
+import torchvision  # noqa: F401
+
 # Must happen before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
