@@ -14,7 +14,7 @@ def get_config():
     # A timm model name, a timm checkpoint file (.safetensors/.pth/.bin/.npz) or a
     # torchvision ViT state dict. Relative paths are relative to the repository.
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
-    config.pretrained = True  # for timm names: download weights (False: random init)
+    config.pretrained = True  # False: the registry architecture of that name, random init
     config.model_overrides = ml_collections.ConfigDict()  # ViT attributes, e.g. img_size
     config.method = "tome"  # "tome": merge on attention keys
 

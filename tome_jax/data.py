@@ -176,17 +176,24 @@ def eval_batches(
 
     Yields dicts of `images` [batch, h, w, 3] float32, `labels` [batch] int32 and
     `mask` [batch] bool (False on padding), so one compiled program sees them all.
+    Every process yields the same number of batches (all-padding ones if its share
+    runs out first), since each batch is one collective step across processes.
     """
-    ds = _raw_examples(data, split, process_index, process_count)
-    if limit is not None:
-        ds = ds.take(limit)
+    total = min(limit, num_examples(data, split)) if limit else num_examples(data, split)
+    per_process = -(-total // process_count)
+    ds = _raw_examples(data, split, process_index, process_count).take(per_process)
     ds = ds.map(
         lambda encoded, label: (preprocess_eval(decode_image(encoded), preprocess), label),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    yielded = 0
     for images, labels in ds.as_numpy_iterator():
+        yielded += 1
         yield pad_batch({"images": images, "labels": labels}, batch_size)
+    empty = {"images": np.zeros((0, *preprocess.size, 3), np.float32), "labels": np.zeros((0,), np.int32)}
+    for _ in range(yielded, -(-per_process // batch_size)):
+        yield pad_batch(empty, batch_size)
 
 
 def pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
@@ -215,3 +222,66 @@ def preprocess_from_config(config: dict, img_size: Sequence[int]) -> Preprocess:
         crop_pct=float(config.get("crop_pct", 1.0)),
         interpolation=config.get("interpolation", "bicubic"),
     )
+
+
+def steps_per_epoch(
+    data: tfds.core.DatasetBuilder, split: str, global_batch_size: int, limit: int | None = None
+) -> int:
+    """Full global batches per epoch (the remainder of each epoch is dropped)."""
+    total = min(limit, num_examples(data, split)) if limit else num_examples(data, split)
+    if total < global_batch_size:
+        raise ValueError(f"{total} examples in {split!r} cannot fill a global batch of {global_batch_size}")
+    return total // global_batch_size
+
+
+def train_batches(
+    data: tfds.core.DatasetBuilder,
+    split: str,
+    augmentation: "augment.TrainAugment",
+    global_batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    limit: int | None = None,
+    shuffle_buffer: int = 50_000,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches of this process's share, resumable at any step.
+
+    The order depends only on (`seed`, epoch) and the augmentation only on (`seed`,
+    epoch, position), so restarting at `start_step` yields exactly the batches an
+    uninterrupted run would have seen from that step on; skipping happens on the
+    encoded bytes, before any decoding.
+
+    Yields `images` [global_batch_size / process_count, h, w, 3] float32 and
+    `labels` [same] int32.
+    """
+    from tome_jax import augment  # augment builds on this module's decode_image
+
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
+    host_batch = global_batch_size // process_count
+    steps = steps_per_epoch(data, split, global_batch_size, limit)
+    raw = _raw_examples(data, split, process_index, process_count)
+    host_examples = steps * host_batch  # the same on every process
+    epoch, step_in_epoch = divmod(start_step, steps)
+    while True:
+        epoch_seed = (seed * 1_000_003 + epoch) % (2**31 - 1)
+        ds = raw.take(host_examples).shuffle(
+            min(shuffle_buffer, host_examples), seed=epoch_seed, reshuffle_each_iteration=False
+        )
+        ds = ds.enumerate().skip(step_in_epoch * host_batch)
+        ds = ds.map(
+            lambda position, example: (
+                augment.augment_train(
+                    example[0], tf.stack([tf.constant(epoch_seed, tf.int64), position]), augmentation
+                ),
+                example[1],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        for images, labels in ds.batch(host_batch, drop_remainder=True).prefetch(2).as_numpy_iterator():
+            yield {"images": images, "labels": labels}
+        epoch, step_in_epoch = epoch + 1, 0

@@ -43,6 +43,14 @@ def parse_r_values(text: str) -> list[merge.RSpec]:
     return values
 
 
+def parse_r_value(text: str) -> merge.RSpec:
+    """One r spec from text: "13", "(8, -1)" or "[4, 4, 2]" (for config strings)."""
+    values = parse_r_values(text)
+    if len(values) != 1:
+        raise ValueError(f"expected one r spec, got {len(values)} in {text!r}")
+    return values[0]
+
+
 def compile_predict(
     model: ViT, r: merge.RSpec, variables, images: jax.Array, *, prop_attn: bool = True
 ) -> tuple[PredictFn, dict[str, float]]:
@@ -76,10 +84,16 @@ def accuracy(
     *,
     progress: str | None = None,
     total: int | None = None,
+    put: Callable[[dict], dict] | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.py)."""
+    """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.py).
+
+    `put` turns a host batch into the arrays `predict` expects (e.g. global arrays
+    split over a device mesh); counts stay on device until the end.
+    """
     counts = jnp.zeros(3, jnp.int32)
     for batch in tqdm(batches, desc=progress, total=total, disable=progress is None, leave=False):
+        batch = put(batch) if put else batch
         logits = predict(variables, batch["images"])
         counts = counts + _correct_counts(logits, batch["labels"], batch["mask"])
     top1, top5, count = (int(c) for c in jax.device_get(counts))
@@ -208,22 +222,29 @@ def resolve_source(source: str) -> str:
 
 
 def load_model(config) -> tuple[ViT, Any, str]:
-    """The ViT and variables the config names (`model`, `pretrained`, `model_overrides`)."""
-    from tome_jax.convert import from_timm
+    """The ViT the config names, its parameters and the resolved source.
+
+    `config.pretrained`: load `config.model` (timm name or checkpoint file) through
+    `from_timm`; else build the registry architecture of that name and return None
+    parameters, to be initialised by Flax (no torch or timm needed).
+    """
+    from tome_jax.vit import create_model
 
     source = resolve_source(config.model)
     overrides = dict(config.model_overrides)
-    if not pathlib.Path(source).suffix:
-        overrides["pretrained"] = config.pretrained
+    if not config.pretrained:
+        return create_model(source, **overrides), None, source
+    from tome_jax.convert import from_timm
+
     model, variables = from_timm(source, **overrides)
-    return model, variables, source
+    return model, variables["params"], source
 
 
 def preprocess_for(config, model: ViT, source: str):
     """Evaluation preprocessing: the model's timm config, or the config's own values."""
     from tome_jax import data
 
-    size = model.img_size if isinstance(model.img_size, (tuple, list)) else (model.img_size,) * 2
+    size = model.image_hw
     if config.preprocess == "timm":
         from tome_jax.convert import pretrained_data_config
 
@@ -247,8 +268,7 @@ def run(config) -> list[dict[str, Any]]:
     from tome_jax import data
 
     r_values = parse_r_values(config.r)
-    model, variables, source = load_model(config)
-    variables = jax.device_put(variables)
+    model, params, source = load_model(config)
     dataset = data.builder(config.dataset, config.data_dir)
     preprocess = preprocess_for(config, model, source)
     available = data.num_examples(dataset, config.split)
@@ -259,6 +279,9 @@ def run(config) -> list[dict[str, Any]]:
         return data.eval_batches(dataset, config.split, preprocess, config.batch_size, limit=config.limit)
 
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
+    if params is None:
+        params = model.init(jax.random.key(0), timing_images[0][:1])["params"]
+    variables = jax.device_put({"params": params})
     rows = sweep(
         model,
         variables,

@@ -158,6 +158,11 @@ class ViT(nn.Module):
     attn_implementation: str | None = None
 
     @property
+    def image_hw(self) -> tuple[int, int]:
+        """The input (height, width) the position embeddings are built for."""
+        return _pair(self.img_size)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         (h, w), (ph, pw) = _pair(self.img_size), _pair(self.patch_size)
         _check_divisible((h, w), (ph, pw))

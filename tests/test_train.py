@@ -1,0 +1,179 @@
+"""Training: sharding invariance, checkpoint resume after SIGKILL, SIGTERM, learning."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny_train_config
+from tome_jax import evaluate, train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINY = tiny_train_config.TINY
+
+
+@pytest.fixture(scope="session")
+def small_cifar(tmp_path_factory) -> pathlib.Path:
+    """A real but small image folder: 24 train and 8 test JPEGs per CIFAR-10 class."""
+    root = tmp_path_factory.mktemp("cifar_small")
+    wanted = {"train": 24, "test": 8}
+    with tarfile.open(SHARED / "data" / "cifar10-jpg.tar.gz") as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and int(parts[2][:4]) < wanted[parts[0]]:
+                archive.extract(member, root, filter="data")
+    return root
+
+
+def tiny_config(dataset: str, **changes):
+    config = tiny_train_config.get_config()
+    config.dataset = dataset
+    config.update(changes)
+    return config
+
+
+def build(config, mesh, total_steps):
+    """Model, optimizer, sharded state and train step for `config` on `mesh`."""
+    model, _, _ = evaluate.load_model(config)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+    tx, schedule = train_lib.make_optimizer(config, abstract, total_steps=total_steps)
+    state, shardings = train_lib.create_state(model, tx, mesh, rng=jax.random.key(0), image_shape=(32, 32, 3))
+    return state, shardings, train_lib.make_train_step(model, tx, schedule, config, mesh, shardings)
+
+
+def one_step_loss(mesh, config, batch):
+    state, _, step = build(config, mesh, total_steps=10)
+    state, metrics = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
+    state, metrics2 = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
+    return float(metrics["loss"]), float(metrics2["loss"]), jax.device_get(state.params)
+
+
+def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
+    assert jax.device_count() == 8, "conftest asks for 8 host devices"
+    config = tiny_config("bundled_cifar10", mixup_alpha=0.8, cutmix_alpha=1.0)
+    config.model_overrides = {**TINY, "width": 64, "drop_path_rate": 0.1}
+    rng = np.random.default_rng(0)
+    batch = {
+        "images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+        "labels": rng.integers(0, 10, 16).astype(np.int32),
+    }
+    meshes = {
+        "1 device": train_lib.make_mesh(1, devices=jax.devices()[:1]),
+        "8 data": train_lib.make_mesh(1),
+        "4 data x 2 fsdp": train_lib.make_mesh(2),
+    }
+    results = {name: one_step_loss(mesh, config, batch) for name, mesh in meshes.items()}
+    sharded = train_lib.shardings_for(results["1 device"][2], meshes["4 data x 2 fsdp"])
+    assert any(s.spec != () for s in jax.tree_util.tree_leaves(sharded)), "fsdp split nothing"
+    first, second, params = results["1 device"]
+    for name, (loss1, loss2, other) in results.items():
+        assert abs(loss1 - first) < 1e-5, name
+        assert abs(loss2 - second) < 1e-5, name  # the update agrees too
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(other)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_few_steps_with_merging_lower_the_loss():
+    config = tiny_config("bundled_cifar10", r="3", learning_rate=3e-3, label_smoothing=0.0)
+    mesh = train_lib.make_mesh(1)
+    state, _, step = build(config, mesh, total_steps=30)
+    rng = np.random.default_rng(1)
+    batch = train_lib.global_batch(
+        {"images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "labels": np.arange(16, dtype=np.int32) % 10},
+        mesh,
+    )
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch, jax.random.key(2))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def run_train(workdir, config_args, **popen):
+    cmd = [sys.executable, str(REPO / "train.py"), f"--workdir={workdir}", *config_args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def config_args(dataset, **changes):
+    """Command-line overrides giving train.py the tiny config."""
+    args = [
+        f"--config={REPO / 'tests' / 'tiny_train_config.py'}",
+        f"--config.dataset={dataset}",
+    ]
+    return args + [f"--config.{k}={v}" for k, v in changes.items()]
+
+
+def losses(workdir) -> dict[int, float]:
+    """Train loss per step; a step logged twice (redone after a kill) keeps the last."""
+    records = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def committed_steps(workdir) -> list[int]:
+    path = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+def final_params(workdir):
+    """The latest checkpoint's step and parameters."""
+    config = tiny_config("unused")
+    like, shardings, _ = build(config, train_lib.make_mesh(1), config.num_steps)
+    checkpoints = train_lib.Checkpoints(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    step = checkpoints.latest_step()
+    state, _ = checkpoints.restore(step, like, shardings)
+    return step, jax.device_get(state.params)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path):
+    dataset = f"folder:{small_cifar}"
+    steps = 120  # long beside the first checkpoint (step 4), so the kill lands mid-run
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_train(straight, config_args(dataset, num_steps=steps))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+
+    proc = run_train(killed, config_args(dataset, num_steps=steps))
+    deadline = time.time() + 600
+    while not committed_steps(killed):  # SIGKILL as soon as a checkpoint is committed
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resume_step = max(committed_steps(killed))
+    assert resume_step <= max(losses(killed)) < steps, "the kill must land before the end"
+    proc = run_train(killed, config_args(dataset, num_steps=steps))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0 and f"resumed from step {resume_step}" in out, out
+
+    want, got = losses(straight), losses(killed)
+    assert sorted(got) == sorted(want) == list(range(1, steps + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
+    (step_a, params_a), (step_b, params_b) = final_params(straight), final_params(killed)
+    assert step_a == step_b == steps
+    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_sigterm_saves_the_step_it_was_at(small_cifar, tmp_path):
+    workdir = tmp_path / "preempted"
+    proc = run_train(workdir, config_args(f"folder:{small_cifar}", num_steps=1000, checkpoint_every=1000, eval_every=1000))
+    deadline = time.time() + 600
+    while not (workdir / "metrics.jsonl").exists() or len(losses(workdir)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out
+    last_step = max(losses(workdir))
+    assert committed_steps(workdir) == [last_step], (committed_steps(workdir), last_step)
+    assert f"preempted: saved step {last_step}" in out

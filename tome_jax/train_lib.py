@@ -1,0 +1,484 @@
+"""Training with token merging: mesh and shardings, optimizer, steps, checkpoints.
+
+Sharding is the pjit way: one `jax.jit` with `NamedSharding`s over a
+`("data", "fsdp")` device mesh. The batch is split over both axes; with
+`fsdp > 1` every parameter and optimizer moment is split over "fsdp" along its
+largest divisible dimension, and XLA inserts the gathers and reductions. The same
+code runs on one device, on many, and on many hosts (after
+`jax.distributed.initialize()`), each host feeding its own share of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from tome_jax import augment
+from tome_jax.vit import ViT
+
+BATCH_AXES = ("data", "fsdp")
+# Parameters smaller than this stay replicated: splitting them saves nothing.
+MIN_FSDP_SIZE = 2**12
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the config (data order and RNG derive from step).
+
+    step: train_step calls so far (micro-batches when accumulating gradients).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (all devices of all processes by default)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
+    return jax.make_mesh(
+        (len(devices) // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices
+    )
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
+    """Splits the largest dimension divisible by `fsdp_size` over "fsdp"; else replicated."""
+    if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
+    return P()
+
+
+def shardings_for(tree, mesh: Mesh):
+    """NamedShardings for a pytree of arrays or ShapeDtypeStructs, by `fsdp_spec`."""
+    size = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, fsdp_spec(a.shape, size)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every device."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays split over the mesh (multi-host safe)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+# ---------------------------------------------------------------- optimizer
+
+NO_DECAY = ("pos_embed", "cls_token", "dist_token")
+
+
+def decay_mask(params) -> Any:
+    """True where weight decay applies: matrices and kernels, not norms, biases,
+    LayerScale, position embeddings or prefix tokens (timm's rule)."""
+    def decays(path, leaf):
+        name = jax.tree_util.keystr(path)
+        return leaf.ndim >= 2 and not any(n in name for n in NO_DECAY)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def trainable_mask(params, pattern: str | None) -> Any:
+    """True for parameters whose path matches `pattern` (a regex); all when None."""
+    regex = re.compile(pattern) if pattern else None
+
+    def trains(path, _):
+        return regex is None or bool(regex.search(jax.tree_util.keystr(path)))
+
+    mask = jax.tree_util.tree_map_with_path(trains, params)
+    if not any(jax.tree_util.tree_leaves(mask)):
+        raise ValueError(f"no parameter matches trainable pattern {pattern!r}")
+    return mask
+
+
+def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW with warmup + cosine, clipping, decay mask, freezing and accumulation.
+
+    Returns the transformation and the learning-rate schedule (for logging), in
+    optimizer updates (train steps / `grad_accum`).
+    """
+    updates = max(total_steps // config.grad_accum, 1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=min(config.warmup_steps, updates - 1),
+        decay_steps=updates,
+        end_value=config.min_learning_rate,
+    )
+    tx = optax.adamw(
+        schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask(params)
+    )
+    if config.grad_clip:
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    trainable = trainable_mask(params, config.get("trainable") or None)
+    if not all(jax.tree_util.tree_leaves(trainable)):
+        # Frozen parameters get no update and no optimizer state; since nothing
+        # reads their gradients, XLA drops the weight-gradient computations.
+        labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    if config.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
+    return tx, schedule
+
+
+# ---------------------------------------------------------------- state and steps
+
+
+def create_state(
+    model: ViT, tx: optax.GradientTransformation, mesh: Mesh, *, rng, image_shape, params=None
+) -> tuple[TrainState, Any]:
+    """A sharded TrainState, from `params` (e.g. converted timm weights) or fresh init.
+
+    Returns the state and its shardings (a TrainState of NamedShardings).
+    """
+    def init(rng, params):
+        if params is None:
+            params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    abstract = jax.eval_shape(init, rng, params)
+    shardings = shardings_for(abstract, mesh)
+    state = jax.jit(init, out_shardings=shardings)(rng, params)
+    return state, shardings
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy against soft targets [batch, classes], in float32."""
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+
+
+def make_train_step(model: ViT, tx, schedule, config, mesh: Mesh, state_shardings):
+    """The jitted, sharded `(state, batch, rng) -> (state, metrics)`.
+
+    Mixup/CutMix and stochastic depth draw from `fold_in(rng, state.step)`, so a
+    resumed run repeats the randomness of an uninterrupted one.
+    """
+    from tome_jax.evaluate import parse_r_value
+
+    num_classes = model.num_classes
+    r = parse_r_value(config.r)
+
+    def train_step(state: TrainState, batch, rng):
+        step_rng = jax.random.fold_in(rng, state.step)
+        mix_rng, dropout_rng = jax.random.split(step_rng)
+        labels = batch["labels"]
+        if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
+            images, targets = augment.mixup_cutmix(
+                mix_rng,
+                batch["images"],
+                labels,
+                num_classes,
+                mixup_alpha=config.mixup_alpha,
+                cutmix_alpha=config.cutmix_alpha,
+                label_smoothing=config.label_smoothing,
+            )
+        else:
+            images = batch["images"]
+            targets = augment.one_hot_smoothed(labels, num_classes, config.label_smoothing)
+
+        def loss_fn(params):
+            logits = model.apply(
+                {"params": params}, images, r=r, train=True, rngs={"dropout": dropout_rng}
+            )
+            return cross_entropy(logits, targets), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": (logits.argmax(-1) == labels).mean(),
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step // config.grad_accum),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_predict(model: ViT, r, mesh: Mesh, params_shardings):
+    """Sharded `(params, images) -> logits` for evaluation during training."""
+    return jax.jit(
+        lambda params, images: model.apply({"params": params}, images, r=r),
+        in_shardings=(params_shardings, batch_sharding(mesh)),
+        out_shardings=batch_sharding(mesh),
+    )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """orbax CheckpointManager keeping the last `keep` checkpoints and the best by top-1.
+
+    Saves are asynchronous: `save` returns once the arrays are copied off the
+    devices, and the files are written in the background, committed atomically.
+    """
+
+    def __init__(self, directory, keep: int = 3, async_save: bool = True):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as policies
+
+        preserve = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=keep),
+                policies.BestN(get_metric_fn=lambda m: m["top1"], n=1, keep_checkpoints_without_metrics=False),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preserve, enable_async_checkpointing=async_save, create=True
+        )
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+
+    def save(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
+        args = self._ocp.args
+        self.manager.save(
+            int(jax.device_get(state.step)),
+            args=args.Composite(state=args.StandardSave(state), meta=args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, like: TrainState, shardings) -> tuple[TrainState, dict]:
+        """The checkpoint at `step`, placed with `shardings` (may differ from the saving run's)."""
+        args = self._ocp.args
+        abstract = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, shardings
+        )
+        restored = self.manager.restore(
+            step, args=args.Composite(state=args.StandardRestore(abstract), meta=args.JsonRestore())
+        )
+        return restored["state"], restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class MetricWriter:
+    """Metrics to stdout and `metrics.jsonl` (process 0), and to TensorBoard event
+    files when the tensorboard package is installed."""
+
+    def __init__(self, workdir, enabled: bool = True):
+        import importlib.util
+        import json
+        import pathlib
+
+        self._json = json
+        self.enabled = enabled
+        self._file = None
+        self._summary = None
+        if enabled:
+            path = pathlib.Path(workdir)
+            path.mkdir(parents=True, exist_ok=True)
+            self._file = open(path / "metrics.jsonl", "a")
+            if importlib.util.find_spec("tensorboard") is not None:
+                import tensorflow as tf
+
+                self._tf = tf
+                self._summary = tf.summary.create_file_writer(str(path / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float], prefix: str) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
+        self._file.write(self._json.dumps(record) + "\n")
+        self._file.flush()
+        if self._summary is not None:
+            with self._summary.as_default(step=step):
+                for key, value in record.items():
+                    if key != "step":
+                        self._tf.summary.scalar(key, value)
+            self._summary.flush()
+        text = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
+        print(f"step {step}: {text}", flush=True)
+
+    def close(self):
+        if self._file:
+            self._file.close()
+        if self._summary is not None:
+            self._summary.close()
+
+
+class Preemption:
+    """Turns SIGTERM into "save at the next step boundary, then exit"."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """True on every process once any must stop (multi-host: JAX's sync point)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    """`jax.distributed.initialize()` for multi-host runs ("auto": when the cluster says so)."""
+    import os
+
+    if mode == "off":
+        return
+    cluster_vars = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    if mode == "on" or any(v in os.environ for v in cluster_vars):
+        jax.distributed.initialize()
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """train.py's job: train (or resume) per `config`, evaluating and checkpointing.
+
+    Returns the last evaluation's metrics. Exits with status 143 after saving
+    when SIGTERM arrives (preemption).
+    """
+    import pathlib
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from tome_jax import data, evaluate
+
+    maybe_initialize_distributed(config.distributed)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    mesh = make_mesh(config.fsdp)
+    workdir = pathlib.Path(workdir)
+
+    model, params, _ = evaluate.load_model(config)
+    image_shape = (*model.image_hw, 3)
+    train_data = data.builder(config.dataset, config.data_dir)
+    steps_per_epoch = data.steps_per_epoch(train_data, config.train_split, config.batch_size, config.train_limit)
+    total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
+    abstract_params = params if params is not None else jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+    )
+    tx, schedule = make_optimizer(config, abstract_params, total_steps)
+    rng = jax.random.key(config.seed)
+    state, shardings = create_state(model, tx, mesh, rng=rng, image_shape=image_shape, params=params)
+
+    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+    meta = {"best_top1": None, "best_step": None}
+    if checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(checkpoints.latest_step(), state, shardings)
+        if is_main:
+            print(f"resumed from step {int(state.step)}", flush=True)
+    start_step = int(jax.device_get(state.step))
+
+    train_iter = data.train_batches(
+        train_data,
+        config.train_split,
+        train_augment(config, image_shape[:2]),
+        config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        limit=config.train_limit,
+        shuffle_buffer=config.shuffle_buffer,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
+    predict = make_predict(model, evaluate.parse_r_value(config.eval_r), mesh, shardings.params)
+    eval_preprocess = data.Preprocess(
+        size=image_shape[:2], mean=tuple(config.mean), std=tuple(config.std),
+        crop_pct=config.eval_crop_pct, interpolation=config.interpolation,
+    )
+    writer = MetricWriter(workdir, enabled=is_main)
+    preemption = Preemption()
+
+    def run_eval():
+        batches = data.eval_batches(
+            train_data, config.eval_split, eval_preprocess, config.eval_batch_size // process_count,
+            limit=config.eval_limit, process_index=process_index, process_count=process_count,
+        )
+        return evaluate.accuracy(predict, state.params, batches, put=lambda b: global_batch(b, mesh))
+
+    eval_metrics = {}
+    last_log, last_log_step = time.perf_counter(), start_step
+    progress = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
+    for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, global_batch(next(train_iter), mesh), rng)
+        progress.update()
+        if step % config.log_every == 0 or step == total_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - last_log
+            metrics["step_time_s"] = elapsed / (step - last_log_step)
+            metrics["images_per_s"] = config.batch_size / metrics["step_time_s"]
+            metrics["epoch"] = step / steps_per_epoch
+            writer.write(step, metrics, "train")
+            last_log, last_log_step = time.perf_counter(), step
+        evaluating = step % config.eval_every == 0 or step == total_steps
+        if evaluating:
+            eval_metrics = run_eval()
+            writer.write(step, eval_metrics, "eval")
+            if meta["best_top1"] is None or eval_metrics["top1"] > meta["best_top1"]:
+                meta = {"best_top1": eval_metrics["top1"], "best_step": step}
+            last_log = time.perf_counter()  # evaluation time is not training time
+        stopping = preemption.reached(step)
+        if evaluating or stopping or step % config.checkpoint_every == 0:
+            checkpoints.save(state, meta, metrics={"top1": eval_metrics["top1"]} if evaluating else None)
+        if stopping:
+            checkpoints.wait()
+            progress.close()
+            if is_main:
+                print(f"preempted: saved step {step}, exiting", flush=True)
+            sys.exit(143)
+    progress.close()
+    checkpoints.wait()
+    checkpoints.close()
+    writer.close()
+    return {**eval_metrics, **meta}
+
+
+def train_augment(config, size) -> augment.TrainAugment:
+    """The config's augmentation settings (see augment.TrainAugment)."""
+    return augment.TrainAugment(
+        size=tuple(size),
+        mean=tuple(config.mean),
+        std=tuple(config.std),
+        crop=config.crop,
+        scale=tuple(config.crop_scale),
+        padding=config.crop_padding,
+        interpolation=config.interpolation,
+        hflip=config.flip,
+        rand_augment_layers=config.rand_augment_layers,
+        rand_augment_magnitude=config.rand_augment_magnitude,
+        erasing_prob=config.random_erasing,
+    )
