@@ -27,7 +27,7 @@ import os
 import pathlib
 import pickle
 import re
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +129,10 @@ _TORCHVISION_RENAMES = (
 # big_vision numbers the block's modules differently from AugReg; same tensors.
 _BIG_VISION_RENAMES = (
     (r"^pos_embedding$", "Transformer/posembed_input/pos_embedding"),
-    (r"^(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_0/", r"\1/MultiHeadDotProductAttention_1/"),
+    (
+        r"^(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_0/",
+        r"\1/MultiHeadDotProductAttention_1/",
+    ),
     (r"^(Transformer/encoderblock_\d+)/LayerNorm_1/", r"\1/LayerNorm_2/"),
     (r"^(Transformer/encoderblock_\d+)/MlpBlock_0/", r"\1/MlpBlock_3/"),
 )
@@ -172,33 +175,41 @@ def _out_kernel(kernel):
     return kernel.reshape(-1, kernel.shape[-1]).T
 
 
+def _augreg_dense(timm_name: str, name: str, kernel=_kernel_to_timm) -> dict:
+    """timm's `{timm_name}.weight/.bias` <- Google's `{name}/kernel` and `/bias`."""
+    return {
+        f"{timm_name}.weight": ((f"{name}/kernel",), kernel),
+        f"{timm_name}.bias": ((f"{name}/bias",), _same),
+    }
+
+
+def _augreg_norm(timm_name: str, name: str) -> dict:
+    """timm's LayerNorm `{timm_name}.weight/.bias` <- Google's `{name}/scale` and `/bias`."""
+    return {
+        f"{timm_name}.weight": ((f"{name}/scale",), _same),
+        f"{timm_name}.bias": ((f"{name}/bias",), _same),
+    }
+
+
 _MHA = "MultiHeadDotProductAttention_1"
 _QKV = ("query", "key", "value")
 # timm key <- (AugReg names, how they combine into timm's tensor).
 _AUGREG = {
-    "patch_embed.proj.weight": (("embedding/kernel",), _kernel_to_timm),
-    "patch_embed.proj.bias": (("embedding/bias",), _same),
+    **_augreg_dense("patch_embed.proj", "embedding"),
     "cls_token": (("cls",), _same),
     "pos_embed": (("Transformer/posembed_input/pos_embedding",), _same),
-    "norm.weight": (("Transformer/encoder_norm/scale",), _same),
-    "norm.bias": (("Transformer/encoder_norm/bias",), _same),
-    "head.weight": (("head/kernel",), _kernel_to_timm),
-    "head.bias": (("head/bias",), _same),
+    **_augreg_norm("norm", "Transformer/encoder_norm"),
+    **_augreg_dense("head", "head"),
 }
 # The same for each block: `blocks.{i}.` <- `Transformer/encoderblock_{i}/`.
 _AUGREG_BLOCK = {
-    "norm1.weight": (("LayerNorm_0/scale",), _same),
-    "norm1.bias": (("LayerNorm_0/bias",), _same),
+    **_augreg_norm("norm1", "LayerNorm_0"),
     "attn.qkv.weight": (tuple(f"{_MHA}/{n}/kernel" for n in _QKV), _qkv_kernel),
     "attn.qkv.bias": (tuple(f"{_MHA}/{n}/bias" for n in _QKV), _qkv_bias),
-    "attn.proj.weight": ((f"{_MHA}/out/kernel",), _out_kernel),
-    "attn.proj.bias": ((f"{_MHA}/out/bias",), _same),
-    "norm2.weight": (("LayerNorm_2/scale",), _same),
-    "norm2.bias": (("LayerNorm_2/bias",), _same),
-    "mlp.fc1.weight": (("MlpBlock_3/Dense_0/kernel",), _kernel_to_timm),
-    "mlp.fc1.bias": (("MlpBlock_3/Dense_0/bias",), _same),
-    "mlp.fc2.weight": (("MlpBlock_3/Dense_1/kernel",), _kernel_to_timm),
-    "mlp.fc2.bias": (("MlpBlock_3/Dense_1/bias",), _same),
+    **_augreg_dense("attn.proj", f"{_MHA}/out", _out_kernel),
+    **_augreg_norm("norm2", "LayerNorm_2"),
+    **_augreg_dense("mlp.fc1", "MlpBlock_3/Dense_0"),
+    **_augreg_dense("mlp.fc2", "MlpBlock_3/Dense_1"),
 }
 
 
