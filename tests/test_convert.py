@@ -1,10 +1,13 @@
-"""tome_jax.convert against timm's and torchvision's own forwards and loaders."""
+"""tome_jax.convert against timm's and torchvision's own forwards, their loaders, and
+a PyTorch ToMe on the real CIFAR-10 checkpoint."""
 
+import functools
 import json
 import pathlib
 import re
 import subprocess
 import sys
+import tarfile
 from functools import partial
 
 import jax
@@ -14,14 +17,20 @@ import pytest
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
+from PIL import Image  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from timm.models.vision_transformer import checkpoint_filter_fn  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn  # noqa: E402
 
+import torch_tome  # noqa: E402
 from test_vit import jit_apply  # noqa: E402
 from tome_jax import convert, from_timm, pretrained_data_config, to_timm_state_dict  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 CIFAR_MODEL = SHARED / "models" / "vit_tiny_p4_cifar10.safetensors"
+CIFAR_DATA = SHARED / "data" / "cifar10-jpg.tar.gz"
+CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGES_PER_CLASS = 20
 
 
 def randomised(model, seed=0):
@@ -157,6 +166,83 @@ def test_torchvision_layout_matches_torchvision():
     assert max_abs_diff(tome_jax_logits(model, from_dict, images), want) < 1e-4
 
 
+# --- merging matches a PyTorch ToMe ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["deit_small_distilled_patch16_224", "deit3_small_patch16_224"])
+def test_merging_matches_torch_tome_with_distill_token_and_layer_scale(name):
+    module = small_timm(name, depth=4, img_size=128)
+    model, variables = from_timm(module)
+    images = images_for(128, 128)
+    r = (12, -1)  # 24, 16, 8, 0 tokens
+    want = torch_tome.tome_forward(module, images, r).numpy()
+    assert max_abs_diff(tome_jax_logits(model, variables, images, r=r), want) < 1e-4
+
+
+@functools.cache
+def cifar_test_images():
+    """The first IMAGES_PER_CLASS test images of each class, normalised as the
+    checkpoint was trained (NCHW float32), and their labels."""
+    images, labels = [], []
+    counts = dict.fromkeys(CIFAR_CLASSES, 0)
+    with tarfile.open(CIFAR_DATA) as tar:
+        for member in tar:
+            split, *rest = member.name.split("/")
+            if split != "test" or not member.isfile():
+                continue
+            label = rest[0]
+            if counts[label] < IMAGES_PER_CLASS:
+                counts[label] += 1
+                images.append(np.asarray(Image.open(tar.extractfile(member)).convert("RGB")))
+                labels.append(CIFAR_CLASSES.index(label))
+    images = (np.stack(images) / np.float32(255) - CIFAR_MEAN) / CIFAR_STD
+    return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2).contiguous(), np.array(labels)
+
+
+@functools.cache
+def cifar_timm_model():
+    """Loaded as ../shared/README.md says, independently of tome_jax."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(CIFAR_MODEL, "pt") as handle:
+        config = json.loads(handle.metadata()["config"])
+    module = VisionTransformer(**config)
+    module.load_state_dict(load_file(CIFAR_MODEL))
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    if not CIFAR_MODEL.exists() or not CIFAR_DATA.exists():
+        pytest.skip("../shared CIFAR-10 checkpoint or data not present")
+    model, variables = from_timm(CIFAR_MODEL)
+    return model, variables, cifar_timm_model(), *cifar_test_images()
+
+
+def test_cifar_checkpoint_r0_matches_timm(cifar):
+    model, variables, module, images, labels = cifar
+    got, want = tome_jax_logits(model, variables, images), torch_logits(module, images)
+    assert max_abs_diff(got, want) < 1e-4
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    assert (got.argmax(1) == labels).mean() > 0.5  # 59.77% on the full test set
+
+
+@pytest.mark.parametrize("r", [3, (6, -1), (8, -1)], ids=str)
+def test_cifar_merging_matches_torch_tome(cifar, r):
+    model, variables, module, images, _ = cifar
+    got = tome_jax_logits(model, variables, images, r=r)
+    want = torch_tome.tome_forward(module, images, r).numpy()
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    assert max_abs_diff(got, want) < 1e-4
+
+
+def test_torch_tome_at_r0_is_timm(cifar):
+    _, _, module, images, _ = cifar
+    want = torch_logits(module, images[:8])
+    assert max_abs_diff(torch_tome.tome_forward(module, images[:8], 0).numpy(), want) < 1e-5
+
+
 # --- file formats --------------------------------------------------------------------
 
 
@@ -204,7 +290,8 @@ def write_augreg_npz(module, path, big_vision=False):
         arrays = {f"params/{k}": v for k, v in arrays.items()}
     else:
         arrays["Transformer/posembed_input/pos_embedding"] = sd["pos_embed"]
-        arrays.update({f"Transformer/encoderblock_{i}/{n}": v for i, b in enumerate(blocks) for n, v in b.items()})
+        for i, block in enumerate(blocks):
+            arrays.update({f"Transformer/encoderblock_{i}/{n}": v for n, v in block.items()})
     np.savez(path, **arrays)
 
 
@@ -337,7 +424,8 @@ def test_bad_tensors_are_named_in_the_sources_layout(tmp_path):
         from_timm(path)
     arrays[key] = np.zeros((190, 3, 64))
     np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=r"cannot combine .*query/kernel \(192, 3, 64\), .*key/kernel \(190, 3, 64\)"):
+    combine = r"cannot combine .*query/kernel \(192, 3, 64\), .*key/kernel \(190, 3, 64\)"
+    with pytest.raises(ValueError, match=combine):
         from_timm(path)
 
 
@@ -379,6 +467,7 @@ def test_bad_sources_are_refused(tmp_path):
         from_timm(timm_state(), embed_dim=3)
     with pytest.raises(TypeError, match="pretrained= only applies to a timm model name"):
         from_timm(timm_state(), pretrained=False)
-    save_file(timm_state(), tmp_path / "w.safetensors", metadata={"config": json.dumps({"act_layer": "relu"})})
-    with pytest.raises(ValueError, match=re.escape("does not implement the timm options {'act_layer': 'relu'}")):
+    config = json.dumps({"act_layer": "relu"})
+    save_file(timm_state(), tmp_path / "w.safetensors", metadata={"config": config})
+    with pytest.raises(ValueError, match=re.escape("timm options {'act_layer': 'relu'}")):
         from_timm(tmp_path / "w.safetensors")
