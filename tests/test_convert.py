@@ -11,6 +11,7 @@ import tarfile
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -435,7 +436,14 @@ def test_num_heads_comes_from_an_override_when_shapes_cannot_tell():
         from_timm(state)
     model, _ = from_timm(state, num_heads=5)
     assert model.num_heads == 5
-    assert from_timm(timm_state(), num_heads=6)[0].num_heads == 6  # overrides win
+
+
+def test_overrides_win_over_inference():
+    model, variables = from_timm(
+        timm_state(), num_heads=6, global_pool="avg", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16
+    )
+    assert (model.num_heads, model.global_pool, model.dtype) == (6, "avg", jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
 
 
 @pytest.mark.parametrize(
