@@ -1,6 +1,12 @@
 """tome_jax: Token Merging (ToMe) and DTEM for Vision Transformers in JAX/Flax."""
 
 from tome_jax.attention import Attention, proportional_attention
+from tome_jax.convert import (
+    from_timm,
+    pretrained_data_config,
+    resample_pos_embed,
+    to_timm_state_dict,
+)
 from tome_jax.dtem import (
     SoftMerge,
     dtem_soft_merge,

@@ -1,0 +1,726 @@
+"""Weights from timm, and from the layouts timm reads, into `tome_jax.ViT`.
+
+    model, variables = from_timm("vit_base_patch16_224.augreg_in21k_ft_in1k")
+    apply = jax.jit(model.apply, static_argnames="r")
+    logits = apply(variables, images_nhwc, r=13)
+
+Sources: a timm model name (weights downloaded by timm), a timm or torchvision
+ViT module, a state dict (a mapping of names to arrays), or a checkpoint file:
+`.safetensors` (read without torch), `.pth`/`.pt`/`.bin` (torch state dicts),
+`.npz` (Google's AugReg and big_vision layouts). Every layout is first renamed
+into timm's names and tensor layouts; one rule then maps timm names onto the Flax
+parameter tree, in both directions (`to_timm_state_dict` is the way back).
+
+The architecture is read from the tensors. What they cannot tell (`num_heads`, a
+non-square patch grid, token versus average pooling when there is no `fc_norm`)
+comes from the model name, the module or the checkpoint's metadata, else from
+keyword overrides, which win over everything.
+
+torch and timm are imported only when a source needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import pickle
+import re
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tome_jax.vit import ViT, _pair
+
+# --- timm names <-> the Flax parameter tree ------------------------------------------
+
+# Flax module names that differ from timm's (`blocks_{i}` is matched by pattern).
+_TIMM_MODULE = {"ls_1": "ls1", "ls_2": "ls2", "patch_embed": "patch_embed.proj"}
+_TIMM_LEAF = {"kernel": "weight", "scale": "weight"}
+# timm stores Linear kernels [out, in] and Conv2d kernels [out, in, h, w]; Flax (and
+# Google's checkpoints) [in, out] and [h, w, in, out].
+_KERNEL_TO_TIMM_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
+
+
+def _timm_key(path: tuple[str, ...]) -> str:
+    """Flax parameter path -> timm key: ('blocks_3', 'ls_1', 'gamma') -> 'blocks.3.ls1.gamma'."""
+    *modules, leaf = path
+    names = [_TIMM_MODULE.get(m, re.sub(r"^blocks_(\d+)$", r"blocks.\1", m)) for m in modules]
+    return ".".join(names + [_TIMM_LEAF.get(leaf, leaf)])
+
+
+def _timm_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...]:
+    """The transpose taking a Flax parameter of rank `ndim` at `path` to timm's layout."""
+    if path[-1] == "kernel":
+        return _KERNEL_TO_TIMM_AXES[ndim]
+    return tuple(range(ndim))
+
+
+def _kernel_to_timm(kernel: np.ndarray) -> np.ndarray:
+    """[in, out] or [h, w, in, out] (Flax, JAX checkpoints) -> timm's [out, in(, h, w)]."""
+    return kernel.transpose(_KERNEL_TO_TIMM_AXES[kernel.ndim])
+
+
+def _flat_params(params) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(dict(params))
+
+
+def to_timm_state_dict(model: ViT, variables) -> dict[str, np.ndarray]:
+    """The inverse of `from_timm`: timm's state dict (names and layouts) as NumPy arrays.
+
+    `timm.create_model(...).load_state_dict({k: torch.from_numpy(v) ...})` accepts it
+    for the timm model with the same architecture. Arrays keep the parameters' dtype.
+    """
+    if not isinstance(model, ViT):
+        raise TypeError(f"model must be a tome_jax.ViT, got {type(model).__name__}")
+    flat = _flat_params(variables["params"])
+    expected = _flat_params(_param_shapes(model))
+    if set(flat) != set(expected):
+        names = lambda paths: sorted("/".join(p) for p in paths)  # noqa: E731
+        raise ValueError(
+            f"variables do not belong to this model: missing {names(set(expected) - set(flat))}, "
+            f"unexpected {names(set(flat) - set(expected))}"
+        )
+    return {
+        _timm_key(path): np.array(np.asarray(value).transpose(_timm_axes(path, np.ndim(value))), order="C")
+        for path, value in flat.items()
+    }
+
+
+# --- source layouts -> timm names --------------------------------------------------
+
+
+class _Checkpoint(NamedTuple):
+    """A checkpoint in timm's names and layouts.
+
+    Attributes:
+      arrays: timm key -> array; keys no layout rule recognised keep their own name
+        (they are reported as unexpected).
+      source_names: timm key -> the name(s) it was read from, where they differ.
+      hints: ViT attributes the source states (num_heads, img_size, ...).
+    """
+
+    arrays: dict[str, np.ndarray]
+    source_names: dict[str, str]
+    hints: dict[str, Any]
+
+
+# Each layout's names -> timm's: regex substitutions applied in order to every key.
+_TIMM_RENAMES = (
+    (r"\.gamma_([12])$", r".ls\1.gamma"),  # DeiT III's original checkpoints
+)
+_TORCHVISION_RENAMES = (
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"^class_token$", "cls_token"),
+    (r"^encoder\.pos_embedding$", "pos_embed"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."),
+    (r"\.ln_([12])\.", r".norm\1."),
+    (r"\.self_attention\.in_proj_(weight|bias)$", r".attn.qkv.\1"),
+    (r"\.self_attention\.out_proj\.", ".attn.proj."),
+    (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),  # torchvision's current and legacy names
+    (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."),
+    (r"^encoder\.ln\.", "norm."),
+    (r"^heads\.head\.", "head."),
+)
+# big_vision numbers the block's modules differently from AugReg; same tensors.
+_BIG_VISION_RENAMES = (
+    (r"^pos_embedding$", "Transformer/posembed_input/pos_embedding"),
+    (
+        r"^(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_0/",
+        r"\1/MultiHeadDotProductAttention_1/",
+    ),
+    (r"^(Transformer/encoderblock_\d+)/LayerNorm_1/", r"\1/LayerNorm_2/"),
+    (r"^(Transformer/encoderblock_\d+)/MlpBlock_0/", r"\1/MlpBlock_3/"),
+)
+# Where the parameters sit in a `.npz`; anything outside that prefix (optimizer
+# state) is ignored.
+_NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")
+
+
+def _rename(arrays: Mapping[str, np.ndarray], renames) -> tuple[dict, dict]:
+    """Applies a layout's renames; returns (renamed arrays, new name -> old name)."""
+    out, source_names = {}, {}
+    for name, array in arrays.items():
+        new = name
+        for pattern, replacement in renames:
+            new = re.sub(pattern, replacement, new)
+        if new in out:
+            raise ValueError(f"{name!r} and {source_names.get(new, new)!r} both map to {new!r}")
+        out[new] = array
+        if new != name:
+            source_names[new] = name
+    return out, source_names
+
+
+def _same(x):
+    return x
+
+
+def _qkv_kernel(*kernels):
+    """3 x [width, heads, head_dim] -> timm's fused [3 * width, width]."""
+    return np.concatenate([k.reshape(k.shape[0], -1).T for k in kernels])
+
+
+def _qkv_bias(*biases):
+    """3 x [heads, head_dim] -> [3 * width]."""
+    return np.concatenate([b.reshape(-1) for b in biases])
+
+
+def _out_kernel(kernel):
+    """[heads, head_dim, width] -> timm's [width, heads * head_dim]."""
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def _augreg_dense(timm_name: str, name: str, kernel=_kernel_to_timm) -> dict:
+    """timm's `{timm_name}.weight/.bias` <- Google's `{name}/kernel` and `/bias`."""
+    return {
+        f"{timm_name}.weight": ((f"{name}/kernel",), kernel),
+        f"{timm_name}.bias": ((f"{name}/bias",), _same),
+    }
+
+
+def _augreg_norm(timm_name: str, name: str) -> dict:
+    """timm's LayerNorm `{timm_name}.weight/.bias` <- Google's `{name}/scale` and `/bias`."""
+    return {
+        f"{timm_name}.weight": ((f"{name}/scale",), _same),
+        f"{timm_name}.bias": ((f"{name}/bias",), _same),
+    }
+
+
+_MHA = "MultiHeadDotProductAttention_1"
+_QKV = ("query", "key", "value")
+# timm key <- (AugReg names, how they combine into timm's tensor).
+_AUGREG = {
+    **_augreg_dense("patch_embed.proj", "embedding"),
+    "cls_token": (("cls",), _same),
+    "pos_embed": (("Transformer/posembed_input/pos_embedding",), _same),
+    **_augreg_norm("norm", "Transformer/encoder_norm"),
+    **_augreg_dense("head", "head"),
+}
+# The same for each block: `blocks.{i}.` <- `Transformer/encoderblock_{i}/`.
+_AUGREG_BLOCK = {
+    **_augreg_norm("norm1", "LayerNorm_0"),
+    "attn.qkv.weight": (tuple(f"{_MHA}/{n}/kernel" for n in _QKV), _qkv_kernel),
+    "attn.qkv.bias": (tuple(f"{_MHA}/{n}/bias" for n in _QKV), _qkv_bias),
+    **_augreg_dense("attn.proj", f"{_MHA}/out", _out_kernel),
+    **_augreg_norm("norm2", "LayerNorm_2"),
+    **_augreg_dense("mlp.fc1", "MlpBlock_3/Dense_0"),
+    **_augreg_dense("mlp.fc2", "MlpBlock_3/Dense_1"),
+}
+
+
+def _canonical_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Google checkpoint variants -> AugReg names: drops the parameter prefix, splits
+    big_vision's scanned blocks (one array with a leading depth axis) into one block
+    each, renames big_vision's module numbers."""
+    prefix = next((p for p in _NPZ_PREFIXES if f"{p}embedding/kernel" in arrays), "")
+    unstacked = {}
+    for name, array in arrays.items():
+        if not name.startswith(prefix):
+            continue
+        name = name[len(prefix) :]
+        if name.startswith("Transformer/encoderblock/"):
+            rest = name[len("Transformer/encoderblock/") :]
+            unstacked.update({f"Transformer/encoderblock_{i}/{rest}": a for i, a in enumerate(array)})
+        else:
+            unstacked[name] = array
+    return _rename(unstacked, _BIG_VISION_RENAMES)[0]
+
+
+def _augreg_to_timm(arrays: Mapping[str, np.ndarray]) -> _Checkpoint:
+    """Google's ViT `.npz` layouts -> timm's; `num_heads` is in the attention shapes."""
+    left = _canonical_npz(arrays)
+    depth = 1 + max(
+        (int(m.group(1)) for n in left if (m := re.match(r"Transformer/encoderblock_(\d+)/", n))),
+        default=-1,
+    )
+    table = dict(_AUGREG)
+    for i in range(depth):
+        for key, (names, combine) in _AUGREG_BLOCK.items():
+            table[f"blocks.{i}.{key}"] = (tuple(f"Transformer/encoderblock_{i}/{n}" for n in names), combine)
+
+    query = left.get(f"Transformer/encoderblock_0/{_MHA}/query/kernel")
+    hints = {"num_heads": query.shape[1]} if query is not None and query.ndim == 3 else {}
+    out, source_names = {}, {}
+    for key, (names, combine) in table.items():
+        source_names[key] = ", ".join(names)
+        if not all(n in left for n in names):
+            continue  # reported as missing if the model needs it; parts left are unexpected
+        parts = [left.pop(n) for n in names]
+        try:
+            out[key] = combine(*parts)
+        except ValueError as error:
+            shapes = ", ".join(f"{n} {p.shape}" for n, p in zip(names, parts))
+            raise ValueError(f"cannot combine {shapes} into {key}: {error}") from None
+    return _Checkpoint({**out, **left}, source_names, hints)
+
+
+def _to_timm_layout(arrays: Mapping[str, np.ndarray], hints: dict[str, Any]) -> _Checkpoint:
+    """Recognises the layout by its patch-embedding name and renames it into timm's."""
+    if "patch_embed.proj.weight" in arrays:
+        return _Checkpoint(*_rename(arrays, _TIMM_RENAMES), hints)
+    if "conv_proj.weight" in arrays:
+        return _Checkpoint(*_rename(arrays, _TORCHVISION_RENAMES), hints)
+    if any(f"{p}embedding/kernel" in arrays for p in _NPZ_PREFIXES):
+        checkpoint = _augreg_to_timm(arrays)
+        return checkpoint._replace(hints={**checkpoint.hints, **hints})
+    sample = ", ".join(sorted(arrays)[:8])
+    raise ValueError(
+        "unrecognised checkpoint layout: expected timm's 'patch_embed.proj.weight', "
+        f"torchvision's 'conv_proj.weight' or Google's 'embedding/kernel'; got {sample}"
+    )
+
+
+# --- reading sources ---------------------------------------------------------------
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_FILE_SUFFIXES = (".safetensors", ".npz") + _TORCH_SUFFIXES
+# Where training scripts nest the weights inside a torch checkpoint.
+_NESTED_STATE_KEYS = ("model", "state_dict", "model_state")
+# timm constructor arguments (metadata `config`) that no tensor reveals and that
+# tome_jax.ViT does not implement, with the value ViT assumes.
+_INVISIBLE_TIMM_OPTIONS = {
+    "act_layer": None,
+    "norm_layer": None,
+    "block_fn": None,
+    "attn_layer": None,
+    "mlp_layer": None,
+    "embed_layer": None,
+    "pool_include_prefix": False,
+    "final_norm": True,
+}
+# Attributes a `config` states that the tensors leave open.
+_CONFIG_HINTS = ("num_heads", "img_size", "global_pool")
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A torch tensor or array-like -> np.ndarray."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        # NumPy has no bfloat16.
+        return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+    return np.asarray(value)
+
+
+def _state_dict_arrays(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Unwraps a training checkpoint to its weights, drops DDP's `module.` prefix."""
+    for key in _NESTED_STATE_KEYS:
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    not_arrays = [k for k, v in state.items() if not hasattr(v, "shape")]
+    if not_arrays:
+        raise ValueError(f"state dict entries {not_arrays[:8]} are not tensors")
+    return {k: _to_numpy(v) for k, v in state.items()}
+
+
+def _config_hints(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Hints from timm constructor arguments (a checkpoint's `config` metadata)."""
+    unsupported = {
+        k: config[k] for k, default in _INVISIBLE_TIMM_OPTIONS.items() if config.get(k, default) != default
+    }
+    if unsupported:
+        raise ValueError(f"tome_jax.ViT does not implement the timm options {unsupported}")
+    return {k: config[k] for k in _CONFIG_HINTS if k in config}
+
+
+def _read_safetensors(path: pathlib.Path) -> _Checkpoint:
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(path)
+    except KeyError as error:  # a dtype NumPy lacks, e.g. BF16
+        raise ValueError(
+            f"{path}: safetensors cannot read dtype {error} into NumPy; load it with "
+            "safetensors.torch and pass the state dict to from_timm"
+        ) from None
+    with safe_open(path, framework="numpy") as handle:
+        metadata = handle.metadata() or {}
+    hints = _config_hints(json.loads(metadata["config"])) if "config" in metadata else {}
+    return _to_timm_layout(arrays, hints)
+
+
+def _read_torch(path: pathlib.Path) -> _Checkpoint:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"reading {path.name} needs torch (pip install torch); .safetensors and .npz do not"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # objects beyond tensors and containers
+        raise ValueError(
+            f"{path}: torch.load(weights_only=True) refused it ({error}). If you trust the "
+            "file, load it yourself and pass the state dict to from_timm"
+        ) from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return _to_timm_layout(_state_dict_arrays(state), {})
+
+
+def _read_file(path: pathlib.Path) -> _Checkpoint:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    if suffix == ".npz":
+        with np.load(path) as npz:
+            return _to_timm_layout(dict(npz), {})
+    if suffix in _TORCH_SUFFIXES:
+        return _read_torch(path)
+    raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; expected {_FILE_SUFFIXES}")
+
+
+def _unsupported_layers(model, activations) -> list[str]:
+    """Activations other than exact GELU, LayerNorms with an eps other than 1e-6:
+    what tome_jax.ViT computes, invisible in the tensors.
+
+    activations: (name, module) pairs of the MLP activations.
+    """
+    import torch.nn as nn
+
+    problems = [
+        f"{name} is {act}, not exact GELU"
+        for name, act in activations
+        if not (isinstance(act, nn.GELU) and act.approximate == "none")
+    ]
+    return problems + [
+        f"{name} has eps={m.eps}, not 1e-6"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.LayerNorm) and m.eps != 1e-6
+    ]
+
+
+def _refuse_if(problems: list[str], kind: str):
+    if problems:
+        raise ValueError(f"tome_jax.ViT cannot run this {kind} model: {'; '.join(problems[:8])}")
+
+
+def _timm_module_hints(model) -> dict[str, Any]:
+    """What a timm VisionTransformer's tensors leave open; refuses what ViT cannot run."""
+    problems = []
+    if getattr(model, "num_reg_tokens", 0):
+        problems.append(f"{model.num_reg_tokens} register tokens")
+    if model.global_pool not in ("token", "avg"):
+        problems.append(f"global_pool={model.global_pool!r}")
+    if getattr(model, "pool_include_prefix", False):
+        problems.append("pool_include_prefix=True")
+    for i, block in enumerate(model.blocks):
+        kinds = (type(block).__name__, type(block.attn).__name__, type(block.mlp).__name__)
+        if kinds != ("Block", "Attention", "Mlp"):
+            problems.append(f"blocks.{i} is {'/'.join(kinds)}, not timm's Block/Attention/Mlp")
+    activations = [(f"blocks.{i}.mlp.act", getattr(b.mlp, "act", None)) for i, b in enumerate(model.blocks)]
+    _refuse_if(problems + _unsupported_layers(model, activations), "timm")
+    img_size = model.patch_embed.img_size
+    return dict(
+        num_heads=model.blocks[0].attn.num_heads,
+        global_pool=model.global_pool,
+        **({} if img_size is None else dict(img_size=tuple(img_size))),
+    )
+
+
+def _torchvision_module_hints(model) -> dict[str, Any]:
+    """The same for torchvision's VisionTransformer (the layout SWAG ships in)."""
+    layers = model.encoder.layers
+    activations = [(f"encoder.layers.{i}.mlp.1", layer.mlp[1]) for i, layer in enumerate(layers)]
+    _refuse_if(_unsupported_layers(model, activations), "torchvision")
+    return dict(num_heads=layers[0].self_attention.num_heads, img_size=model.image_size)
+
+
+def _read_module(model) -> _Checkpoint:
+    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+        hints = _timm_module_hints(model)
+    elif hasattr(model, "conv_proj") and hasattr(model, "encoder"):
+        hints = _torchvision_module_hints(model)
+    else:
+        raise TypeError(f"{type(model).__name__} is neither timm's nor torchvision's VisionTransformer")
+    return _to_timm_layout(_state_dict_arrays(model.state_dict()), hints)
+
+
+def _is_timm_name(source) -> bool:
+    """A string that names no file and does not look like a path."""
+    if not isinstance(source, str) or pathlib.Path(source).exists():
+        return False
+    return os.sep not in source and not source.lower().endswith(_FILE_SUFFIXES)
+
+
+def _read_source(source, pretrained: bool | None) -> _Checkpoint:
+    if pretrained is not None and not _is_timm_name(source):
+        raise TypeError("pretrained= only applies to a timm model name")
+    if _is_timm_name(source):
+        import timm
+
+        model = timm.create_model(source, pretrained=True if pretrained is None else pretrained)
+        return _read_module(model.eval())
+    if isinstance(source, (str, os.PathLike)):
+        path = pathlib.Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint file at {path}")
+        return _read_file(path)
+    if isinstance(source, Mapping):
+        return _to_timm_layout(_state_dict_arrays(source), {})
+    if hasattr(source, "state_dict"):
+        return _read_module(source)
+    raise TypeError(
+        "source must be a timm model name, a checkpoint path, a state dict or a timm/torchvision "
+        f"VisionTransformer, got {type(source).__name__}"
+    )
+
+
+# --- architecture from tensors -----------------------------------------------------
+
+# Heads of the standard ViT widths where `width // 64` is wrong (H/14, g/14, G/14).
+_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
+
+
+def _required(arrays: Mapping[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
+    if key not in arrays:
+        raise ValueError(f"checkpoint has no {key!r}, needed to infer the architecture")
+    if arrays[key].ndim != ndim:
+        raise ValueError(f"{key} must have {ndim} dimensions, got shape {arrays[key].shape}")
+    return arrays[key]
+
+
+def _num_heads(width: int, hints: Mapping[str, Any]) -> int:
+    if "num_heads" in hints:
+        return int(hints["num_heads"])
+    if width in _HEADS_BY_WIDTH:
+        return _HEADS_BY_WIDTH[width]
+    if width % 64 == 0:
+        return width // 64
+    raise ValueError(
+        f"cannot tell the number of attention heads of a width-{width} model from its tensors; "
+        "pass num_heads="
+    )
+
+
+def _mlp_ratio(width: int, hidden: int) -> float:
+    """A ratio with `int(width * ratio) == hidden`, as ViT's Mlp computes it."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def _position_grid(pos_len: int, prefix: int, patch, img_sizes) -> tuple[tuple[int, int], bool]:
+    """The patch grid the position embeddings were trained for, and whether they
+    skip the prefix tokens (`no_embed_class`).
+
+    Tries the stated image sizes in order, then a square grid with, then without,
+    prefix positions.
+    """
+    grids = [tuple(s // p for s, p in zip(_pair(size), patch)) for size in img_sizes if size is not None]
+    grids += [(math.isqrt(n),) * 2 for n in (pos_len - prefix, pos_len) if n > 0]
+    for grid in grids:
+        patches = grid[0] * grid[1]
+        if pos_len == patches + prefix:
+            return grid, False
+        if prefix and pos_len == patches:
+            return grid, True
+    raise ValueError(
+        f"pos_embed holds {pos_len} positions ({prefix} prefix tokens), which fit no square "
+        "patch grid; pass the checkpoint's img_size="
+    )
+
+
+def _infer_config(checkpoint: _Checkpoint, overrides: Mapping[str, Any]):
+    """ViT attributes from timm-named tensors, hints, then overrides.
+
+    Returns (attributes, the checkpoint's patch grid).
+    """
+    arrays, hints = checkpoint.arrays, {**checkpoint.hints, **overrides}
+    has = arrays.__contains__
+    width, _, *patch = _required(arrays, "patch_embed.proj.weight", 4).shape
+    depth = 1 + max((int(m.group(1)) for k in arrays if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    class_token, distill_token = has("cls_token"), has("dist_token")
+    prefix = int(class_token) + int(distill_token)
+    pos_len = _required(arrays, "pos_embed", 3).shape[1]
+    grid, no_embed_class = _position_grid(
+        pos_len, prefix, patch, [checkpoint.hints.get("img_size"), overrides.get("img_size")]
+    )
+    fc_norm = has("fc_norm.weight")
+    config = dict(
+        num_classes=_required(arrays, "head.weight", 2).shape[0] if has("head.weight") else 0,
+        img_size=tuple(g * p for g, p in zip(grid, patch)),
+        patch_size=tuple(patch),
+        width=width,
+        depth=depth,
+        num_heads=_num_heads(width, hints),
+        mlp_ratio=_mlp_ratio(width, _required(arrays, "blocks.0.mlp.fc1.weight", 2).shape[0]),
+        qkv_bias=has("blocks.0.attn.qkv.bias"),
+        qk_norm=has("blocks.0.attn.q_norm.weight"),
+        class_token=class_token,
+        distill_token=distill_token,
+        global_pool="avg" if fc_norm or not class_token else "token",
+        fc_norm=fc_norm,
+        pre_norm=has("norm_pre.weight"),
+        no_embed_class=no_embed_class,
+        # Any value turns LayerScale on; the checkpoint's gamma replaces it.
+        layer_scale_init=1e-5 if has("blocks.0.ls1.gamma") else None,
+    )
+    if "global_pool" in checkpoint.hints:  # token or average pooling over a final `norm`
+        config["global_pool"] = checkpoint.hints["global_pool"]
+    return {**config, **overrides}, grid
+
+
+# --- the fit -----------------------------------------------------------------------
+
+
+def _param_shapes(model: ViT):
+    """The model's parameter tree as ShapeDtypeStructs (nothing is computed)."""
+    images = jax.ShapeDtypeStruct((1, *_pair(model.img_size), 3), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+
+
+def _resample_weights(old: int, new: int) -> np.ndarray:
+    """[new, old] interpolation matrix of torch's antialiased bicubic resize.
+
+    PIL's scheme, which torch follows for `antialias=True`: the cubic kernel with
+    a = -0.5, stretched by the scale when shrinking, truncated at the borders and
+    renormalised; pixel centres at half-integers (align_corners=False).
+    """
+    scale = old / new
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    weights = np.zeros((new, old))
+    for i in range(new):
+        centre = (i + 0.5) * scale
+        lo = max(int(centre - support + 0.5), 0)
+        hi = min(int(centre + support + 0.5), old)
+        x = np.abs((np.arange(lo, hi) - centre + 0.5) / stretch)
+        a = -0.5
+        w = np.where(
+            x < 1,
+            ((a + 2) * x - (a + 3)) * x * x + 1,
+            np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0),
+        )
+        weights[i, lo:hi] = w / w.sum()
+    return weights
+
+
+def resample_pos_embed(
+    pos_embed: np.ndarray, new_grid, old_grid, num_prefix_tokens: int
+) -> np.ndarray:
+    """Resizes position embeddings to another patch grid, like timm's
+    `resample_abs_pos_embed` (bicubic, antialiased); prefix positions are kept.
+
+    Args:
+      pos_embed: [1, num_prefix_tokens + old_h * old_w, width].
+      new_grid, old_grid: (rows, columns) of patches.
+
+    Returns:
+      [1, num_prefix_tokens + new_h * new_w, width] in pos_embed's dtype.
+    """
+    (oh, ow), (nh, nw) = _pair(old_grid), _pair(new_grid)
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if grid.shape[1] != oh * ow:
+        raise ValueError(
+            f"pos_embed has {grid.shape[1]} grid positions, not {oh}x{ow}={oh * ow}"
+        )
+    grid = grid.reshape(oh, ow, -1).astype(np.float64)
+    resized = np.einsum("ih,jw,hwc->ijc", _resample_weights(oh, nh), _resample_weights(ow, nw), grid)
+    resized = resized.reshape(1, nh * nw, -1).astype(pos_embed.dtype)
+    return np.concatenate([prefix, resized], axis=1)
+
+
+def _fit_pos_embed(pos_embed: np.ndarray, model: ViT, old_grid) -> np.ndarray:
+    if tuple(old_grid) == model.grid_size:
+        return pos_embed
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    return resample_pos_embed(pos_embed, model.grid_size, old_grid, prefix)
+
+
+def _listing(title: str, lines: list[str], limit: int = 20) -> str:
+    more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "\n".join([f"{title}:"] + [f"  {line}" for line in lines[:limit]] + more)
+
+
+def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid) -> dict:
+    """timm-named arrays -> the model's parameter tree, checking every name and shape."""
+    left = dict(checkpoint.arrays)
+    named = lambda key: (  # noqa: E731
+        f"{key} (from {checkpoint.source_names[key]})" if key in checkpoint.source_names else key
+    )
+    params, missing, misshaped = {}, [], []
+    for path, leaf in _flat_params(_param_shapes(model)).items():
+        key = _timm_key(path)
+        if key not in left:
+            missing.append(named(key))
+            continue
+        value = left.pop(key)
+        if key == "pos_embed":
+            value = _fit_pos_embed(value, model, old_grid)
+        axes = _timm_axes(path, len(leaf.shape))
+        expected = tuple(leaf.shape[a] for a in axes)
+        if value.shape != expected:
+            misshaped.append(f"{named(key)}: expected {expected}, got {tuple(value.shape)}")
+            continue
+        params[path] = jnp.asarray(value.transpose(np.argsort(axes)), model.param_dtype)
+    unexpected = [checkpoint.source_names.get(k, k) for k in sorted(left)]
+    problems = [
+        _listing(title, lines)
+        for title, lines in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        if lines
+    ]
+    if problems:
+        raise ValueError(f"the checkpoint does not fit {_describe(model)}:\n" + "\n".join(problems))
+    return traverse_util.unflatten_dict(params)
+
+
+def _describe(model: ViT) -> str:
+    fields = ("width", "depth", "num_heads", "patch_size", "img_size", "num_classes")
+    return "tome_jax.ViT(" + ", ".join(f"{f}={getattr(model, f)!r}" for f in fields) + ")"
+
+
+def from_timm(source, *, pretrained: bool | None = None, **overrides) -> tuple[ViT, dict]:
+    """A `tome_jax.ViT` and its variables from timm weights.
+
+    Args:
+      source: a timm model name ("vit_base_patch16_224.augreg_in21k_ft_in1k", weights
+        downloaded by `timm.create_model(name, pretrained=True)`); a timm
+        VisionTransformer / VisionTransformerDistilled or torchvision
+        VisionTransformer module; a state dict; or a path to a `.safetensors`,
+        `.pth`/`.pt`/`.bin`/`.ckpt` or `.npz` (AugReg / big_vision) checkpoint.
+      pretrained: for a name only; False gives timm's random initialisation.
+      **overrides: any `tome_jax.ViT` attribute, winning over what is inferred,
+        e.g. `num_heads=16`, `dtype=jnp.bfloat16`, or `img_size=384`, which
+        resamples the position embeddings (bicubic, as timm does).
+
+    Returns:
+      (model, {"params": ...}), parameters in `model.param_dtype`.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped tensor (with
+        expected and actual timm-layout shapes), or an architecture ViT lacks.
+    """
+    unknown = set(overrides) - set(ViT.__dataclass_fields__) - {"parent", "name"}
+    if unknown:
+        raise TypeError(f"unknown ViT attributes {sorted(unknown)}")
+    checkpoint = _read_source(source, pretrained)
+    config, old_grid = _infer_config(checkpoint, overrides)
+    model = ViT(**config)
+    return model, {"params": _params_from_timm(checkpoint, model, old_grid)}
+
+
+def pretrained_data_config(source) -> dict | None:
+    """timm's preprocessing for a timm model name or module, else None.
+
+    Returns a dict with `input_size` (channels, height, width), `mean`, `std`,
+    `crop_pct`, `interpolation` and `crop_mode`, as `timm.data.resolve_data_config`.
+    """
+    if _is_timm_name(source):
+        import timm.data
+        import timm.models
+
+        cfg = timm.models.get_pretrained_cfg(source)
+        return None if cfg is None else timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
+    if hasattr(source, "pretrained_cfg") and hasattr(source, "patch_embed"):
+        import timm.data
+
+        return timm.data.resolve_model_data_config(source)
+    return None
