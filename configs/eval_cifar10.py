@@ -16,7 +16,10 @@ def get_config():
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
     config.pretrained = True  # False: the registry architecture of that name, random init
     config.model_overrides = ml_collections.ConfigDict()  # ViT attributes, e.g. img_size
-    config.method = "tome"  # "tome": merge on attention keys
+    config.method = "tome"  # "tome": merge on attention keys; "dtem": on DTEM metric layers
+    config.metric_layers = ""  # DTEM metric layers saved alone (train.py's metric_layers.safetensors)
+    config.params_from = ""  # a train.py workdir: evaluate its checkpoint's parameters
+    config.params_step = "best"  # "best" (eval top-1), "latest", or a step number
 
     # One sweep row per entry: ints, (r, inflection) pairs, per-layer lists.
     config.r = "0, 1, 2, 3, 4, 5, (4, -1), (6, -1), (8, -1)"

@@ -163,6 +163,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path)
     for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
+    # eval.py's --config.params_from reads the same parameters, on one device.
+    model, _, _ = evaluate.load_model(tiny_config("unused"))
+    restored = evaluate.trained_params(str(straight), "latest", model)
+    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(restored)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    dtem_model, _, _ = evaluate.load_model(tiny_config("unused", model_overrides={**TINY, "dtem": True}))
+    with pytest.raises(ValueError, match="method=dtem"):
+        evaluate.trained_params(str(straight), "best", dtem_model)
+
 
 def test_sigterm_saves_the_step_it_was_at(small_cifar, tmp_path):
     workdir = tmp_path / "preempted"

@@ -562,6 +562,9 @@ def _infer_config(checkpoint: _Checkpoint, overrides: Mapping[str, Any]):
         no_embed_class=no_embed_class,
         # Any value turns LayerScale on; the checkpoint's gamma replaces it.
         layer_scale_init=1e-5 if has("blocks.0.ls1.gamma") else None,
+        # A DTEM export (to_timm_state_dict of a DTEM model) carries its metric layers.
+        dtem=has("blocks.0.metric.weight"),
+        dtem_dim=arrays["blocks.0.metric.weight"].shape[0] if has("blocks.0.metric.weight") else None,
     )
     if "global_pool" in checkpoint.hints:  # token or average pooling over a final `norm`
         config["global_pool"] = checkpoint.hints["global_pool"]
@@ -649,6 +652,11 @@ def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid) -> dict:
     params, missing, misshaped = {}, [], []
     for path, leaf in _flat_params(_param_shapes(model)).items():
         key = _timm_key(path)
+        if key not in left and path[-2] == "metric":
+            # DTEM's metric layers are not part of timm: a DTEM model built from
+            # plain timm weights starts them fresh, ready for training.
+            params[path] = _fresh_metric_param(path, leaf.shape, model.param_dtype)
+            continue
         if key not in left:
             missing.append(named(key))
             continue
@@ -672,12 +680,48 @@ def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid) -> dict:
     return traverse_util.unflatten_dict(params)
 
 
+def _fresh_metric_param(path: tuple[str, ...], shape, dtype) -> jax.Array:
+    """Flax's Dense initialisation (LeCun normal kernel, zero bias), seeded by the block."""
+    if path[-1] == "bias":
+        return jnp.zeros(shape, dtype)
+    block = int(path[0].split("_")[1])
+    return jax.nn.initializers.lecun_normal()(jax.random.key(block), shape, dtype)
+
+
 def _describe(model: ViT) -> str:
     fields = ("width", "depth", "num_heads", "patch_size", "img_size", "num_classes")
     return "tome_jax.ViT(" + ", ".join(f"{f}={getattr(model, f)!r}" for f in fields) + ")"
 
 
-def from_timm(source, *, pretrained: bool | None = None, **overrides) -> tuple[ViT, dict]:
+def _with_metric_layers(checkpoint: _Checkpoint, path) -> _Checkpoint:
+    """Adds DTEM metric layers saved by `save_metric_layers` to a base checkpoint."""
+    from safetensors.numpy import load_file
+
+    layers = load_file(pathlib.Path(path))
+    foreign = sorted(k for k in layers if not re.fullmatch(r"blocks\.\d+\.metric\.(weight|bias)", k))
+    if foreign:
+        raise ValueError(f"{path} should hold DTEM metric layers only, but also holds {foreign[:5]}")
+    clash = sorted(set(layers) & set(checkpoint.arrays))
+    if clash:
+        raise ValueError(f"the base checkpoint already has metric layers {clash[:5]}; pass one of the two")
+    return checkpoint._replace(arrays={**checkpoint.arrays, **layers})
+
+
+def save_metric_layers(model: ViT, variables, path) -> None:
+    """Saves a DTEM model's metric layers alone (timm layout, safetensors), for
+    `from_timm(base_source, metric_layers=path)`; the ViT itself is not repeated."""
+    from safetensors.numpy import save_file
+
+    if not model.dtem:
+        raise ValueError("the model has no DTEM metric layers (dtem=False)")
+    state = to_timm_state_dict(model, variables)
+    layers = {k: v for k, v in state.items() if ".metric." in k}
+    save_file(layers, str(path), metadata={"dtem_dim": str(model.metric_dim), "depth": str(model.depth)})
+
+
+def from_timm(
+    source, *, pretrained: bool | None = None, metric_layers=None, **overrides
+) -> tuple[ViT, dict]:
     """A `tome_jax.ViT` and its variables from timm weights.
 
     Args:
@@ -687,6 +731,8 @@ def from_timm(source, *, pretrained: bool | None = None, **overrides) -> tuple[V
         VisionTransformer module; a state dict; or a path to a `.safetensors`,
         `.pth`/`.pt`/`.bin`/`.ckpt` or `.npz` (AugReg / big_vision) checkpoint.
       pretrained: for a name only; False gives timm's random initialisation.
+      metric_layers: a file from `save_metric_layers`: DTEM metric layers added to
+        the weights of `source` (the model becomes a DTEM model).
       **overrides: any `tome_jax.ViT` attribute, winning over what is inferred,
         e.g. `num_heads=16`, `dtype=jnp.bfloat16`, or `img_size=384`, which
         resamples the position embeddings (bicubic, as timm does).
@@ -702,6 +748,8 @@ def from_timm(source, *, pretrained: bool | None = None, **overrides) -> tuple[V
     if unknown:
         raise TypeError(f"unknown ViT attributes {sorted(unknown)}")
     checkpoint = _read_source(source, pretrained)
+    if metric_layers is not None:
+        checkpoint = _with_metric_layers(checkpoint, metric_layers)
     config, old_grid = _infer_config(checkpoint, overrides)
     model = ViT(**config)
     return model, {"params": _params_from_timm(checkpoint, model, old_grid)}

@@ -227,17 +227,51 @@ def load_model(config) -> tuple[ViT, Any, str]:
     `config.pretrained`: load `config.model` (timm name or checkpoint file) through
     `from_timm`; else build the registry architecture of that name and return None
     parameters, to be initialised by Flax (no torch or timm needed).
+    Optional keys: `method` ("tome", or "dtem" for DTEM metric layers),
+    `metric_layers` (a file of DTEM metric layers to add), `params_from` (a
+    train.py workdir whose checkpoint replaces the parameters) and `params_step`
+    ("best", "latest" or a step).
     """
     from tome_jax.vit import create_model
 
     source = resolve_source(config.model)
     overrides = dict(config.model_overrides)
+    method = config.get("method", "tome")
+    if method not in ("tome", "dtem"):
+        raise ValueError(f"config.method must be 'tome' or 'dtem', got {method!r}")
+    if method == "dtem":
+        overrides["dtem"] = True
     if not config.pretrained:
-        return create_model(source, **overrides), None, source
-    from tome_jax.convert import from_timm
+        model, params = create_model(source, **overrides), None
+    else:
+        from tome_jax.convert import from_timm
 
-    model, variables = from_timm(source, **overrides)
-    return model, variables["params"], source
+        metric_layers = config.get("metric_layers") or None
+        model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
+        params = variables["params"]
+    if config.get("params_from"):
+        params = trained_params(config.params_from, config.get("params_step", "best"), model)
+    return model, params, source
+
+
+def trained_params(workdir: str, step, model: ViT):
+    """Parameters from a train.py workdir's checkpoint, checked against `model`."""
+    from flax import traverse_util
+
+    from tome_jax.train_lib import Checkpoints
+
+    params = Checkpoints(pathlib.Path(workdir) / "checkpoints").restore_params(step)
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *model.image_hw, 3)))["params"]
+    shapes = lambda tree: {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(tree).items()}  # noqa: E731
+    got, want = shapes(params), shapes(expected)
+    if got != want:
+        differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        hint = " (DTEM metric layers: set --config.method=dtem)" if any("metric" in k for k in differ) else ""
+        raise ValueError(
+            f"{workdir} does not hold this model's parameters{hint}: "
+            + ", ".join(f"{k}: checkpoint {got.get(k)} vs model {want.get(k)}" for k in differ[:8])
+        )
+    return params
 
 
 def preprocess_for(config, model: ViT, source: str):

@@ -250,7 +250,8 @@ class Checkpoints:
             preservation_policy=preserve, enable_async_checkpointing=async_save, create=True
         )
         self._ocp = ocp
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
     def save(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
         args = self._ocp.args
@@ -274,6 +275,33 @@ class Checkpoints:
             step, args=args.Composite(state=args.StandardRestore(abstract), meta=args.JsonRestore())
         )
         return restored["state"], restored["meta"]
+
+    def resolve_step(self, step: int | str) -> int:
+        """"latest", "best" (by eval top-1) or a step number -> a saved step."""
+        latest = self.manager.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        if step == "latest":
+            return latest
+        if step == "best":
+            meta = self.manager.restore(latest, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
+            if meta["meta"]["best_step"] is None:
+                raise ValueError(f"{self.manager.directory} has no evaluated checkpoint yet")
+            return meta["meta"]["best_step"]
+        if int(step) not in self.manager.all_steps():
+            raise ValueError(f"no checkpoint for step {step}; saved: {sorted(self.manager.all_steps())}")
+        return int(step)
+
+    def restore_params(self, step: int | str = "latest"):
+        """The parameters saved at `step`, on the first local device, whatever
+        topology saved them (the target tree is built from the stored metadata)."""
+        step = self.resolve_step(step)
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        stored = self.manager.item_metadata(step)["state"]
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored)
+        args = self._ocp.args
+        restored = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(target)))
+        return restored["state"]["params"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -448,7 +476,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if evaluating:
             eval_metrics = run_eval()
             writer.write(step, eval_metrics, "eval")
-            if meta["best_top1"] is None or eval_metrics["top1"] > meta["best_top1"]:
+            # Ties go to the later step, as orbax's BestN keeps the latest of equals.
+            if meta["best_top1"] is None or eval_metrics["top1"] >= meta["best_top1"]:
                 meta = {"best_top1": eval_metrics["top1"], "best_step": step}
             last_log = time.perf_counter()  # evaluation time is not training time
         stopping = preemption.reached(step)
@@ -464,6 +493,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     checkpoints.wait()
     checkpoints.close()
     writer.close()
+    if model.dtem and is_main:
+        from tome_jax.convert import save_metric_layers
+
+        save_metric_layers(model, {"params": jax.device_get(state.params)}, workdir / "metric_layers.safetensors")
     return {**eval_metrics, **meta}
 
 

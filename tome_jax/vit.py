@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tome_jax import merge
+from tome_jax import dtem, merge
 from tome_jax.attention import Attention, layer_norm
 
 
@@ -33,6 +33,14 @@ class MergeState(NamedTuple):
     tokens: jax.Array
     size: jax.Array
     source: jax.Array | None
+
+
+class SoftMergeSettings(NamedTuple):
+    """DTEM's soft merge hyperparameters (see `dtem.dtem_soft_merge`)."""
+
+    k2: int = 3
+    tau1: float = 0.1
+    tau2: float = 0.1
 
 
 def _pair(value) -> tuple[int, int]:
@@ -75,6 +83,7 @@ class Block(nn.Module):
     qk_norm: bool = False
     layer_scale_init: float | None = None
     drop_path: float = 0.0
+    metric_dim: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
@@ -97,11 +106,19 @@ class Block(nn.Module):
         distill_token: bool,
         prop_attn: bool,
         train: bool = False,
+        soft_merge: SoftMergeSettings | None = None,
+        n: int = 0,
     ) -> tuple[jax.Array, jax.Array, merge.MergePlan | None]:
         """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int.
 
+        With `metric_dim`, merging uses DTEM's decoupled embedding of the block's
+        normalised input instead of the keys; with `soft_merge` (DTEM training) the
+        merge is DTEM's soft merge over the first `n` tokens, which keeps the
+        sequence length and fades merged tokens to size 0.
+
         Returns x [batch, tokens - r', dim], size [batch, tokens - r'] and the
-        merge plan (None when nothing merged), r' being r after the clamp.
+        merge plan (None when nothing was hard-merged), r' being r after the clamp
+        (0 for a soft merge, which removes no token).
         """
         norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)  # noqa: E731
         attn = Attention(
@@ -113,11 +130,21 @@ class Block(nn.Module):
             implementation=self.attn_implementation,
             name="attn",
         )
-        y, metric = attn(norm("norm1")(x), size if prop_attn else None)
+        h = norm("norm1")(x)
+        y, metric = attn(h, size if prop_attn else None)
+        if self.metric_dim is not None:
+            # The decoupled embedding reads a detached input: learning how to merge
+            # never moves the ViT's own features through this path.
+            metric = nn.Dense(
+                self.metric_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="metric"
+            )(jax.lax.stop_gradient(h))
         x = self._residual(x, y, "1", train)
 
         plan = None
-        if merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token)) > 0:
+        if soft_merge is not None:
+            soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
+            x, size = soft.x, soft.size
+        elif merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token)) > 0:
             plan = merge.bipartite_soft_merge(
                 metric, r, class_token=class_token, distill_token=distill_token
             )
@@ -153,6 +180,11 @@ class ViT(nn.Module):
     no_embed_class: bool = False
     layer_scale_init: float | None = None
     drop_path_rate: float = 0.0
+    # DTEM: a learned merge metric per block (`blocks_i/metric`), of width
+    # `dtem_dim` (None: head_dim, or 2 * head_dim from width 1024, as the paper).
+    dtem: bool = False
+    dtem_dim: int | None = None
+    dtem_soft_merge: SoftMergeSettings = SoftMergeSettings()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
@@ -178,6 +210,14 @@ class ViT(nn.Module):
         gh, gw = self.grid_size
         return gh * gw + self.num_prefix_tokens
 
+    @property
+    def metric_dim(self) -> int | None:
+        """Width of the DTEM metric layers (None without DTEM)."""
+        if not self.dtem:
+            return None
+        head_dim = self.width // self.num_heads
+        return self.dtem_dim or (head_dim if self.width < 1024 else 2 * head_dim)
+
     def _validate(self):
         if self.distill_token and not self.class_token:
             raise ValueError("a distillation token needs a class token")
@@ -185,6 +225,17 @@ class ViT(nn.Module):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs a class token")
+
+    def _soft_merge_settings(self, soft: bool, trace_source: bool) -> SoftMergeSettings | None:
+        if not soft:
+            return None
+        if not self.dtem:
+            raise ValueError("soft_merge needs a DTEM model (dtem=True)")
+        if self.distill_token or not self.class_token:
+            raise ValueError("DTEM's soft merge expects exactly one prefix token, a class token")
+        if trace_source:
+            raise ValueError("source tracking needs hard merges; the soft merge keeps every token")
+        return self.dtem_soft_merge
 
     def _embed(self, images: jax.Array) -> jax.Array:
         """[batch, height, width, channels] -> [batch, tokens, width]."""
@@ -271,6 +322,7 @@ class ViT(nn.Module):
         prop_attn: bool = True,
         trace_source: bool = False,
         return_state: bool = False,
+        soft_merge: bool | None = None,
     ):
         """Classifies images, merging tokens in every block.
 
@@ -283,6 +335,8 @@ class ViT(nn.Module):
             training with merging; off for off-the-shelf MAE models).
           trace_source: record which final token holds each input token.
           return_state: also return a `MergeState`.
+          soft_merge: DTEM's differentiable soft merge instead of the hard one;
+            None means "when training a DTEM model" (its inference is hard).
 
         Returns:
           logits [batch, num_classes] (pooled features when num_classes == 0),
@@ -294,6 +348,11 @@ class ViT(nn.Module):
         batch, tokens, _ = x.shape
         size = jnp.ones((batch, tokens), jnp.float32)
         source = merge.initial_source(batch, tokens) if trace_source else None
+        soft = self._soft_merge_settings(
+            (train and self.dtem) if soft_merge is None else soft_merge, trace_source
+        )
+        # The soft merge keeps every token; block i lets the first participants[i] take part.
+        participants = merge.tokens_per_layer(tokens, schedule, protected=1)
 
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i, block_r in enumerate(schedule):
@@ -304,6 +363,7 @@ class ViT(nn.Module):
                 qk_norm=self.qk_norm,
                 layer_scale_init=self.layer_scale_init,
                 drop_path=rates[i],
+                metric_dim=self.metric_dim,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 attn_implementation=self.attn_implementation,
@@ -316,6 +376,8 @@ class ViT(nn.Module):
                 distill_token=self.distill_token,
                 prop_attn=prop_attn,
                 train=train,
+                soft_merge=soft,
+                n=participants[i],
             )
             if plan is not None and source is not None:
                 source = merge.merge_source(plan, source)

@@ -1,0 +1,150 @@
+"""DTEM in the ViT: metric layers, soft merge in training, modular training, saving alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import tiny_train_config
+import tome_jax
+from tome_jax import evaluate, train_lib
+
+SMALL = dict(num_classes=10, img_size=32, patch_size=8, width=48, depth=3, num_heads=3, dtem=True)
+
+
+def random_images(seed=0, batch=4):
+    return jax.random.normal(jax.random.key(seed), (batch, 32, 32, 3))
+
+
+def flat(tree):
+    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_metric_layer_width_follows_the_paper():
+    assert tome_jax.ViT(**SMALL).metric_dim == 16  # head_dim
+    assert tome_jax.create_model("vit_large_patch16_224", dtem=True).metric_dim == 128  # 2 * head_dim
+    assert tome_jax.create_model("vit_base_patch16_224", dtem=True, dtem_dim=32).metric_dim == 32
+    assert tome_jax.create_model("vit_base_patch16_224").metric_dim is None
+    model = tome_jax.ViT(**SMALL)
+    params = model.init(jax.random.key(0), random_images())["params"]
+    assert params["blocks_1"]["metric"]["kernel"].shape == (48, 16)
+
+
+def test_soft_merge_in_training_keeps_shapes_and_size_hard_merge_at_inference():
+    model = tome_jax.ViT(**SMALL)
+    images = random_images()
+    variables = model.init(jax.random.key(0), images)
+    apply = jax.jit(model.apply, static_argnames=("r", "train", "return_state", "soft_merge"))
+    _, soft = apply(variables, images, r=(3, -1), train=True, return_state=True)
+    assert soft.tokens.shape == (4, 17, 48)  # the soft merge removes no token
+    np.testing.assert_allclose(np.asarray(soft.size.sum(1)), 17.0, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(soft.size[:, 0]), 1.0)  # class token untouched
+    sizes = np.asarray(soft.size)
+    assert ((sizes < 0.5).sum(1) >= 1).all() and (sizes.max(1) > 1.5).all(), "mass moved from A to B"
+    _, hard = apply(variables, images, r=(3, -1), train=False, return_state=True)
+    assert hard.tokens.shape[1] < 17  # inference merges for real, on the learned metric
+    with pytest.raises(ValueError, match="soft_merge needs a DTEM model"):
+        tome_jax.ViT(**{**SMALL, "dtem": False}).apply(
+            variables, images, r=2, soft_merge=True
+        )
+
+
+def test_metric_layers_read_a_detached_input():
+    """The metric's own output has no gradient with respect to any ViT parameter."""
+    model = tome_jax.ViT(**SMALL)
+    images = random_images()
+    params = model.init(jax.random.key(0), images)["params"]
+
+    def metric_sum(params):
+        _, state = model.apply(
+            {"params": params}, images, r=0, capture_intermediates=lambda m, _: m.name == "metric",
+            mutable=["intermediates"],
+        )
+        return sum(out.sum() for out in jax.tree_util.tree_leaves(state["intermediates"]))
+
+    grads = flat(jax.jit(jax.grad(metric_sum))(params))
+    for name, grad in grads.items():
+        if "/metric/" not in name:
+            np.testing.assert_array_equal(np.asarray(grad), 0.0, err_msg=name)
+    assert np.abs(np.asarray(grads["blocks_0/metric/kernel"])).max() > 0
+
+
+def build(config, total_steps=4):
+    """Model, mesh, state and train step, from a "trained" ViT: random non-zero weights,
+    since a zero-initialised head would give every other parameter a zero gradient."""
+    model, _, _ = evaluate.load_model(config)
+    mesh = train_lib.make_mesh(1, devices=jax.devices()[:1])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree_util.tree_leaves(params))))
+    params = jax.tree_util.tree_map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params)
+    tx, schedule = train_lib.make_optimizer(config, params, total_steps)
+    state, shardings = train_lib.create_state(
+        model, tx, mesh, rng=jax.random.key(0), image_shape=(32, 32, 3), params=params
+    )
+    return model, mesh, state, train_lib.make_train_step(model, tx, schedule, config, mesh, shardings)
+
+
+def dtem_config(**changes):
+    config = tiny_train_config.get_config()
+    config.model_overrides = {**tiny_train_config.TINY, "dtem": True}
+    config.r = "(4, -1)"
+    config.learning_rate = 1e-2
+    config.weight_decay = 0.0  # so only a gradient can move a parameter
+    config.warmup_steps = 0  # the first step already has a learning rate
+    config.update(changes)
+    return config
+
+
+def test_modular_training_moves_only_the_metric_layers_and_compiles_once():
+    model, mesh, state, step = build(dtem_config(trainable="metric", r="3"))  # every block merges
+    before = flat(jax.device_get(state.params))
+    rng = np.random.default_rng(0)
+    for i in range(3):  # new data every step, one compilation
+        batch = {"images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+                 "labels": rng.integers(0, 10, 16).astype(np.int32)}
+        state, metrics = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    assert step._cache_size() == 1
+    after = flat(jax.device_get(state.params))
+    for name in before:
+        moved = not np.array_equal(before[name], after[name])
+        assert moved == learns_a_merge(name, model.depth), name
+
+
+def learns_a_merge(name: str, depth: int) -> bool:
+    """Metric layers whose merge reaches the output: with token pooling, the last
+    block merges after its attention, so nothing reads its merged tokens."""
+    return "/metric/" in name and not name.startswith(f"blocks_{depth - 1}/")
+
+
+def test_end_to_end_training_moves_everything():
+    model, mesh, state, step = build(dtem_config())
+    before = flat(jax.device_get(state.params))
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+             "labels": rng.integers(0, 10, 16).astype(np.int32)}
+    state, _ = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
+    after = flat(jax.device_get(state.params))
+    for name in before:
+        moved = not np.array_equal(before[name], after[name])
+        assert moved == ("/metric/" not in name or learns_a_merge(name, model.depth)), name
+
+
+def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
+    base = str(evaluate.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    model, variables = tome_jax.from_timm(base, dtem=True)
+    noisy = jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.1 if "metric" in jax.tree_util.keystr(p) else v, variables
+    )
+    path = tmp_path / "metric_layers.safetensors"
+    tome_jax.save_metric_layers(model, noisy, path)
+    assert path.stat().st_size < 700_000  # the metric layers only, not the 21 MB ViT
+    loaded_model, loaded = tome_jax.from_timm(base, metric_layers=path)
+    assert loaded_model.dtem and loaded_model.metric_dim == 64
+    for (name, a), b in zip(flat(noisy["params"]).items(), flat(loaded["params"]).values()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    with pytest.raises(ValueError, match="already has metric layers"):
+        tome_jax.from_timm(tome_jax.to_timm_state_dict(model, noisy), metric_layers=path)
+    with pytest.raises(ValueError, match="has no DTEM metric layers"):
+        tome_jax.save_metric_layers(*tome_jax.from_timm(base), path)
