@@ -179,6 +179,23 @@ def test_gradients_with_merging_and_stochastic_depth_are_finite():
     assert np.isfinite(flat).all() and np.abs(flat).max() > 0
 
 
+def test_attention_implementations_agree():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 9, 3, 8)), jnp.float32) for _ in range(3))
+    size = jnp.asarray(rng.integers(1, 5, size=(2, 9)), jnp.float32)
+    outputs = {
+        impl: np.asarray(tome_jax.proportional_attention(q, k, v, size, implementation=impl))
+        for impl in ("einsum", "xla")
+    }
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + np.log(np.asarray(size))[:, None, None, :]
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), v)
+    for impl, got in outputs.items():
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        tome_jax.proportional_attention(q, k, v, implementation="flash")
+
+
 def test_bfloat16_compute_tracks_float32():
     images = images_for(SMALL)
     model32 = tome_jax.ViT(**SMALL)
