@@ -7,7 +7,7 @@
 
 import os
 
-from absl import app
+from absl import app, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -20,6 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not app.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and tfds log every step at INFO
     from tome_jax import evaluate
 
     evaluate.run(_CONFIG.value)

@@ -8,7 +8,7 @@ Re-running with the same workdir resumes from the latest checkpoint.
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -22,6 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and Tensor
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not app.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and tfds log every step at INFO
     from tome_jax import train_lib
 
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
