@@ -347,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.std = args.std or data.CIFAR10_STD
     source = evaluate.resolve_source(args.model)
     model, variables = from_timm(source)
+    # The options carry the preprocessing fields of an eval.py config.
     preprocess = evaluate.preprocess_for(args, model, source)
     count = args.offset + args.images
     batch = next(data.eval_batches(data.builder(args.dataset, args.data_dir), args.split, preprocess, count, limit=count))
