@@ -24,7 +24,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 import torch_tome  # noqa: E402
 from test_vit import jit_apply  # noqa: E402
-from tome_jax import convert, from_timm, pretrained_data_config, to_timm_state_dict  # noqa: E402
+from tome_jax import ViT, convert, from_timm, pretrained_data_config, to_timm_state_dict  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 CIFAR_MODEL = SHARED / "models" / "vit_tiny_p4_cifar10.safetensors"
@@ -479,3 +479,17 @@ def test_bad_sources_are_refused(tmp_path):
     save_file(timm_state(), tmp_path / "w.safetensors", metadata={"config": config})
     with pytest.raises(ValueError, match=re.escape("timm options {'act_layer': 'relu'}")):
         from_timm(tmp_path / "w.safetensors")
+
+
+def test_a_new_grid_with_as_many_positions_is_still_resampled():
+    """16x16 patches of 4 (a 4x4 grid) asked at 8x32 (a 2x8 grid, also 16 positions):
+    ambiguous without the checkpoint's size, resampled once it is given."""
+    model = ViT(num_classes=3, img_size=16, patch_size=4, width=24, depth=1, num_heads=2)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    state = to_timm_state_dict(model, variables)
+    with pytest.raises(ValueError, match=r"fit a 4x4 grid and the requested img_size \(8, 32\); pass checkpoint_img_size="):
+        from_timm(state, img_size=(8, 32), num_heads=2)
+    resized, converted = from_timm(state, img_size=(8, 32), num_heads=2, checkpoint_img_size=16)
+    assert resized.grid_size == (2, 8)
+    want = convert.resample_pos_embed(np.asarray(variables["params"]["pos_embed"]), (2, 8), (4, 4), 1)
+    np.testing.assert_allclose(np.asarray(converted["params"]["pos_embed"]), want, rtol=1e-6)

@@ -80,7 +80,7 @@ def build(config, total_steps=4):
     params = jax.tree_util.tree_map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params)
     tx, schedule = train_lib.make_optimizer(config, params, total_steps)
     state, shardings = train_lib.create_state(
-        model, tx, mesh, rng=jax.random.key(0), image_shape=(32, 32, 3), params=params
+        model, tx, mesh, rng=jax.random.key(0), params=params
     )
     return model, mesh, state, train_lib.make_train_step(model, tx, schedule, config, mesh, shardings)
 

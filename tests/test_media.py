@@ -140,7 +140,8 @@ def test_central_inflation_sees_the_central_frame():
 
 def test_rgb_kernels_summed_give_grey_images_the_image_models_output():
     image_model, image_variables, state = image_checkpoint(img_size=(8, 32))
-    model, variables = convert(state, in_chans=1, img_size=(8, 32))
+    # A non-square checkpoint that does not say its size: its 16 positions also fit 4x4.
+    model, variables = convert(state, in_chans=1, img_size=(8, 32), checkpoint_img_size=(8, 32))
     spectrograms = inputs_for(model)
     want = jit_apply(image_model)(image_variables, jnp.repeat(spectrograms, 3, axis=-1), r=3)
     np.testing.assert_allclose(np.asarray(jit_apply(model)(variables, spectrograms, r=3)), np.asarray(want), atol=1e-5)
@@ -149,8 +150,8 @@ def test_rgb_kernels_summed_give_grey_images_the_image_models_output():
 def test_image_position_embeddings_are_resampled_to_the_media_grid():
     _, image_variables, state = image_checkpoint()  # a 4x4 grid and a class token
     pos_embed = np.asarray(image_variables["params"]["pos_embed"])
-    # AST's recipe. (Not 8x32: its 2x8 grid has as many positions as the checkpoint's,
-    # so from_timm would take it for the checkpoint's own size.)
+    # AST's recipe. (Not 8x32: its 2x8 grid has as many positions as the checkpoint's
+    # 4x4, which from_timm refuses to guess between; see test_convert.)
     model, variables = convert(state, in_chans=1, img_size=(8, 24))
     want = tome_jax.resample_pos_embed(pos_embed, (2, 6), (4, 4), num_prefix_tokens=1)
     np.testing.assert_allclose(variables["params"]["pos_embed"], want, rtol=1e-6)

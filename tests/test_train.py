@@ -45,7 +45,7 @@ def tiny_config(dataset: str, **changes):
 def build(config, mesh, total_steps):
     """Model, optimizer, sharded state and train step for `config` on `mesh`."""
     model, _, tx, schedule = train_lib.build_model_and_optimizer(config, total_steps)
-    state, shardings = train_lib.create_state(model, tx, mesh, rng=jax.random.key(0), image_shape=(32, 32, 3))
+    state, shardings = train_lib.create_state(model, tx, mesh, rng=jax.random.key(0))
     return state, shardings, train_lib.make_train_step(model, tx, schedule, config, mesh, shardings)
 
 

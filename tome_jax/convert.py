@@ -510,26 +510,43 @@ def _mlp_ratio(width: int, hidden: int) -> float:
 
 
 def _position_grid(
-    pos_len: int, prefix: int, patch, img_sizes, steps: int = 1
+    pos_len: int, prefix: int, patch, stated, requested, steps: int = 1
 ) -> tuple[tuple[int, int], bool]:
     """The patch grid the position embeddings were trained for, and whether they
     skip the prefix tokens (`no_embed_class`).
 
-    Tries the stated image sizes in order, then a square grid with, then without,
-    prefix positions. A video checkpoint has `steps` tubelets in time, each with
-    the whole grid.
+    The checkpoint's stated image size decides when there is one. Otherwise a
+    square grid and the requested image size are the candidates; when both fit the
+    positions but differ (16 positions: 4x4, or a requested 2x8), the checkpoint is
+    ambiguous and the caller must state its size. A video checkpoint has `steps`
+    tubelets in time, each with the whole grid.
     """
-    grids = [tuple(s // p for s, p in zip(_pair(size), patch)) for size in img_sizes if size is not None]
-    grids += [(math.isqrt(n // steps),) * 2 for n in (pos_len - prefix, pos_len) if n > 0]
-    for grid in grids:
+    def fit(grid):
         patches = steps * grid[0] * grid[1]
         if pos_len == patches + prefix:
             return grid, False
         if prefix and pos_len == patches:
             return grid, True
+        return None
+
+    to_grid = lambda size: tuple(s // p for s, p in zip(_pair(size), patch))  # noqa: E731
+    if stated is not None:
+        if fit(to_grid(stated)) is None:
+            raise ValueError(f"pos_embed's {pos_len} positions do not fit the stated img_size {stated}")
+        return fit(to_grid(stated))
+    squares = [fit((math.isqrt(n // steps),) * 2) for n in (pos_len - prefix, pos_len) if n > 0]
+    square = next((found for found in squares if found), None)
+    wanted = fit(to_grid(requested)) if requested is not None else None
+    if square and wanted and square != wanted:
+        raise ValueError(
+            f"pos_embed's {pos_len} positions fit a {square[0][0]}x{square[0][1]} grid and the requested "
+            f"img_size {requested}; pass checkpoint_img_size= to say which size the checkpoint has"
+        )
+    if square or wanted:
+        return square or wanted
     raise ValueError(
         f"pos_embed holds {pos_len} positions ({prefix} prefix tokens), which fit no square "
-        "patch grid; pass the checkpoint's img_size="
+        "patch grid; pass the checkpoint's own size as checkpoint_img_size="
     )
 
 
@@ -550,7 +567,7 @@ def _infer_config(checkpoint: _Checkpoint, overrides: Mapping[str, Any]):
     prefix = int(class_token) + int(distill_token)
     pos_len = _required(arrays, "pos_embed", 3).shape[1]
     grid, no_embed_class = _position_grid(
-        pos_len, prefix, patch, [checkpoint.hints.get("img_size"), overrides.get("img_size")], steps
+        pos_len, prefix, patch, checkpoint.hints.get("img_size"), overrides.get("img_size"), steps
     )
     fc_norm = has("fc_norm.weight")
     config = dict(
@@ -798,6 +815,7 @@ def from_timm(
     pretrained: bool | None = None,
     metric_layers=None,
     inflation: str = "average",
+    checkpoint_img_size=None,
     **overrides,
 ) -> tuple[ViT, dict]:
     """A `tome_jax.ViT` and its variables from timm weights.
@@ -811,6 +829,8 @@ def from_timm(
       pretrained: for a name only; False gives timm's random initialisation.
       metric_layers: a file from `save_metric_layers`: DTEM metric layers added to
         the weights of `source` (the model becomes a DTEM model).
+      checkpoint_img_size: the image size the checkpoint was trained at, for files
+        that do not say and whose position count fits more than one grid.
       inflation: how an image patch kernel becomes a video model's tubelet kernel,
         "average" or "central" (see `_inflate_patch_kernel`).
       **overrides: any `tome_jax.ViT` attribute, winning over what is inferred,
@@ -834,6 +854,8 @@ def from_timm(
     if inflation not in INFLATIONS:
         raise ValueError(f"inflation must be one of {INFLATIONS}, got {inflation!r}")
     checkpoint = _read_source(source, pretrained)
+    if checkpoint_img_size is not None:
+        checkpoint = checkpoint._replace(hints={**checkpoint.hints, "img_size": checkpoint_img_size})
     if metric_layers is not None:
         checkpoint = _with_metric_layers(checkpoint, metric_layers)
     config, old_grid = _infer_config(checkpoint, overrides)

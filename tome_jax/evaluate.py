@@ -261,7 +261,7 @@ def trained_params(workdir: str, step, model: ViT):
     from tome_jax.train_lib import Checkpoints
 
     params = Checkpoints(pathlib.Path(workdir) / "checkpoints").restore_params(step)
-    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *model.image_hw, 3)))["params"]
+    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *model.input_shape)))["params"]
     shapes = lambda tree: {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(tree).items()}  # noqa: E731
     got, want = shapes(params), shapes(expected)
     if got != want:

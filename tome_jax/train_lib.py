@@ -140,7 +140,7 @@ def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTran
 
 
 def create_state(
-    model: ViT, tx: optax.GradientTransformation, mesh: Mesh, *, rng, image_shape, params=None
+    model: ViT, tx: optax.GradientTransformation, mesh: Mesh, *, rng, params=None
 ) -> tuple[TrainState, Any]:
     """A sharded TrainState, from `params` (e.g. converted timm weights) or fresh init.
 
@@ -148,7 +148,7 @@ def create_state(
     """
     def init(rng, params):
         if params is None:
-            params = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+            params = model.init(rng, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     abstract = jax.eval_shape(init, rng, params)
@@ -364,7 +364,7 @@ def build_model_and_optimizer(config, total_steps: int):
 
     model, params, _ = evaluate.load_model(config)
     abstract = params if params is not None else jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.image_hw, 3)))["params"]
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))["params"]
     )
     tx, schedule = make_optimizer(config, abstract, total_steps)
     return model, params, tx, schedule
@@ -385,17 +385,16 @@ def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[st
 
     mesh = make_mesh(config.fsdp)
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
-    image_shape = (*model.image_hw, 3)
     dataset = data.builder(config.dataset, config.data_dir)
     batch = next(data.train_batches(
-        dataset, config.train_split, train_augment(config, image_shape[:2]), config.batch_size,
+        dataset, config.train_split, train_augment(config, model.image_hw), config.batch_size,
         seed=config.seed, limit=config.train_limit, shuffle_buffer=config.shuffle_buffer,
     ))
     batch = global_batch(batch, mesh)
     rng = jax.random.key(config.seed)
     runs = []
     for r in r_values:
-        state, shardings = create_state(model, tx, mesh, rng=rng, image_shape=image_shape, params=params)
+        state, shardings = create_state(model, tx, mesh, rng=rng, params=params)
         step = make_train_step(model, tx, schedule, _with_r(config, r), mesh, shardings)
         runs.append({"r": r, "step": step, "state": state, "times": []})
     for round_index in range(rounds + 1):
@@ -476,9 +475,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     steps_per_epoch = data.steps_per_epoch(train_data, config.train_split, config.batch_size, config.train_limit)
     total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps)
-    image_shape = (*model.image_hw, 3)
     rng = jax.random.key(config.seed)
-    state, shardings = create_state(model, tx, mesh, rng=rng, image_shape=image_shape, params=params)
+    state, shardings = create_state(model, tx, mesh, rng=rng, params=params)
 
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     meta = {"best_top1": None, "best_step": None}
@@ -491,7 +489,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_iter = data.train_batches(
         train_data,
         config.train_split,
-        train_augment(config, image_shape[:2]),
+        train_augment(config, model.image_hw),
         config.batch_size,
         seed=config.seed,
         start_step=start_step,
@@ -503,7 +501,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
     predict = make_predict(model, evaluate.parse_r_value(config.eval_r), mesh, shardings.params)
     eval_preprocess = data.Preprocess(
-        size=image_shape[:2], mean=tuple(config.mean), std=tuple(config.std),
+        size=model.image_hw, mean=tuple(config.mean), std=tuple(config.std),
         crop_pct=config.eval_crop_pct, interpolation=config.interpolation,
     )
     writer = MetricWriter(workdir, enabled=is_main)
