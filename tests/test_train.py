@@ -44,9 +44,7 @@ def tiny_config(dataset: str, **changes):
 
 def build(config, mesh, total_steps):
     """Model, optimizer, sharded state and train step for `config` on `mesh`."""
-    model, _, _ = evaluate.load_model(config)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
-    tx, schedule = train_lib.make_optimizer(config, abstract, total_steps=total_steps)
+    model, _, tx, schedule = train_lib.build_model_and_optimizer(config, total_steps)
     state, shardings = train_lib.create_state(model, tx, mesh, rng=jax.random.key(0), image_shape=(32, 32, 3))
     return state, shardings, train_lib.make_train_step(model, tx, schedule, config, mesh, shardings)
 
@@ -97,6 +95,15 @@ def test_a_few_steps_with_merging_lower_the_loss():
         state, metrics = step(state, batch, jax.random.key(2))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_step_times_are_compared_side_by_side(small_cifar):
+    config = tiny_config(f"folder:{small_cifar}")
+    rows = train_lib.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
+    assert [row["r"] for row in rows] == ["0", "(4, -1)"]
+    assert rows[0]["speedup"] == 1.0
+    for row in rows:
+        assert row["step_time_s"] > 0 and row["images_per_s"] == pytest.approx(16 / row["step_time_s"])
 
 
 def run_train(workdir, config_args, **popen):

@@ -124,3 +124,25 @@ def test_visualize_runs_a_vit_one_row_per_r():
     # 64 patches less 4 merges in each of 3 blocks leave 52 groups.
     centres = merged[16::32, 16::32].reshape(-1, 3)
     assert len(np.unique(centres, axis=0)) == 64 - 3 * 4
+
+
+def test_command_draws_a_checkpoint_on_bundled_images(tmp_path, capsys):
+    """`python -m tome_jax.vis`, on a small random checkpoint (the bundled model's
+    twelve blocks take long to compile) and the bundled CIFAR-10 test images."""
+    from safetensors.numpy import save_file
+
+    from tome_jax import data
+
+    model = tome_jax.ViT(num_classes=10, img_size=32, patch_size=4, width=24, depth=2, num_heads=3)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file(tome_jax.to_timm_state_dict(model, variables), checkpoint, metadata={"config": '{"num_heads": 3}'})
+    out = tmp_path / "merges.png"
+    vis.main([str(out), "--model", str(checkpoint), "--images", "2", "--r", "(8, -1)"])
+    picture = np.asarray(Image.open(out))
+    tile, gap = 32 * 8, 2
+    assert picture.shape == (2 * tile + gap, 2 * tile + gap, 3)
+    # The first row shows the images as they are (normalised, then back to pixels).
+    originals, _ = data.images_for_display(data.builder("bundled_cifar10"), "test", 2)
+    np.testing.assert_array_equal(picture[:tile, tile + gap :], vis.upscale(originals[1], 8))
+    assert "r=(8, -1): 65 tokens -> 49" in capsys.readouterr().out

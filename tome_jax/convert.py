@@ -41,9 +41,10 @@ from tome_jax.vit import ViT, _pair
 # Flax module names that differ from timm's (`blocks_{i}` is matched by pattern).
 _TIMM_MODULE = {"ls_1": "ls1", "ls_2": "ls2", "patch_embed": "patch_embed.proj"}
 _TIMM_LEAF = {"kernel": "weight", "scale": "weight"}
-# timm stores Linear kernels [out, in] and Conv2d kernels [out, in, h, w]; Flax (and
-# Google's checkpoints) [in, out] and [h, w, in, out].
-_KERNEL_TO_TIMM_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
+# timm stores Linear kernels [out, in] and Conv2d kernels [out, in, h, w] (a video
+# ViT's Conv3d tubelet embedding, as VideoMAE's: [out, in, t, h, w]); Flax (and
+# Google's checkpoints) [in, out], [h, w, in, out] and [t, h, w, in, out].
+_KERNEL_TO_TIMM_AXES = {2: (1, 0), 4: (3, 2, 0, 1), 5: (4, 3, 0, 1, 2)}
 
 
 def _timm_key(path: tuple[str, ...]) -> str:
@@ -480,11 +481,12 @@ def _read_source(source, pretrained: bool | None) -> _Checkpoint:
 _HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
 
 
-def _required(arrays: Mapping[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
+def _required(arrays: Mapping[str, np.ndarray], key: str, *ndims: int) -> np.ndarray:
     if key not in arrays:
         raise ValueError(f"checkpoint has no {key!r}, needed to infer the architecture")
-    if arrays[key].ndim != ndim:
-        raise ValueError(f"{key} must have {ndim} dimensions, got shape {arrays[key].shape}")
+    if arrays[key].ndim not in ndims:
+        expected = " or ".join(map(str, ndims))
+        raise ValueError(f"{key} must have {expected} dimensions, got shape {arrays[key].shape}")
     return arrays[key]
 
 
@@ -507,17 +509,20 @@ def _mlp_ratio(width: int, hidden: int) -> float:
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
-def _position_grid(pos_len: int, prefix: int, patch, img_sizes) -> tuple[tuple[int, int], bool]:
+def _position_grid(
+    pos_len: int, prefix: int, patch, img_sizes, steps: int = 1
+) -> tuple[tuple[int, int], bool]:
     """The patch grid the position embeddings were trained for, and whether they
     skip the prefix tokens (`no_embed_class`).
 
     Tries the stated image sizes in order, then a square grid with, then without,
-    prefix positions.
+    prefix positions. A video checkpoint has `steps` tubelets in time, each with
+    the whole grid.
     """
     grids = [tuple(s // p for s, p in zip(_pair(size), patch)) for size in img_sizes if size is not None]
-    grids += [(math.isqrt(n),) * 2 for n in (pos_len - prefix, pos_len) if n > 0]
+    grids += [(math.isqrt(n // steps),) * 2 for n in (pos_len - prefix, pos_len) if n > 0]
     for grid in grids:
-        patches = grid[0] * grid[1]
+        patches = steps * grid[0] * grid[1]
         if pos_len == patches + prefix:
             return grid, False
         if prefix and pos_len == patches:
@@ -535,19 +540,25 @@ def _infer_config(checkpoint: _Checkpoint, overrides: Mapping[str, Any]):
     """
     arrays, hints = checkpoint.arrays, {**checkpoint.hints, **overrides}
     has = arrays.__contains__
-    width, _, *patch = _required(arrays, "patch_embed.proj.weight", 4).shape
+    width, in_chans, *kernel = _required(arrays, "patch_embed.proj.weight", 4, 5).shape
+    # A 5-D kernel is a video checkpoint's tubelet embedding: [width, c, t, ph, pw].
+    tubelet, patch = (kernel[0], kernel[1:]) if len(kernel) == 3 else (None, kernel)
+    video = _video_config(tubelet, hints)
+    steps = video["num_frames"] // tubelet if video else 1
     depth = 1 + max((int(m.group(1)) for k in arrays if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     class_token, distill_token = has("cls_token"), has("dist_token")
     prefix = int(class_token) + int(distill_token)
     pos_len = _required(arrays, "pos_embed", 3).shape[1]
     grid, no_embed_class = _position_grid(
-        pos_len, prefix, patch, [checkpoint.hints.get("img_size"), overrides.get("img_size")]
+        pos_len, prefix, patch, [checkpoint.hints.get("img_size"), overrides.get("img_size")], steps
     )
     fc_norm = has("fc_norm.weight")
     config = dict(
         num_classes=_required(arrays, "head.weight", 2).shape[0] if has("head.weight") else 0,
         img_size=tuple(g * p for g, p in zip(grid, patch)),
         patch_size=tuple(patch),
+        in_chans=in_chans,
+        **video,
         width=width,
         depth=depth,
         num_heads=_num_heads(width, hints),
@@ -568,7 +579,19 @@ def _infer_config(checkpoint: _Checkpoint, overrides: Mapping[str, Any]):
     )
     if "global_pool" in checkpoint.hints:  # token or average pooling over a final `norm`
         config["global_pool"] = checkpoint.hints["global_pool"]
-    return {**config, **overrides}, grid
+    return {**config, **overrides}, ((steps, *grid) if video else grid)
+
+
+def _video_config(tubelet: int | None, hints: Mapping[str, Any]) -> dict[str, int]:
+    """num_frames and tubelet_size of a video checkpoint ({} for an image one)."""
+    if tubelet is None:
+        return {}
+    if hints.get("num_frames") is None:
+        raise ValueError(
+            f"a video checkpoint ({tubelet}-frame tubelets) does not say how many frames its "
+            "position embeddings cover; pass num_frames="
+        )
+    return dict(num_frames=hints["num_frames"], tubelet_size=tubelet)
 
 
 # --- the fit -----------------------------------------------------------------------
@@ -576,7 +599,7 @@ def _infer_config(checkpoint: _Checkpoint, overrides: Mapping[str, Any]):
 
 def _param_shapes(model: ViT):
     """The model's parameter tree as ShapeDtypeStructs (nothing is computed)."""
-    images = jax.ShapeDtypeStruct((1, *_pair(model.img_size), 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
 
 
@@ -612,30 +635,74 @@ def resample_pos_embed(
     """Resizes position embeddings to another patch grid, like timm's
     `resample_abs_pos_embed` (bicubic, antialiased); prefix positions are kept.
 
+    Video grids add time: each axis is resized alike. An image grid is one step
+    of time, so image embeddings resized to a video grid repeat in every step.
+
     Args:
-      pos_embed: [1, num_prefix_tokens + old_h * old_w, width].
-      new_grid, old_grid: (rows, columns) of patches.
+      pos_embed: [1, num_prefix_tokens + prod(old_grid), width], grid positions
+        flattened time first, then rows, then columns.
+      new_grid, old_grid: (rows, columns) of patches, or (time, rows, columns).
 
     Returns:
-      [1, num_prefix_tokens + new_h * new_w, width] in pos_embed's dtype.
+      [1, num_prefix_tokens + prod(new_grid), width] in pos_embed's dtype.
     """
-    (oh, ow), (nh, nw) = _pair(old_grid), _pair(new_grid)
+    old, new = _space_time(old_grid), _space_time(new_grid)
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    if grid.shape[1] != oh * ow:
-        raise ValueError(
-            f"pos_embed has {grid.shape[1]} grid positions, not {oh}x{ow}={oh * ow}"
-        )
-    grid = grid.reshape(oh, ow, -1).astype(np.float64)
-    resized = np.einsum("ih,jw,hwc->ijc", _resample_weights(oh, nh), _resample_weights(ow, nw), grid)
-    resized = resized.reshape(1, nh * nw, -1).astype(pos_embed.dtype)
+    if grid.shape[1] != math.prod(old):
+        given = "x".join(map(str, _pair(old_grid)))
+        raise ValueError(f"pos_embed has {grid.shape[1]} grid positions, not {given}={math.prod(old)}")
+    grid = grid.reshape(*old, -1).astype(np.float64)
+    weights = [_resample_weights(o, n) for o, n in zip(old, new)]
+    resized = np.einsum("it,jh,kw,thwc->ijkc", *weights, grid)
+    resized = resized.reshape(1, math.prod(new), -1).astype(pos_embed.dtype)
     return np.concatenate([prefix, resized], axis=1)
 
 
+def _space_time(grid) -> tuple[int, int, int]:
+    """A side, (rows, columns) or (time, rows, columns) -> (time, rows, columns)."""
+    grid = _pair(grid)
+    return grid if len(grid) == 3 else (1, *grid)
+
+
 def _fit_pos_embed(pos_embed: np.ndarray, model: ViT, old_grid) -> np.ndarray:
-    if tuple(old_grid) == model.grid_size:
+    if tuple(old_grid) == model.token_grid:
         return pos_embed
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-    return resample_pos_embed(pos_embed, model.grid_size, old_grid, prefix)
+    return resample_pos_embed(pos_embed, model.token_grid, old_grid, prefix)
+
+
+# --- image checkpoints for video and audio models ---------------------------------
+
+INFLATIONS = ("average", "central")
+
+
+def _inflate_patch_kernel(kernel: np.ndarray, tubelet: int, inflation: str) -> np.ndarray:
+    """An image patch kernel [width, c, ph, pw] -> a tubelet's [width, c, tubelet, ph, pw].
+
+    "average" spreads it evenly over the tubelet's frames (I3D's inflation), so a
+    still clip embeds exactly as its frame; "central" puts it on frame
+    `tubelet // 2` and zeros on the others (ViViT's choice, which it found to
+    fine-tune better), so a clip embeds as its tubelets' central frames.
+    """
+    if inflation == "average":
+        return np.repeat(kernel[:, :, None] / tubelet, tubelet, axis=2)
+    inflated = np.zeros((*kernel.shape[:2], tubelet, *kernel.shape[2:]), kernel.dtype)
+    inflated[:, :, tubelet // 2] = kernel
+    return inflated
+
+
+def _fit_patch_embed(kernel: np.ndarray, model: ViT, inflation: str) -> np.ndarray:
+    """An image checkpoint's patch kernel [width, c, ph, pw] -> the model's.
+
+    For a one-channel model (spectrograms) the RGB kernels are summed, as AST and
+    timm's `adapt_input_conv` do: a grey image replicated to RGB embeds exactly as
+    the one-channel image does. For a video model the kernel is inflated to tubelets.
+    """
+    if model.in_chans == 1 and kernel.shape[1] == 3:
+        kernel = kernel.sum(axis=1, keepdims=True)
+    if model.num_frames is not None and kernel.ndim == 4:
+        kernel = _inflate_patch_kernel(kernel, model.tubelet_size, inflation)
+    return kernel
 
 
 def _listing(title: str, lines: list[str], limit: int = 20) -> str:
@@ -643,7 +710,7 @@ def _listing(title: str, lines: list[str], limit: int = 20) -> str:
     return "\n".join([f"{title}:"] + [f"  {line}" for line in lines[:limit]] + more)
 
 
-def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid) -> dict:
+def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid, inflation: str) -> dict:
     """timm-named arrays -> the model's parameter tree, checking every name and shape."""
     left = dict(checkpoint.arrays)
     named = lambda key: (  # noqa: E731
@@ -663,6 +730,8 @@ def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid) -> dict:
         value = left.pop(key)
         if key == "pos_embed":
             value = _fit_pos_embed(value, model, old_grid)
+        elif key == "patch_embed.proj.weight":
+            value = _fit_patch_embed(value, model, inflation)
         axes = _timm_axes(path, len(leaf.shape))
         expected = tuple(leaf.shape[a] for a in axes)
         if value.shape != expected:
@@ -690,6 +759,10 @@ def _fresh_metric_param(path: tuple[str, ...], shape, dtype) -> jax.Array:
 
 def _describe(model: ViT) -> str:
     fields = ("width", "depth", "num_heads", "patch_size", "img_size", "num_classes")
+    if model.in_chans != 3:
+        fields += ("in_chans",)
+    if model.num_frames is not None:
+        fields += ("num_frames", "tubelet_size")
     return "tome_jax.ViT(" + ", ".join(f"{f}={getattr(model, f)!r}" for f in fields) + ")"
 
 
@@ -720,7 +793,12 @@ def save_metric_layers(model: ViT, variables, path) -> None:
 
 
 def from_timm(
-    source, *, pretrained: bool | None = None, metric_layers=None, **overrides
+    source,
+    *,
+    pretrained: bool | None = None,
+    metric_layers=None,
+    inflation: str = "average",
+    **overrides,
 ) -> tuple[ViT, dict]:
     """A `tome_jax.ViT` and its variables from timm weights.
 
@@ -733,9 +811,15 @@ def from_timm(
       pretrained: for a name only; False gives timm's random initialisation.
       metric_layers: a file from `save_metric_layers`: DTEM metric layers added to
         the weights of `source` (the model becomes a DTEM model).
+      inflation: how an image patch kernel becomes a video model's tubelet kernel,
+        "average" or "central" (see `_inflate_patch_kernel`).
       **overrides: any `tome_jax.ViT` attribute, winning over what is inferred,
         e.g. `num_heads=16`, `dtype=jnp.bfloat16`, or `img_size=384`, which
-        resamples the position embeddings (bicubic, as timm does).
+        resamples the position embeddings (bicubic, as timm does). From an image
+        checkpoint, `num_frames=` (with `tubelet_size=`) makes a video ViT: the
+        patch kernel is inflated and the position embeddings resampled to the
+        frame grid and repeated over time; `in_chans=1` a spectrogram ViT: the
+        RGB patch kernels are summed. A video checkpoint needs `num_frames=`.
 
     Returns:
       (model, {"params": ...}), parameters in `model.param_dtype`.
@@ -747,12 +831,14 @@ def from_timm(
     unknown = set(overrides) - set(ViT.__dataclass_fields__) - {"parent", "name"}
     if unknown:
         raise TypeError(f"unknown ViT attributes {sorted(unknown)}")
+    if inflation not in INFLATIONS:
+        raise ValueError(f"inflation must be one of {INFLATIONS}, got {inflation!r}")
     checkpoint = _read_source(source, pretrained)
     if metric_layers is not None:
         checkpoint = _with_metric_layers(checkpoint, metric_layers)
     config, old_grid = _infer_config(checkpoint, overrides)
     model = ViT(**config)
-    return model, {"params": _params_from_timm(checkpoint, model, old_grid)}
+    return model, {"params": _params_from_timm(checkpoint, model, old_grid, inflation)}
 
 
 def pretrained_data_config(source) -> dict | None:

@@ -358,6 +358,68 @@ class MetricWriter:
             self._summary.close()
 
 
+def build_model_and_optimizer(config, total_steps: int):
+    """The config's ViT, its initial parameters (None: fresh init) and optimizer."""
+    from tome_jax import evaluate
+
+    model, params, _ = evaluate.load_model(config)
+    abstract = params if params is not None else jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.image_hw, 3)))["params"]
+    )
+    tx, schedule = make_optimizer(config, abstract, total_steps)
+    return model, params, tx, schedule
+
+
+def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[str, float]]:
+    """Train-step time at each r, measured side by side: every round times one step
+    of each r in turn (same batch, each r training its own copy of the state), so
+    load drift hits all alike; medians over rounds after one warm-up round.
+
+    Returns one row per r with `step_time_s`, `images_per_s` and `speedup` over
+    the first r.
+    """
+    import statistics
+    import time
+
+    from tome_jax import data, evaluate
+
+    mesh = make_mesh(config.fsdp)
+    model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
+    image_shape = (*model.image_hw, 3)
+    dataset = data.builder(config.dataset, config.data_dir)
+    batch = next(data.train_batches(
+        dataset, config.train_split, train_augment(config, image_shape[:2]), config.batch_size,
+        seed=config.seed, limit=config.train_limit, shuffle_buffer=config.shuffle_buffer,
+    ))
+    batch = global_batch(batch, mesh)
+    rng = jax.random.key(config.seed)
+    runs = []
+    for r in r_values:
+        state, shardings = create_state(model, tx, mesh, rng=rng, image_shape=image_shape, params=params)
+        step = make_train_step(model, tx, schedule, _with_r(config, r), mesh, shardings)
+        runs.append({"r": r, "step": step, "state": state, "times": []})
+    for round_index in range(rounds + 1):
+        for run in runs:
+            start = time.perf_counter()
+            run["state"], metrics = run["step"](run["state"], batch, rng)
+            jax.block_until_ready(metrics)
+            if round_index:  # round 0 compiles and warms up
+                run["times"].append(time.perf_counter() - start)
+    rows = []
+    for run in runs:
+        median = statistics.median(run["times"])
+        rows.append({"r": run["r"], "step_time_s": median, "images_per_s": config.batch_size / median})
+    for row in rows:
+        row["speedup"] = rows[0]["step_time_s"] / row["step_time_s"]
+    return rows
+
+
+def _with_r(config, r: str):
+    changed = config.copy_and_resolve_references()
+    changed.r = r
+    return changed
+
+
 class Preemption:
     """Turns SIGTERM into "save at the next step boundary, then exit"."""
 
@@ -410,15 +472,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = make_mesh(config.fsdp)
     workdir = pathlib.Path(workdir)
 
-    model, params, _ = evaluate.load_model(config)
-    image_shape = (*model.image_hw, 3)
     train_data = data.builder(config.dataset, config.data_dir)
     steps_per_epoch = data.steps_per_epoch(train_data, config.train_split, config.batch_size, config.train_limit)
     total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
-    abstract_params = params if params is not None else jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
-    )
-    tx, schedule = make_optimizer(config, abstract_params, total_steps)
+    model, params, tx, schedule = build_model_and_optimizer(config, total_steps)
+    image_shape = (*model.image_hw, 3)
     rng = jax.random.key(config.seed)
     state, shardings = create_state(model, tx, mesh, rng=rng, image_shape=image_shape, params=params)
 

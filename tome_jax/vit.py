@@ -1,15 +1,19 @@
 """Vision Transformer (timm's ViT/DeiT family) with token merging in every block.
 
 Parameter names follow timm (`patch_embed`, `cls_token`, `blocks_3/attn/qkv`, ...)
-so converted checkpoints read naturally. Images are NHWC.
+so converted checkpoints read naturally. Images are NHWC; videos [batch, frames,
+height, width, channels], embedded in tubelets (a 3-D patch convolution); spectrograms
+are one-channel images [batch, freq, time, 1]. Either way the blocks see one flat
+token sequence and merge it the same way.
 
     model = create_model("vit_base_patch16_224")
-    variables = model.init(jax.random.key(0), images)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
     logits = model.apply(variables, images, r=(16, -1))   # any r, same parameters
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -171,11 +175,20 @@ class ViT(nn.Module):
     Attributes follow timm's constructor: `width` is timm's `embed_dim`,
     `layer_scale_init` its `init_values`; `fc_norm=None` means "norm after pooling
     when `global_pool == 'avg'`", as in timm.
+
+    `in_chans` is the input's channels (1 for spectrograms [batch, freq, time, 1]).
+    `num_frames` makes it a video ViT (VideoMAE's tubelet embedding): inputs are
+    [batch, num_frames, height, width, in_chans], cut into tubelets of
+    `tubelet_size` frames x `patch_size`, and the tokens (one position embedding
+    each) are flattened time first, then rows, then columns.
     """
 
     num_classes: int = 1000
     img_size: int | tuple[int, int] = 224
     patch_size: int | tuple[int, int] = 16
+    in_chans: int = 3
+    num_frames: int | None = None
+    tubelet_size: int = 1
     width: int = 768
     depth: int = 12
     num_heads: int = 12
@@ -213,14 +226,33 @@ class ViT(nn.Module):
         return h // ph, w // pw
 
     @property
+    def token_grid(self) -> tuple[int, ...]:
+        """The grid the patch tokens are flattened from: (gh, gw) for images,
+        (num_frames // tubelet_size, gh, gw) for videos."""
+        if self.num_frames is None:
+            return self.grid_size
+        return (self.num_frames // self.tubelet_size, *self.grid_size)
+
+    @property
+    def patch_kernel(self) -> tuple[int, ...]:
+        """The patch embedding's kernel, also its stride: (ph, pw) or (tubelet, ph, pw)."""
+        patch = _pair(self.patch_size)
+        return patch if self.num_frames is None else (self.tubelet_size, *patch)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example: (height, width, in_chans), or (num_frames, height, width, in_chans)."""
+        frames = () if self.num_frames is None else (self.num_frames,)
+        return (*frames, *self.image_hw, self.in_chans)
+
+    @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + int(self.distill_token)
 
     @property
     def num_tokens(self) -> int:
         """Sequence length entering the first block."""
-        gh, gw = self.grid_size
-        return gh * gw + self.num_prefix_tokens
+        return math.prod(self.token_grid) + self.num_prefix_tokens
 
     @property
     def metric_dim(self) -> int | None:
@@ -237,6 +269,15 @@ class ViT(nn.Module):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs a class token")
+        if self.num_frames is None and self.tubelet_size != 1:
+            raise ValueError("tubelet_size needs num_frames (a video model); images have no time axis")
+        if self.num_frames is not None and (
+            self.num_frames < 1 or self.tubelet_size < 1 or self.num_frames % self.tubelet_size
+        ):
+            raise ValueError(
+                f"num_frames {self.num_frames} is not a positive multiple of "
+                f"tubelet_size {self.tubelet_size}"
+            )
 
     def _soft_merge_settings(self, soft: bool, trace_source: bool) -> SoftMergeSettings | None:
         if not soft:
@@ -249,28 +290,43 @@ class ViT(nn.Module):
             raise ValueError("source tracking needs hard merges; the soft merge keeps every token")
         return self.dtem_soft_merge
 
-    def _embed(self, images: jax.Array) -> jax.Array:
-        """[batch, height, width, channels] -> [batch, tokens, width]."""
-        if images.ndim != 4:
-            raise ValueError(f"images must be [batch, height, width, channels], got {images.shape}")
-        patch = _pair(self.patch_size)
-        _check_divisible(images.shape[1:3], patch)
-        if tuple(images.shape[1:3]) != _pair(self.img_size):
+    def _check_input(self, shape: tuple[int, ...]):
+        """Clear errors for inputs that do not fit `input_shape` (batch first)."""
+        if self.num_frames is None:
+            layout = "images must be [batch, height, width, channels]"
+        else:
+            layout = "videos must be [batch, frames, height, width, channels]"
+        if len(shape) != len(self.input_shape) + 1:
+            raise ValueError(f"{layout}, got {tuple(shape)}")
+        *frames, height, width, channels = shape[1:]
+        _check_divisible((height, width), _pair(self.patch_size))
+        if (height, width) != self.image_hw:
             raise ValueError(
-                f"image size {tuple(images.shape[1:3])} differs from the model's img_size "
-                f"{_pair(self.img_size)}; build the model for this size (tome_jax.from_timm "
+                f"image size {(height, width)} differs from the model's img_size "
+                f"{self.image_hw}; build the model for this size (tome_jax.from_timm "
                 "resamples position embeddings when given img_size)"
             )
+        if frames and frames[0] != self.num_frames:
+            raise ValueError(
+                f"videos of {frames[0]} frames, but the model's num_frames is {self.num_frames}"
+            )
+        if channels != self.in_chans:
+            raise ValueError(f"inputs have {channels} channels, the model's in_chans is {self.in_chans}")
+
+    def _embed(self, images: jax.Array) -> jax.Array:
+        """[batch, *input_shape] -> [batch, tokens, width], prefix tokens first."""
+        self._check_input(images.shape)
         x = nn.Conv(
             self.width,
-            patch,
-            strides=patch,
+            self.patch_kernel,
+            strides=self.patch_kernel,
             padding="VALID",
             use_bias=not self.pre_norm,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="patch_embed",
         )(images)
+        # [batch, (frames,) gh, gw, width]: row-major flattening puts time first.
         batch = x.shape[0]
         x = x.reshape(batch, -1, self.width)
 
@@ -336,10 +392,11 @@ class ViT(nn.Module):
         return_state: bool = False,
         soft_merge: bool | None = None,
     ):
-        """Classifies images, merging tokens in every block.
+        """Classifies images (or videos), merging tokens in every block.
 
         Args:
-          images: [batch, height, width, channels], already normalised.
+          images: [batch, height, width, in_chans], or [batch, num_frames, height,
+            width, in_chans] for a video model; already normalised.
           r: tokens merged per block: int, `(r, inflection)` or per-layer list;
             static (a new `r` is a new compilation, the parameters are the same).
           train: enables stochastic depth (needs a 'dropout' rng).
@@ -419,6 +476,9 @@ def _check_divisible(image_hw, patch_hw):
 _TI, _S, _B = dict(width=192, num_heads=3), dict(width=384, num_heads=6), dict(width=768, num_heads=12)
 _L, _H = dict(width=1024, depth=24, num_heads=16), dict(width=1280, depth=32, num_heads=16)
 _DEIT3 = dict(no_embed_class=True, layer_scale_init=1e-6)
+_VIDEO = dict(
+    num_frames=16, tubelet_size=2, class_token=False, global_pool="avg", num_classes=400
+)
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_tiny_patch16_224": dict(**_TI, patch_size=16),
     "vit_tiny_patch16_384": dict(**_TI, patch_size=16, img_size=384),
@@ -451,6 +511,19 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_huge_patch14_224_mae": dict(**_H, patch_size=14, global_pool="avg"),
     # The bundled CIFAR-10 model (../shared/models/vit_tiny_p4_cifar10.safetensors).
     "vit_tiny_patch4_32": dict(**_TI, patch_size=4, img_size=32, num_classes=10),
+    # Video (Kinetics-400), the ToMe paper's video setting (MAE-ST; VideoMAE alike):
+    # 16 frames of 224x224 in 2x16x16 tubelets, 8 x 14 x 14 = 1568 tokens with joint
+    # space-time attention, average pooling with fc_norm, no class token. One learned
+    # position embedding per space-time token (MAE-ST's separable space + time
+    # embeddings and VideoMAE's fixed sinusoids are special cases of this table).
+    "video_vit_base_patch16_tubelet2_16x224": dict(**_B, patch_size=16, **_VIDEO),
+    "video_vit_large_patch16_tubelet2_16x224": dict(**_L, patch_size=16, **_VIDEO),
+    # Audio (AudioSet's 527 classes) after AST: log-mel spectrograms of 128 bins x 1024
+    # frames as one-channel images [batch, 128, 1024, 1], class token. The 16x16
+    # patches do not overlap (8 x 64 = 512 tokens); AST's overlap them (stride 10).
+    "audio_vit_base_patch16_128x1024": dict(
+        **_B, patch_size=16, img_size=(128, 1024), in_chans=1, num_classes=527
+    ),
 }
 
 

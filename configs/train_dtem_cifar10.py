@@ -1,0 +1,27 @@
+"""Modular DTEM on the bundled ViT-Ti/4 and CIFAR-10: only the metric layers learn.
+
+    python train.py --config configs/train_dtem_cifar10.py --workdir workdirs/dtem_r8
+    python eval.py --config.method=dtem --config.params_from=workdirs/dtem_r8 \
+        --config.r="(7, -1), (8, -1), (9, -1)"
+
+The ViT stays frozen (optax masks every parameter but `blocks_i/metric`), the
+metric layers read a detached input, and training merges with DTEM's soft merge
+at the schedule `r`; evaluation uses ToMe's hard merge on the learned metric.
+The metric layers alone are written to WORKDIR/metric_layers.safetensors.
+"""
+
+from configs import train_cifar10
+
+
+def get_config():
+    config = train_cifar10.get_config()
+    config.model_overrides.dtem = True
+    config.trainable = "metric"  # modular: a regex over parameter paths
+    config.r = "(8, -1)"
+    config.eval_r = "(8, -1)"
+    config.num_epochs = 2.0
+    config.learning_rate = 1e-3
+    config.warmup_steps = 50
+    config.weight_decay = 0.0
+    config.eval_every = 195
+    return config
