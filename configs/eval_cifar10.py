@@ -23,6 +23,10 @@ def get_config():
 
     # One sweep row per entry: ints, (r, inflection) pairs, per-layer lists.
     config.r = "0, 1, 2, 3, 4, 5, (4, -1), (6, -1), (8, -1)"
+    # Also a row for the schedule tome_jax.choose_r picks to meet a target: at most
+    # this many GFLOPs per image, or at least this speed-up over r = 0 measured here.
+    config.target_gflops = ml_collections.config_dict.placeholder(float)
+    config.target_speedup = ml_collections.config_dict.placeholder(float)
     config.prop_attn = True  # proportional attention (off for off-the-shelf MAE models)
 
     config.dataset = "bundled_cifar10"  # TFDS name, "folder:/path", or "bundled_cifar10"

@@ -22,9 +22,8 @@ from PIL import Image  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn  # noqa: E402
 
-import torch_tome  # noqa: E402
 from test_vit import jit_apply  # noqa: E402
-from tome_jax import ViT, convert, from_timm, pretrained_data_config, to_timm_state_dict  # noqa: E402
+from tome_jax import ViT, convert, from_timm, pretrained_data_config, to_timm_state_dict, torch_tome  # noqa: E402
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 CIFAR_MODEL = SHARED / "models" / "vit_tiny_p4_cifar10.safetensors"

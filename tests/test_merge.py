@@ -37,6 +37,24 @@ def bipartite_wavg(metric, x, size, r, class_token=False, distill_token=False):
     return plan, *merge.merge_wavg(plan, x, size)
 
 
+@jax.jit
+def wavg_by_implementation(plan, x, size):
+    """Every merge implementation applied to one plan, in one compiled program."""
+    return {
+        impl: merge.merge_wavg(plan, x, size, implementation=impl)
+        for impl in merge.MERGE_IMPLEMENTATIONS
+    }
+
+
+def assert_matches_groups(outputs, groups_per_example, x, size):
+    """Each implementation's (x, size) against the NumPy reference's groups."""
+    for impl, (x_out, size_out) in outputs.items():
+        for b, groups in enumerate(groups_per_example):
+            want_x, want_size = ref.apply_groups(groups, x[b].astype(np.float64), size[b])
+            np.testing.assert_allclose(np.asarray(x_out[b]), want_x, rtol=1e-5, atol=1e-6, err_msg=impl)
+            np.testing.assert_array_equal(np.asarray(size_out[b]), want_size, err_msg=impl)
+
+
 def flags(data):
     class_token = data.draw(st.booleans(), "class_token")
     distill_token = class_token and data.draw(st.booleans(), "distill_token")
@@ -97,13 +115,12 @@ def test_bipartite_matches_numpy_reference(class_token, distill_token, tokens, r
     y = np.random.default_rng(0).normal(size=(3, plan.tokens_out, 2)).astype(np.float32)
     unmerged = np.asarray(merge.unmerge(plan, jnp.asarray(y)))
     source = np.asarray(merge.merge_source(plan, merge.initial_source(3, tokens)))
+    groups = [ref.bipartite_groups(metric[b], r, class_token, distill_token) for b in range(3)]
+    outputs = {"default": (x_out, size_out), **wavg_by_implementation(plan, x, size)}
+    assert_matches_groups(outputs, groups, x, size)
     for b in range(3):
-        groups = ref.bipartite_groups(metric[b], r, class_token, distill_token)
-        want_x, want_size = ref.apply_groups(groups, x[b].astype(np.float64), size[b])
-        np.testing.assert_allclose(np.asarray(x_out[b]), want_x, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(size_out[b]), want_size)
-        np.testing.assert_array_equal(unmerged[b], ref.unmerge_groups(groups, y[b], tokens))
-        for j, group in enumerate(groups):
+        np.testing.assert_array_equal(unmerged[b], ref.unmerge_groups(groups[b], y[b], tokens))
+        for j, group in enumerate(groups[b]):
             assert sorted(np.flatnonzero(source[b] == j)) == sorted(group)
 
 
@@ -127,12 +144,8 @@ def test_merges_chain_and_unmerge_inverts_the_chain():
 def test_kth_matches_numpy_reference(class_token, tokens, k):
     metric, x, size = random_inputs(tokens + k, 2, tokens, 5)
     plan = merge.kth_bipartite_merge(jnp.asarray(metric), k, class_token=class_token)
-    x_out, size_out = merge.merge_wavg(plan, jnp.asarray(x), jnp.asarray(size))
-    for b in range(2):
-        groups = ref.kth_groups(metric[b], k, class_token)
-        want_x, want_size = ref.apply_groups(groups, x[b].astype(np.float64), size[b])
-        np.testing.assert_allclose(np.asarray(x_out[b]), want_x, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(size_out[b]), want_size)
+    groups = [ref.kth_groups(metric[b], k, class_token) for b in range(2)]
+    assert_matches_groups(wavg_by_implementation(plan, x, size), groups, x, size)
 
 
 def test_kth_rejects_a_stride_longer_than_the_sequence():
@@ -147,18 +160,16 @@ def test_random_matcher_matches_numpy_reference(class_token, distill_token):
     plan = merge.random_bipartite_merge(
         jnp.asarray(metric), r, jax.random.key(1), class_token=class_token, distill_token=distill_token
     )
-    x_out, size_out = merge.merge_wavg(plan, jnp.asarray(x), jnp.asarray(size))
     protected = int(class_token) + int(distill_token)
     merged = np.asarray(plan.merged)
     assert len({tuple(sorted(m)) for m in merged}) > 1  # each example draws its own set
+    groups = []
     for b in range(4):
         a_pos = sorted(merged[b])
         assert len(a_pos) == r and min(a_pos) >= protected
         b_pos = [i for i in range(protected, tokens) if i not in a_pos]
-        groups = ref.groups_into_best(metric[b], a_pos, b_pos, protected)
-        want_x, want_size = ref.apply_groups(groups, x[b].astype(np.float64), size[b])
-        np.testing.assert_allclose(np.asarray(x_out[b]), want_x, rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(size_out[b]), want_size)
+        groups.append(ref.groups_into_best(metric[b], a_pos, b_pos, protected))
+    assert_matches_groups(wavg_by_implementation(plan, x, size), groups, x, size)
 
 
 def test_jit_vmap_and_eager_agree():
@@ -175,13 +186,14 @@ def test_jit_vmap_and_eager_agree():
         np.testing.assert_array_equal(np.asarray(jitted[1][i]), np.asarray(eager[i][1]))
 
 
-def test_gradients_flow_like_pooling():
+@pytest.mark.parametrize("implementation", merge.MERGE_IMPLEMENTATIONS)
+def test_gradients_flow_like_pooling(implementation):
     """d(sum of merged)/dx_i = size_i / size of its group; the matching gets none."""
     metric, x, size = random_inputs(5, 2, 15, 4)
 
     def total(x, metric):
         plan = merge.bipartite_soft_merge(metric, 5, class_token=True)
-        return merge.merge_wavg(plan, x, jnp.asarray(size))[0].sum()
+        return merge.merge_wavg(plan, x, jnp.asarray(size), implementation=implementation)[0].sum()
 
     grad_x, grad_metric = jax.grad(total, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(metric))
     plan = merge.bipartite_soft_merge(jnp.asarray(metric), 5, class_token=True)
@@ -190,6 +202,38 @@ def test_gradients_flow_like_pooling():
     want = size / np.take_along_axis(group_size, dest, axis=1)
     np.testing.assert_allclose(np.asarray(grad_x), np.broadcast_to(want[..., None], x.shape), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(grad_metric), 0.0)
+
+
+def test_implementations_agree_in_values_and_gradients():
+    """Weighted sums of the outputs, differentiated in x and in size, by every implementation."""
+    metric, x, size = random_inputs(9, 3, 23, 4)
+    plan = merge.bipartite_soft_merge(jnp.asarray(metric), 7, class_token=True, distill_token=True)
+    weights = np.random.default_rng(1).normal(size=(3, plan.tokens_out, 5)).astype(np.float32)
+
+    @jax.jit
+    def value_and_grads(x, size):
+        def loss(x, size, implementation):
+            x_out, size_out = merge.merge_wavg(plan, x, size, implementation=implementation)
+            summed = merge.merge_sum(plan, x, implementation=implementation)
+            return (x_out * weights).sum() + (summed * weights).sum() + (size_out * weights[..., 0]).sum()
+
+        return {
+            impl: jax.value_and_grad(loss, argnums=(0, 1))(x, size, impl)
+            for impl in merge.MERGE_IMPLEMENTATIONS
+        }
+
+    results = value_and_grads(jnp.asarray(x), jnp.asarray(size))
+    want_value, want_grads = results["scatter"]
+    for impl, (value, grads) in results.items():
+        np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6, err_msg=impl)
+        for got, want in zip(grads, want_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=impl)
+
+
+def test_unknown_merge_implementation_is_named():
+    plan = merge.bipartite_soft_merge(jnp.ones((1, 6, 2)), 2)
+    with pytest.raises(ValueError, match="unknown merge implementation 'gather'; expected one of scatter"):
+        merge.merge_sum(plan, jnp.ones((1, 6, 3)), implementation="gather")
 
 
 def test_gradients_are_finite_for_degenerate_metrics():

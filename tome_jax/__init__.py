@@ -16,8 +16,10 @@ from tome_jax.dtem import (
     soft_merge_scores,
 )
 from tome_jax.merge import (
+    MERGE_IMPLEMENTATIONS,
     MergePlan,
     bipartite_soft_merge,
+    default_merge_implementation,
     effective_schedule,
     initial_source,
     kth_bipartite_merge,
@@ -32,5 +34,6 @@ from tome_jax.merge import (
     unmerge,
 )
 from tome_jax.vit import MODEL_CONFIGS, MergeState, ViT, create_model, model_config
+from tome_jax.budget import RChoice, choose_r  # noqa: E402 (builds on the model)
 
 __version__ = "0.1.0"

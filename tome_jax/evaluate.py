@@ -8,7 +8,7 @@ import json
 import pathlib
 import statistics
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +63,14 @@ def compile_predict(
     start = time.perf_counter()
     compiled = predict.lower(variables, images).compile()
     seconds = time.perf_counter() - start
-    analysis = compiled.cost_analysis()
+    return compiled, {"gflops": gflops_of(compiled, images.shape[0]), "compile_s": seconds}
+
+
+def gflops_of(stage, batch_size: int) -> float:
+    """GFLOPs per image from XLA's cost analysis of a lowered or compiled program."""
+    analysis = stage.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    return compiled, {"gflops": analysis["flops"] / images.shape[0] / 1e9, "compile_s": seconds}
+    return analysis["flops"] / batch_size / 1e9
 
 
 @jax.jit
@@ -102,6 +107,35 @@ def accuracy(
     return {"top1": top1 / count, "top5": top5 / count, "count": count}
 
 
+def interleaved_times(
+    calls: Mapping[str, Callable[[int], Any]], *, rounds: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of each timed call, alternating the entries call by call.
+
+    The one timing loop of the project, for every framework: `calls[name](i)` runs
+    call `i` to completion (blocking on its result; `i` picks the input batch).
+    Each round runs every entry once, in reverse order every other round, so
+    load that drifts over the run hits all entries alike; `warmup` rounds first
+    are not recorded.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got {rounds} and {warmup}")
+    times = {name: [] for name in calls}
+    names = list(calls)
+    for i in range(warmup + rounds):
+        for name in names if i % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            calls[name](i)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def jax_call(predict: PredictFn, variables, images: Sequence[jax.Array]) -> Callable[[int], Any]:
+    """Call `i` of `predict`, blocking, on batch `i` of `images` (rotated)."""
+    return lambda i: jax.block_until_ready(predict(variables, images[i % len(images)]))
+
+
 def throughput(
     predict: PredictFn,
     variables,
@@ -115,15 +149,9 @@ def throughput(
     `images` holds a few batches that the runs rotate through, so no result can be
     served from a cache of the same input.
     """
-    batch = images[0].shape[0]
-    times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        jax.block_until_ready(predict(variables, images[i % len(images)]))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"images_per_s": batch / median, "batch_time_s": median}
+    times = interleaved_times({"predict": jax_call(predict, variables, images)}, rounds=runs, warmup=warmup)
+    median = statistics.median(times["predict"])
+    return {"images_per_s": images[0].shape[0] / median, "batch_time_s": median}
 
 
 def sweep(
@@ -161,19 +189,19 @@ def sweep(
 COLUMNS = ("r", "top1", "top5", "images_per_s", "speedup", "gflops", "tokens_left", "compile_s")
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of the sweep (accuracy in %)."""
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    """A Markdown table of `columns` (accuracy in %, speed-ups and ratios as `1.23x`)."""
     def cell(key, value):
         if value is None:
             return "-"
         if key in ("top1", "top5"):
             return f"{100 * value:.2f}"
-        if key == "speedup":
+        if key in ("speedup", "ratio"):
             return f"{value:.2f}x"
         return f"{value:.2f}" if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(k, row[k]) for k in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, row.get(k)) for k in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -316,6 +344,13 @@ def run(config) -> list[dict[str, Any]]:
     if params is None:
         params = model.init(jax.random.key(0), timing_images[0][:1])["params"]
     variables = jax.device_put({"params": params})
+    from tome_jax import budget  # it builds on this module
+
+    for r, target in budget.config_targets(
+        model, variables, config, batch_size=config.batch_size, images=timing_images
+    ):
+        print(f"{target}: r = {r_label(r)}")
+        r_values.append(r)
     rows = sweep(
         model,
         variables,

@@ -15,8 +15,9 @@ Shapes: `batch` examples, `tokens` tokens in, `tokens - r` tokens out.
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import NamedTuple, Sequence, Union
+from typing import Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,40 @@ def _plan_from_kept(kept, merged, merged_into, tokens):
     return MergePlan(dest=dest, kept=kept.astype(jnp.int32), merged=merged.astype(jnp.int32))
 
 
+def _descending_rank(score: jax.Array) -> jax.Array:
+    """[batch, n] -> [batch, n] int32: each entry's place in a stable descending sort.
+
+    Counted (the entries ahead: higher, or equal and earlier) rather than sorted,
+    like the other plan helpers: n is half a sequence, so the [batch, n, n]
+    comparison is cheap, and it compiles to far fewer XLA kernels than a sort
+    and scatters, which made merging models several times slower to compile.
+    """
+    n = score.shape[-1]
+    earlier = np.arange(n)[:, None] < np.arange(n)[None, :]  # [i, j]: i precedes j
+    ahead = (score[:, :, None] > score[:, None, :]) | (
+        (score[:, :, None] == score[:, None, :]) & earlier
+    )
+    return jnp.sum(ahead, axis=1, dtype=jnp.int32)
+
+
+def _count_before(mask: jax.Array) -> jax.Array:
+    """[batch, n] bool -> [batch, n] int32: the True entries before each one."""
+    n = mask.shape[-1]
+    earlier = np.arange(n)[:, None] < np.arange(n)[None, :]
+    return jnp.sum(mask[:, :, None] & earlier, axis=1, dtype=jnp.int32)
+
+
+def _position_of(values: jax.Array, targets: jax.Array) -> jax.Array:
+    """[batch, n] values, [m] targets each present once per row -> [batch, m] positions."""
+    return jnp.argmax(values[:, None, :] == targets[:, None], axis=-1).astype(jnp.int32)
+
+
+def _interleave(even: jax.Array, odd: jax.Array, tokens: int) -> jax.Array:
+    """[batch, ceil(tokens / 2)] at even positions, [batch, tokens // 2] at odd -> [batch, tokens]."""
+    odd = jnp.pad(odd, ((0, 0), (0, even.shape[1] - odd.shape[1])))
+    return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)[:, :tokens]
+
+
 def bipartite_soft_merge(
     metric: jax.Array, r: int, *, class_token: bool = False, distill_token: bool = False
 ) -> MergePlan:
@@ -144,23 +179,28 @@ def bipartite_soft_merge(
         scores = scores.at[:, 0, :].set(-jnp.inf)
     if distill_token:
         scores = scores.at[:, :, 0].set(-jnp.inf)
-    best_score = scores.max(axis=-1)
-    best_partner = scores.argmax(axis=-1)
-    num_b = tokens // 2
+    best_partner = scores.argmax(axis=-1).astype(jnp.int32)  # [batch, num_a]
+    rank = _descending_rank(scores.max(axis=-1))
+    is_merged = rank < r
+    num_a, num_b = scores.shape[1:]
 
-    def plan_one(best_score, best_partner):
-        order = jnp.argsort(best_score, descending=True, stable=True)
-        unmerged, merged = order[r:], order[:r]
-        if class_token:
-            unmerged = jnp.sort(unmerged)
-        kept_a, kept_b = 2 * unmerged, 2 * jnp.arange(num_b) + 1
-        if distill_token:
-            kept = jnp.concatenate([kept_a[:1], kept_b[:1], kept_a[1:], kept_b[1:]])
-        else:
-            kept = jnp.concatenate([kept_a, kept_b])
-        return _plan_from_kept(kept, 2 * merged, 2 * best_partner[merged] + 1, tokens)
+    def b_slot(j):  # after the kept A tokens; with a distillation token B0 is slot 1
+        return jnp.where(j == 0, 1, num_a - r + j) if distill_token else num_a - r + j
 
-    return jax.vmap(plan_one)(best_score, best_partner)
+    if class_token:  # kept A tokens in sequence order
+        a_slot = jnp.arange(num_a, dtype=jnp.int32) - _count_before(is_merged)
+    else:  # by score
+        a_slot = rank - r
+    if distill_token:
+        a_slot = a_slot + (a_slot > 0)  # room for B0 at slot 1
+    dest_a = jnp.where(is_merged, b_slot(best_partner), a_slot)
+    dest_b = jnp.broadcast_to(b_slot(jnp.arange(num_b, dtype=jnp.int32)), (batch, num_b))
+    owner = _interleave(jnp.where(is_merged, -1, dest_a), dest_b, tokens)  # -1: merged away
+    return MergePlan(
+        dest=_interleave(dest_a, dest_b, tokens),
+        kept=_position_of(owner, jnp.arange(tokens - r, dtype=jnp.int32)),
+        merged=2 * _position_of(rank, jnp.arange(r, dtype=jnp.int32)),
+    )
 
 
 def _merge_set_into(metric, a_idx, b_idx, protected):
@@ -238,46 +278,118 @@ def _gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jax.vmap(lambda xi, ii: xi[ii])(x, idx)
 
 
-def merge_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
-    """Sums the tokens that share an output slot.
+# Ways to apply a plan, all exact up to float rounding order (see `merge_sum`).
+MERGE_IMPLEMENTATIONS = ("scatter", "segment_sum", "onehot")
 
-    Gathers the kept tokens and scatter-adds only the `r` merged ones, so the
-    scatter is `r` rows rather than the whole sequence.
 
-    Args:
-      x: [batch, tokens_in, ...].
+def default_merge_implementation(backend: str | None = None) -> str:
+    """The merge implementation for a JAX backend (default: the current one).
 
-    Returns:
-      [batch, tokens_out, ...].
+    CPU: measured in whole-model interleaved A/B (see the README's Speed section).
+    GPU and TPU were not measured here; the choice follows from their structure.
+    On TPU, scatters and gathers are serialised row by row while the matrix unit
+    is idle, so the one-hot product wins. On GPU, the gather and `r`-row scatter
+    move little memory with atomics and add no FLOPs.
     """
-    if plan.merged.shape[-1] == 0:
-        return _gather_tokens(x, plan.kept)
+    backend = backend or jax.default_backend()
+    return {"tpu": "onehot"}.get(backend, "scatter")
+
+
+def _check_merge_implementation(implementation: str | None) -> str:
+    implementation = implementation or default_merge_implementation()
+    if implementation not in MERGE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown merge implementation {implementation!r}; "
+            f"expected one of {', '.join(MERGE_IMPLEMENTATIONS)}"
+        )
+    return implementation
+
+
+def _scatter_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """Gathers the kept tokens, then scatter-adds only the `r` merged rows."""
     slots = jnp.take_along_axis(plan.dest, plan.merged, axis=1)
     moved = _gather_tokens(x, plan.merged)
     kept = _gather_tokens(x, plan.kept)
     return jax.vmap(lambda k, s, m: k.at[s].add(m))(kept, slots, moved)
 
 
+def _segment_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """One `segment_sum` over the batch's tokens, segment `b * tokens_out + dest`."""
+    batch, tokens_in = plan.dest.shape
+    offsets = plan.tokens_out * jnp.arange(batch, dtype=plan.dest.dtype)[:, None]
+    summed = jax.ops.segment_sum(
+        x.reshape(batch * tokens_in, *x.shape[2:]),
+        (plan.dest + offsets).reshape(-1),
+        num_segments=batch * plan.tokens_out,
+    )
+    return summed.reshape(batch, plan.tokens_out, *x.shape[2:])
+
+
+def _onehot_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """A [batch, tokens_out, tokens_in] 0/1 matrix times x, on the matrix units.
+
+    Full precision: at default precision a TPU would round x to bfloat16.
+    """
+    onehot = plan.dest[:, None, :] == jnp.arange(plan.tokens_out, dtype=plan.dest.dtype)[:, None]
+    flat = x.reshape(*x.shape[:2], -1)
+    summed = jnp.einsum(
+        "bot,btc->boc", onehot.astype(x.dtype), flat, precision=jax.lax.Precision.HIGHEST
+    )
+    return summed.reshape(x.shape[0], plan.tokens_out, *x.shape[2:])
+
+
+_MERGE_SUMS = {"scatter": _scatter_sum, "segment_sum": _segment_sum, "onehot": _onehot_sum}
+
+
+def merge_sum(plan: MergePlan, x: jax.Array, *, implementation: str | None = None) -> jax.Array:
+    """Sums the tokens that share an output slot.
+
+    Args:
+      x: [batch, tokens_in, ...].
+      implementation: how, all from the same plan (results differ only in the
+        order floats are added):
+        "scatter": gathers the kept tokens and scatter-adds the `r` merged ones
+          (`plan.kept`, `plan.merged`), so the scatter is `r` rows, not the sequence;
+        "segment_sum": `jax.ops.segment_sum` of every token by `plan.dest`;
+        "onehot": a 0/1 [tokens_out, tokens_in] matrix product per example (runs
+          on matrix units; its FLOPs show in XLA's cost analysis);
+        None: `default_merge_implementation()`.
+
+    Returns:
+      [batch, tokens_out, ...].
+    """
+    implementation = _check_merge_implementation(implementation)
+    if plan.merged.shape[-1] == 0:
+        return _gather_tokens(x, plan.kept)
+    return _MERGE_SUMS[implementation](plan, x)
+
+
 def merge_wavg(
-    plan: MergePlan, x: jax.Array, size: jax.Array | None = None
+    plan: MergePlan,
+    x: jax.Array,
+    size: jax.Array | None = None,
+    *,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Size-weighted average of merged tokens, and the merged sizes.
 
     Args:
       x: [batch, tokens_in, channels].
       size: [batch, tokens_in] patches held by each token; None means all ones.
+      implementation: how the sums are taken, see `merge_sum`.
 
     Returns:
       x: [batch, tokens_out, channels] in x's dtype (accumulated in float32);
       size: [batch, tokens_out] float32.
     """
+    implementation = _check_merge_implementation(implementation)
     if size is None:
         size = jnp.ones(x.shape[:2], jnp.float32)
     if plan.merged.shape[-1] == 0:
         return _gather_tokens(x, plan.kept), _gather_tokens(size, plan.kept)
     size = size.astype(jnp.float32)
-    total = merge_sum(plan, x.astype(jnp.float32) * size[..., None])
-    size = merge_sum(plan, size)
+    total = merge_sum(plan, x.astype(jnp.float32) * size[..., None], implementation=implementation)
+    size = merge_sum(plan, size, implementation=implementation)
     # A zero-size slot (only possible after a soft merge faded a token) stays zero.
     merged_x = total / jnp.where(size > 0, size, 1.0)[..., None]
     return merged_x.astype(x.dtype), size
@@ -402,6 +514,39 @@ def tokens_per_layer(
     return tuple(counts)
 
 
+def smallest_fitting_r(fits: Callable[[int], bool], limit: int) -> int | None:
+    """The smallest `r` in [0, limit] with `fits(r)`, by bisection; None if none fits.
+
+    `fits` must be monotone (once true, true for every larger `r`), as any cost
+    that follows the tokens is: a larger `r` leaves every layer fewer tokens.
+    """
+    if not fits(limit):
+        return None
+    low, high = 0, limit  # fits(high) holds; every r below low fails
+    while low < high:
+        middle = (low + high) // 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def most_merging_r(tokens: int, num_layers: int, inflection: float = 0.0) -> int:
+    """An `r` from which a larger `(r, inflection)` schedule merges no more.
+
+    Layer `i` gets about `r * share_i` (`share_i = (1 - inflection) + 2 * inflection
+    * i / (num_layers - 1)`, less 2 for rounding), so from here on every layer whose
+    share is not zero is given at least `tokens` and is clamped.
+    """
+    if num_layers == 1:
+        shares = [1.0 - inflection]
+    else:
+        shares = [(1.0 - inflection) + 2.0 * inflection * i / (num_layers - 1) for i in range(num_layers)]
+    growing = [share for share in shares if share > 1e-9]
+    return math.ceil((tokens + 2) / min(growing)) if growing else 0
+
+
 def schedule_for_token_budget(
     tokens: int,
     num_layers: int,
@@ -423,15 +568,15 @@ def schedule_for_token_budget(
     Returns:
       the per-layer schedule, as `parse_r` gives it.
     """
-    floor = None
-    # Past the clamp a larger r still reaches deeper layers of a shaped schedule.
-    for r in range(tokens + 1):
-        schedule = parse_r(num_layers, (r, inflection))
-        cost = sum(tokens_per_layer(tokens, schedule, protected)[:-1])
-        if cost <= budget:
-            return schedule
-        floor = cost if floor is None else min(floor, cost)
-    raise ValueError(
-        f"a budget of {budget} tokens is out of reach: with inflection {inflection} "
-        f"the smallest total for {tokens} tokens over {num_layers} layers is {floor}"
-    )
+
+    def cost(r):
+        return sum(tokens_per_layer(tokens, parse_r(num_layers, (r, inflection)), protected)[:-1])
+
+    limit = most_merging_r(tokens, num_layers, inflection)
+    r = smallest_fitting_r(lambda r: cost(r) <= budget, limit)
+    if r is None:
+        raise ValueError(
+            f"a budget of {budget} tokens is out of reach: with inflection {inflection} "
+            f"the smallest total for {tokens} tokens over {num_layers} layers is {cost(limit)}"
+        )
+    return parse_r(num_layers, (r, inflection))

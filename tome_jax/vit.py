@@ -47,6 +47,12 @@ class SoftMergeSettings(NamedTuple):
     tau2: float = 0.1
 
 
+# Not a merge, and not public: `tome_jax.bench` measures the merge's share of the
+# forward against a model that keeps the first `tokens - r` tokens instead, the
+# shapes of a merge without its work.
+_SLICE_INSTEAD_OF_MERGE = "_slice"
+
+
 def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -91,6 +97,7 @@ class Block(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
+    merge_implementation: str | None = None
 
     def _residual(self, x, branch, name, train):
         if self.layer_scale_init is not None:
@@ -145,14 +152,17 @@ class Block(nn.Module):
         x = self._residual(x, y, "1", train)
 
         plan = None
+        tokens_out = x.shape[1] - merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token))
         if soft_merge is not None:
             soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
             x, size = soft.x, soft.size
-        elif merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token)) > 0:
+        elif tokens_out < x.shape[1] and self.merge_implementation == _SLICE_INSTEAD_OF_MERGE:
+            x, size = x[:, :tokens_out], size[:, :tokens_out]
+        elif tokens_out < x.shape[1]:
             plan = merge.bipartite_soft_merge(
                 metric, r, class_token=class_token, distill_token=distill_token
             )
-            x, size = merge.merge_wavg(plan, x, size)
+            x, size = merge.merge_wavg(plan, x, size, implementation=self.merge_implementation)
 
         mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")
         x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
@@ -201,6 +211,8 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
+    # How merge plans are applied (see `merge.merge_sum`); None: the backend's default.
+    merge_implementation: str | None = None
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -424,6 +436,7 @@ class ViT(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 attn_implementation=self.attn_implementation,
+                merge_implementation=self.merge_implementation,
                 name=f"blocks_{i}",
             )(
                 x,

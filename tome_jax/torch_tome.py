@@ -1,5 +1,8 @@
 """ToMe in PyTorch for timm's VisionTransformer, written from ../shared/ALGORITHMS.md.
 
+Optional: the only tome_jax module that needs torch (and timm), imported by the
+tests and by `tome_jax.bench` alone, never by the library itself.
+
 The reference tome_jax is checked against, and the PyTorch side of benchmarks, so
 it is batched throughout (no Python loop over examples) and leaves the timm model
 untouched: the blocks' own submodules are called in a ToMe-aware order.
@@ -71,15 +74,15 @@ def merge_destinations(metric: torch.Tensor, r: int, class_token: bool, distill_
         kept = kept.sort(dim=-1).values
 
     num_a, num_b = scores.shape[1:]
-    kept_slot = torch.arange(num_a - r)
-    b_slot = torch.arange(num_b) + (num_a - r)
+    kept_slot = torch.arange(num_a - r, device=metric.device)
+    b_slot = torch.arange(num_b, device=metric.device) + (num_a - r)
     if distill_token:
         kept_slot = kept_slot + (kept_slot > 0)  # room for B0 at slot 1
         b_slot[0] = 1
-    a_slot = torch.empty(batch, num_a, dtype=torch.long)
+    a_slot = torch.empty(batch, num_a, dtype=torch.long, device=metric.device)
     a_slot.scatter_(1, kept, kept_slot.expand(batch, -1))
     a_slot.scatter_(1, merged, b_slot[partner.gather(1, merged)])
-    dest = torch.empty(batch, tokens, dtype=torch.long)
+    dest = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
     dest[:, ::2], dest[:, 1::2] = a_slot, b_slot.expand(batch, -1)
     return dest, tokens - r
 

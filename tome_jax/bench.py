@@ -1,0 +1,302 @@
+"""tome_jax beside PyTorch (timm, ToMe) and the FLOP limit of the device, in one run.
+
+    python -m tome_jax.bench --config configs/bench_cpu.py
+    python -m tome_jax.bench --config configs/bench_cpu.py --config.models=vit_small_patch16_224 \
+        --config.batch_sizes=8,16 --config.r="0, 16, (16, -1)" --config.dtypes=float32,bfloat16
+    python -m tome_jax.bench --config configs/bench_cpu.py --device=gpu
+
+For every model, batch size and dtype, one interleaved timing loop
+(`evaluate.interleaved_times`) runs, call by call, tome_jax at each `r`, the same
+model with every merge replaced by a slice (the merge's share), timm in PyTorch at
+r = 0, and PyTorch ToMe at each `r`: the official package when `import tome` works
+and the project's reference `tome_jax.torch_tome`. Both frameworks run the same
+random weights (`from_timm` of the timm module). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import pathlib
+import platform
+import statistics
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tome_jax import attention, budget, evaluate, merge, vit
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COLUMNS = (
+    "model", "batch", "dtype", "r", "tome_jax_img_s", "official_img_s", "reference_img_s",
+    "ratio", "timm_r0_img_s", "gflops", "gflop_s", "peak_pct", "compile_s", "merge_pct",
+)  # fmt: skip
+
+
+def parse_names(text: str) -> list[str]:
+    """"a, b" -> ["a", "b"]; an empty entry is an error."""
+    names = [name.strip() for name in str(text).split(",")]
+    if not all(names):
+        raise ValueError(f"empty entry in {text!r}")
+    return names
+
+
+def parse_ints(text) -> list[int]:
+    """"8, 16" (or one int, as ml_collections may pass it) -> [8, 16], each >= 1."""
+    values = [int(v) for v in parse_names(text)]
+    if min(values) < 1:
+        raise ValueError(f"sizes must be >= 1, got {text!r}")
+    return values
+
+
+def matmul_peak(dtype, size: int, *, rounds: int) -> float:
+    """GFLOP/s of a [size, size] @ [size, size] XLA matmul in `dtype`: the reachable peak."""
+    a, b = (jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2))
+    matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+    times = evaluate.interleaved_times({"matmul": lambda i: jax.block_until_ready(matmul(a, b))}, rounds=rounds)
+    return 2 * size**3 / statistics.median(times["matmul"]) / 1e9
+
+
+class TorchSide(NamedTuple):
+    """The PyTorch models of one benchmark group, on one device."""
+
+    timm: Any  # timm VisionTransformer, eval mode
+    official: Any | None  # a copy patched by the official ToMe, None where not installed
+    call: Callable[[Callable, int], None]  # (forward, i): forward on batch i, synchronised
+
+
+def torch_device(device: str) -> str | None:
+    """The torch device beside JAX's platform; None where torch has none (TPU)."""
+    import torch
+
+    if device == "gpu":
+        return "cuda" if torch.cuda.is_available() else None
+    return "cpu" if device == "cpu" else None
+
+
+def official_tome():
+    """The official ToMe package, or None when it is not importable."""
+    try:
+        import tome
+    except ImportError:
+        return None
+    return tome
+
+
+def torch_side(timm_model, images: Sequence[np.ndarray], device: str, dtype: str) -> TorchSide:
+    """Moves `timm_model` to `device` and builds its timed call (autocast for bfloat16).
+
+    images: NHWC batches, given to torch as NCHW copies.
+    """
+    import torch
+
+    timm_model = timm_model.to(device).eval()
+    tome = official_tome()
+    official = None
+    if tome is not None:
+        official = copy.deepcopy(timm_model)
+        tome.patch.timm(official)
+    tensors = [torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device) for x in images]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def call(forward, i):
+        autocast = (
+            torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            forward(tensors[i % len(tensors)])
+        sync()
+
+    return TorchSide(timm_model, official, call)
+
+
+def official_forward(model, r):
+    """The patched model's forward at `r` (the official code reads `model.r` per call)."""
+
+    def forward(images):
+        model.r = r
+        return model(images)
+
+    return forward
+
+
+def build_models(name: str, dtype: str, config, device: str):
+    """(tome_jax model, variables, timm model or None) with the same random weights."""
+    architecture = dict(config.model_overrides)
+    overrides = dict(dtype=DTYPES[dtype])
+    if config.merge_implementation:
+        overrides["merge_implementation"] = config.merge_implementation
+    if config.attn_implementation:
+        overrides["attn_implementation"] = config.attn_implementation
+    if config.torch and torch_device(device) is not None:
+        import timm
+
+        from tome_jax.convert import from_timm
+
+        timm_model = timm.create_model(name, pretrained=False, **architecture).eval()
+        model, variables = from_timm(timm_model, **overrides)
+        return model, jax.device_put(variables), timm_model
+    model = vit.create_model(name, **architecture, **overrides)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
+    return model, variables, None
+
+
+def r_values_for(model, variables, config, batch: int, images) -> tuple[dict, dict]:
+    """{label: r} for `config.r` and the config's targets, and {label: [targets that chose it]}."""
+    r_values = {evaluate.r_label(r): r for r in evaluate.parse_r_values(config.r)}
+    targets = {}
+    for r, target in budget.config_targets(model, variables, config, batch_size=batch, images=images):
+        r_values.setdefault(evaluate.r_label(r), r)
+        targets.setdefault(evaluate.r_label(r), []).append(target)
+    return r_values, targets
+
+
+def tome_jax_calls(model, variables, r_values: dict, images) -> tuple[dict, dict]:
+    """Timed calls of tome_jax at each r, and of the sliced model where r merges; {label: costs}."""
+    sliced = model.clone(merge_implementation=vit._SLICE_INSTEAD_OF_MERGE)
+    calls, costs = {}, {}
+    for label, r in r_values.items():
+        predict, cost = evaluate.compile_predict(model, r, variables, images[0])
+        calls[f"tome_jax {label}"] = evaluate.jax_call(predict, variables, images)
+        schedule = merge.effective_schedule(model.num_tokens, merge.parse_r(model.depth, r), model.num_prefix_tokens)
+        if any(schedule):
+            sliced_predict, _ = evaluate.compile_predict(sliced, r, variables, images[0])
+            calls[f"slice {label}"] = evaluate.jax_call(sliced_predict, variables, images)
+        costs[label] = dict(schedule=list(schedule), **cost)
+    return calls, costs
+
+
+def pytorch_calls(side: TorchSide, r_values: dict) -> dict:
+    """Timed calls of timm at r = 0 and of PyTorch ToMe (reference, official) at each r."""
+    from tome_jax import torch_tome
+
+    calls = {"timm": lambda i: side.call(side.timm, i)}
+    for label, r in r_values.items():
+        reference = lambda x, r=r: torch_tome.tome_forward(side.timm, x, r)  # noqa: E731
+        calls[f"reference {label}"] = lambda i, f=reference: side.call(f, i)
+        if side.official is not None:
+            calls[f"official {label}"] = lambda i, f=official_forward(side.official, r): side.call(f, i)
+    return calls
+
+
+def bench_group(name: str, batch: int, dtype: str, config, device: str, peak: float) -> list[dict[str, Any]]:
+    """One model at one batch size and dtype: a row per r, every call in one interleaved loop."""
+    model, variables, timm_model = build_models(name, dtype, config, device)
+    images = [
+        np.asarray(jax.random.normal(jax.random.key(i), (batch, *model.input_shape)))
+        for i in range(config.input_batches)
+    ]
+    jax_images = [jax.device_put(x) for x in images]
+    r_values, targets = r_values_for(model, variables, config, batch, jax_images)
+    calls, costs = tome_jax_calls(model, variables, r_values, jax_images)
+    if timm_model is not None:
+        calls.update(pytorch_calls(torch_side(timm_model, images, torch_device(device), dtype), r_values))
+    times = evaluate.interleaved_times(calls, rounds=config.runs, warmup=config.warmup)
+    images_per_s = {key: batch / statistics.median(values) for key, values in times.items()}
+    return [
+        {"model": name, "batch": batch, "dtype": dtype, "r": label, "target": targets.get(label),
+         **costs[label], **row_speeds(label, costs[label]["gflops"], images_per_s, peak)}
+        for label in r_values
+    ]  # fmt: skip
+
+
+def row_speeds(label: str, gflops: float, images_per_s: dict[str, float], peak: float) -> dict[str, Any]:
+    """The measured columns of the row of `label` from every call's images/s."""
+    speed = images_per_s[f"tome_jax {label}"]
+    official, reference = images_per_s.get(f"official {label}"), images_per_s.get(f"reference {label}")
+    pytorch = official or reference
+    sliced = images_per_s.get(f"slice {label}")
+    return {
+        "tome_jax_img_s": speed,
+        "official_img_s": official,
+        "reference_img_s": reference,
+        "ratio": speed / pytorch if pytorch else None,
+        "ratio_to": None if pytorch is None else ("official" if official else "reference"),
+        "timm_r0_img_s": images_per_s.get("timm"),
+        "slice_img_s": sliced,
+        # The share of the forward's time that merging (plan and weighted sums) takes.
+        "merge_pct": 100 * (1 - speed / sliced) if sliced else None,
+        "gflop_s": gflops * speed,
+        "peak_pct": 100 * gflops * speed / peak,
+    }
+
+
+def select_platform(device: str) -> None:
+    """Points JAX at `device` ('cpu', 'gpu' or 'tpu'); must run before any JAX work."""
+    if device not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"device must be cpu, gpu or tpu, got {device!r}")
+    jax.config.update("jax_platforms", device)
+
+
+def run(config, device: str = "cpu") -> dict[str, Any]:
+    """The whole benchmark: peaks, then every model x batch x dtype group; writes config.out."""
+    dtypes = parse_names(config.dtypes)
+    unknown = set(dtypes) - set(DTYPES)
+    if unknown:
+        raise ValueError(f"unknown dtypes {sorted(unknown)}; expected {', '.join(DTYPES)}")
+    threads = config.threads or os.cpu_count()
+    torch_version = None
+    if config.torch and torch_device(device) is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch_version = torch.__version__
+    peaks = {dtype: matmul_peak(DTYPES[dtype], config.peak_size, rounds=config.runs) for dtype in dtypes}
+    rows = []
+    for name in parse_names(config.models):
+        for batch in parse_ints(config.batch_sizes):
+            for dtype in dtypes:
+                group = bench_group(name, batch, dtype, config, device, peaks[dtype])
+                print(evaluate.format_table(group, COLUMNS), flush=True)
+                rows += group
+    meta = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": threads if torch_version else None,
+        "jax": jax.__version__,
+        "torch": torch_version,
+        "official_tome": official_tome() is not None if torch_version else False,
+        "merge_implementation": config.merge_implementation or merge.default_merge_implementation(),
+        "attention_implementation": config.attn_implementation or attention.default_implementation(),
+        "matmul_peak_gflop_s": peaks,
+        "runs": config.runs,
+        "input_batches": config.input_batches,
+    }
+    print(evaluate.format_table(rows, COLUMNS))
+    print(
+        f"merge: {meta['merge_implementation']}, attention: {meta['attention_implementation']}, "
+        f"matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+    )
+    result = {"meta": meta, "rows": rows}
+    if config.out:
+        out = pathlib.Path(config.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    return result
+
+
+def main(argv):
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    select_platform(_DEVICE.value)
+    run(_CONFIG.value, _DEVICE.value)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", str(evaluate.REPO / "configs" / "bench_cpu.py"), "Benchmark config (ml_collections)."
+    )
+    _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "The JAX platform to run on.")
+    app.run(main)

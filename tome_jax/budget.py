@@ -1,0 +1,175 @@
+"""Choosing `r` for a budget: GFLOPs per image, or a speed-up over r = 0 measured here.
+
+    choice = choose_r(model, variables, target_gflops=2.5)
+    logits = model.apply(variables, images, r=choice.r)
+
+Candidates are `(r, inflection)` schedules, constant (inflection 0) and decreasing
+(-1) by default. For each shape the smallest `r` that meets the target is found by
+bisection (`merge.smallest_fitting_r`, as `merge.schedule_for_token_budget` does for
+a token budget: cost falls as `r` grows); the shape that merges fewer tokens in all
+wins, the first listed on a tie.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from tome_jax import evaluate, merge
+from tome_jax.vit import ViT
+
+
+class RChoice(NamedTuple):
+    """A schedule chosen for a budget and what it achieved.
+
+    Attributes:
+      r: the spec to pass as `r`: an int (constant) or an `(r, inflection)` pair.
+      schedule: the tokens each layer merges, after the clamp.
+      merged_tokens: tokens merged away over the whole network.
+      gflops: GFLOPs per image, from XLA's cost analysis of the lowered forward.
+      speedup: images/s over r = 0, measured; None for a GFLOPs target.
+    """
+
+    r: merge.RSpec
+    schedule: tuple[int, ...]
+    merged_tokens: int
+    gflops: float
+    speedup: float | None
+
+
+def gflops_per_image(
+    model: ViT, variables, r: merge.RSpec, *, batch_size: int = 1, prop_attn: bool = True
+) -> float:
+    """XLA's FLOP count of one forward, per image, without compiling.
+
+    The lowered program's count is within 0.1% of the compiled one's
+    (`evaluate.compile_predict`), for a fraction of the time.
+    """
+    images = jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32)
+    lowered = jax.jit(lambda v, x: model.apply(v, x, r=r, prop_attn=prop_attn)).lower(variables, images)
+    return evaluate.gflops_of(lowered, batch_size)
+
+
+def _measured_speedup(model, variables, images, runs, prop_attn) -> Callable[[tuple], float]:
+    """schedule -> images/s over r = 0, timed alternately with r = 0 on `images`."""
+    baseline, _ = evaluate.compile_predict(model, 0, variables, images[0], prop_attn=prop_attn)
+
+    def speedup(schedule):
+        if not any(schedule):
+            return 1.0  # r = 0 itself
+        predict, _ = evaluate.compile_predict(model, list(schedule), variables, images[0], prop_attn=prop_attn)
+        times = evaluate.interleaved_times(
+            {
+                "r=0": evaluate.jax_call(baseline, variables, images),
+                "schedule": evaluate.jax_call(predict, variables, images),
+            },
+            rounds=runs,
+        )
+        return statistics.median(times["r=0"]) / statistics.median(times["schedule"])
+
+    return speedup
+
+
+def _cached(function: Callable[[tuple], float]) -> Callable[[tuple], float]:
+    """`function` evaluated once per schedule: many `r` clamp to the same one."""
+    values = {}
+
+    def cached(schedule):
+        if schedule not in values:
+            values[schedule] = function(schedule)
+        return values[schedule]
+
+    return cached
+
+
+def choose_r(
+    model: ViT,
+    variables,
+    *,
+    target_gflops: float | None = None,
+    target_speedup: float | None = None,
+    batch_size: int = 16,
+    inflections: Sequence[float] = (0.0, -1.0),
+    images: Sequence[jax.Array] | None = None,
+    timing_runs: int = 5,
+    prop_attn: bool = True,
+) -> RChoice:
+    """The schedule with the fewest merged tokens that meets one target.
+
+    Args:
+      model, variables: the ViT and its parameters (shapes suffice for GFLOPs).
+      target_gflops: at most this many GFLOPs per image (XLA's cost analysis; the
+        merge implementation's own FLOPs count, as they run).
+      target_speedup: at least this many times the images/s of r = 0, measured on
+        the default device at `batch_size`: each schedule tried is compiled and
+        timed (`timing_runs` rounds, alternating with r = 0). Bisection bounds
+        the tries to about log2 of `merge.most_merging_r` per inflection (8 to 11
+        for ViT-B/16), each a compilation (seconds to a minute on a CPU).
+      batch_size: the batch the costs are taken at.
+      inflections: the schedule shapes to consider (see `merge.parse_r`).
+      images: batches for timing, [batch_size, *model.input_shape]; None: random.
+      prop_attn: as in `ViT.__call__`.
+
+    Raises:
+      ValueError: not exactly one target, or a target that even the most merging
+        schedule misses (the message gives the best reached).
+    """
+    if (target_gflops is None) == (target_speedup is None):
+        raise ValueError("give exactly one of target_gflops and target_speedup")
+    # Schedules go in as lists: a per-layer tuple of two would read as (r, inflection).
+    gflops = _cached(
+        lambda s: gflops_per_image(model, variables, list(s), batch_size=batch_size, prop_attn=prop_attn)
+    )
+    if target_gflops is not None:
+        meets = lambda s: gflops(s) <= target_gflops  # noqa: E731
+        speedup = None
+    else:
+        if images is None:
+            keys = jax.random.split(jax.random.key(0), 3)
+            images = [jax.random.normal(k, (batch_size, *model.input_shape)) for k in keys]
+        speedup = _cached(_measured_speedup(model, variables, images, timing_runs, prop_attn))
+        meets = lambda s: speedup(s) >= target_speedup  # noqa: E731
+
+    tokens, depth, protected = model.num_tokens, model.depth, model.num_prefix_tokens
+    choices, best_reached = [], []
+    for inflection in inflections:
+        def schedule(r, inflection=inflection):
+            return merge.effective_schedule(tokens, merge.parse_r(depth, (r, inflection)), protected)
+
+        limit = merge.most_merging_r(tokens, depth, inflection)
+        r = merge.smallest_fitting_r(lambda r: meets(schedule(r)), limit)
+        if r is None:
+            best_reached.append((inflection, gflops(schedule(limit)) if speedup is None else speedup(schedule(limit))))
+            continue
+        chosen = schedule(r)
+        choices.append(
+            RChoice(
+                r=r if inflection == 0 else (r, inflection),
+                schedule=chosen,
+                merged_tokens=sum(chosen),
+                gflops=gflops(chosen),
+                speedup=None if speedup is None else speedup(chosen),
+            )
+        )
+    if not choices:
+        target = f"{target_gflops} GFLOPs per image" if speedup is None else f"a {target_speedup}x speed-up"
+        reached = ", ".join(f"{value:.4g} with inflection {f}" for f, value in best_reached)
+        raise ValueError(f"{target} is out of reach at batch {batch_size}: the most merging schedules give {reached}")
+    return min(choices, key=lambda choice: choice.merged_tokens)
+
+
+def config_targets(
+    model: ViT, variables, config, *, batch_size: int, images: Sequence[jax.Array] | None = None
+) -> list[tuple[merge.RSpec, str]]:
+    """The `r` chosen for a config's `target_gflops` and `target_speedup` (absent or
+    None: no target), each with its target as text, e.g. `(5, -1.0), "target_gflops=2.5"`."""
+    chosen = []
+    for key in ("target_gflops", "target_speedup"):
+        target = config.get(key)
+        if target is not None:
+            choice = choose_r(model, variables, batch_size=batch_size, images=images, **{key: target})
+            chosen.append((choice.r, f"{key}={target}"))
+    return chosen
