@@ -20,8 +20,9 @@ def get_config():
     config.r = "(8, -1)"
     config.eval_r = "(8, -1)"
     config.num_epochs = 2.0
-    config.learning_rate = 1e-3
+    # The metric layers start as ToMe's (the keys' head mean, a small kernel): small steps.
+    config.learning_rate = 1e-4
     config.warmup_steps = 50
     config.weight_decay = 0.0
-    config.eval_every = 195
+    config.eval_every = 130
     return config

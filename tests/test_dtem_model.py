@@ -148,3 +148,18 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
         tome_jax.from_timm(tome_jax.to_timm_state_dict(model, noisy), metric_layers=path)
     with pytest.raises(ValueError, match="has no DTEM metric layers"):
         tome_jax.save_metric_layers(*tome_jax.from_timm(base), path)
+
+
+def test_metric_layers_from_timm_weights_start_as_tomes_metric():
+    """Fresh metric layers hold the keys' mean over heads: the merges are ToMe's."""
+    base = str(evaluate.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+    tome_model, tome_variables = tome_jax.from_timm(base)
+    expected = np.asarray(tome_model.apply(tome_variables, images, r=(8, -1)))
+    for dtem_dim in (None, 96):  # head_dim (64), and wider: zero features past it
+        model, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=dtem_dim)
+        logits = model.apply(variables, images, r=(8, -1))
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, err_msg=str(dtem_dim))
+    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
+    assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
+    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)

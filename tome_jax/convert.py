@@ -739,7 +739,7 @@ def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid, inflation: 
         if key not in left and path[-2] == "metric":
             # DTEM's metric layers are not part of timm: a DTEM model built from
             # plain timm weights starts them fresh, ready for training.
-            params[path] = _fresh_metric_param(path, leaf.shape, model.param_dtype)
+            params[path] = _fresh_metric_param(path, leaf.shape, model, checkpoint.arrays)
             continue
         if key not in left:
             missing.append(named(key))
@@ -766,12 +766,34 @@ def _params_from_timm(checkpoint: _Checkpoint, model: ViT, old_grid, inflation: 
     return traverse_util.unflatten_dict(params)
 
 
-def _fresh_metric_param(path: tuple[str, ...], shape, dtype) -> jax.Array:
-    """Flax's Dense initialisation (LeCun normal kernel, zero bias), seeded by the block."""
+def _fresh_metric_param(path: tuple[str, ...], shape, model: ViT, arrays) -> jax.Array:
+    """A DTEM metric layer's kernel [width, metric_dim] or bias that starts as ToMe's metric.
+
+    The keys are a linear map of the block's normalised input, the metric layer's
+    own input, so their mean over heads is a [width, head_dim] layer: modular
+    training starts from ToMe's merges rather than random ones (from random ones,
+    390 steps on the bundled model still merged worse than ToMe). Features past
+    head_dim start at zero, which leaves the cosine similarity as it is. With
+    qk-norm the keys are not linear, and a metric narrower than a head cannot hold
+    them: there Flax's Dense initialisation (LeCun normal, zero bias), seeded by
+    the block, is used.
+    """
+    block = path[0].split("_")[1]
+    width, head_dim = model.width, model.width // model.num_heads
+    if model.qk_norm or shape[-1] < head_dim:
+        if path[-1] == "bias":
+            return jnp.zeros(shape, model.param_dtype)
+        return jax.nn.initializers.lecun_normal()(jax.random.key(int(block)), shape, model.param_dtype)
+    qkv = f"blocks.{block}.attn.qkv"
     if path[-1] == "bias":
-        return jnp.zeros(shape, dtype)
-    block = int(path[0].split("_")[1])
-    return jax.nn.initializers.lecun_normal()(jax.random.key(block), shape, dtype)
+        bias = arrays.get(f"{qkv}.bias")
+        keys = np.zeros(head_dim) if bias is None else np.asarray(bias)[width : 2 * width]
+        mean = keys.reshape(model.num_heads, head_dim).mean(0)
+    else:  # timm's qkv weight is [3 * width, width], keys in the middle third
+        keys = np.asarray(arrays[f"{qkv}.weight"])[width : 2 * width]
+        mean = keys.reshape(model.num_heads, head_dim, width).mean(0).T
+    padding = [(0, 0)] * (mean.ndim - 1) + [(0, shape[-1] - head_dim)]
+    return jnp.asarray(np.pad(mean, padding), model.param_dtype)
 
 
 def _describe(model: ViT) -> str:
