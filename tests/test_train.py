@@ -81,8 +81,10 @@ def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_a_few_steps_with_merging_lower_the_loss():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_few_steps_with_merging_lower_the_loss(dtype):
     config = tiny_config("bundled_cifar10", r="3", learning_rate=3e-3, label_smoothing=0.0)
+    config.model_overrides = {**TINY, "dtype": dtype}  # bfloat16: compute only
     mesh = train_lib.make_mesh(1)
     state, _, step = build(config, mesh, total_steps=30)
     rng = np.random.default_rng(1)
@@ -95,6 +97,7 @@ def test_a_few_steps_with_merging_lower_the_loss():
         state, metrics = step(state, batch, jax.random.key(2))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype("float32")}
 
 
 def test_step_times_are_compared_side_by_side(small_cifar):
