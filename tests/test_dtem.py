@@ -207,6 +207,19 @@ def test_gradients_reach_metric_x_and_size():
     np.testing.assert_array_equal(np.asarray(grad_metric)[:, 13:], 0.0)
 
 
+def test_drop_residue_zeroes_the_sizes_behind_n_only():
+    metric, x, size = (jnp.asarray(a, jnp.float32) for a in random_inputs(5, 2, 21))
+    kept = dtem.dtem_soft_merge(x, size, metric, r=6, n=17)
+    dropped = dtem.dtem_soft_merge(x, size, metric, r=6, n=17, drop_residue=True)
+    assert kept.n == dropped.n == 11
+    np.testing.assert_array_equal(np.asarray(dropped.size[:, :11]), np.asarray(kept.size[:, :11]))
+    np.testing.assert_array_equal(np.asarray(dropped.size[:, 11:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(dropped.x), np.asarray(kept.x))
+    assert float(kept.size[:, 11:17].sum()) > 0  # the residue the official merge keeps
+    grad = jax.grad(lambda m: dtem.dtem_soft_merge(x, size, m, r=6, n=17, drop_residue=True).size[:, :11].sum())
+    assert np.abs(np.asarray(grad(metric))).max() > 0  # the metric still learns
+
+
 @pytest.mark.parametrize("metric_kind", ["zero", "duplicated"])
 def test_gradients_are_finite_for_degenerate_inputs(metric_kind):
     metric, x, size = random_inputs(4, 2, 15, metric_kind)

@@ -96,8 +96,12 @@ def dtem_config(**changes):
     return config
 
 
-def test_modular_training_moves_only_the_metric_layers_and_compiles_once():
-    model, mesh, state, step = build(dtem_config(trainable="metric", r="3"))  # every block merges
+@pytest.mark.parametrize("drop_residue", [False, True])
+def test_modular_training_moves_only_the_metric_layers_and_compiles_once(drop_residue):
+    config = dtem_config(trainable="metric", r="3")  # every block merges
+    config.model_overrides.dtem_soft_merge = tome_jax.SoftMergeSettings(drop_residue=drop_residue)
+    model, mesh, state, step = build(config)
+    assert model.dtem_soft_merge.drop_residue == drop_residue
     before = flat(jax.device_get(state.params))
     rng = np.random.default_rng(0)
     for i in range(3):  # new data every step, one compilation

@@ -33,7 +33,7 @@ from tome_jax.merge import (
     tokens_per_layer,
     unmerge,
 )
-from tome_jax.vit import MODEL_CONFIGS, MergeState, ViT, create_model, model_config
+from tome_jax.vit import MODEL_CONFIGS, MergeState, SoftMergeSettings, ViT, create_model, model_config
 from tome_jax.budget import RChoice, choose_r  # noqa: E402 (builds on the model)
 
 __version__ = "0.1.0"

@@ -45,6 +45,7 @@ class SoftMergeSettings(NamedTuple):
     k2: int = 3
     tau1: float = 0.1
     tau2: float = 0.1
+    drop_residue: bool = False
 
 
 # Not a merge, and not public: `tome_jax.bench` measures the merge's share of the
