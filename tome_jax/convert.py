@@ -787,7 +787,7 @@ def _fresh_metric_param(path: tuple[str, ...], shape, model: ViT, arrays) -> jax
     qkv = f"blocks.{block}.attn.qkv"
     if path[-1] == "bias":
         bias = arrays.get(f"{qkv}.bias")
-        keys = np.zeros(head_dim) if bias is None else np.asarray(bias)[width : 2 * width]
+        keys = np.zeros(width) if bias is None else np.asarray(bias)[width : 2 * width]
         mean = keys.reshape(model.num_heads, head_dim).mean(0)
     else:  # timm's qkv weight is [3 * width, width], keys in the middle third
         keys = np.asarray(arrays[f"{qkv}.weight"])[width : 2 * width]
