@@ -58,6 +58,19 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def _patchify(inputs: jax.Array, kernel: tuple[int, ...]) -> jax.Array:
+    """[batch, *spatial, channels] -> [batch, *grid, *kernel, channels], grid = spatial / kernel.
+
+    Each patch's pixels end up contiguous, in the order of a convolution kernel.
+    """
+    batch, *spatial, channels = inputs.shape
+    grid = [extent // k for extent, k in zip(spatial, kernel)]
+    split = inputs.reshape(batch, *[d for pair in zip(grid, kernel) for d in pair], channels)
+    axes = len(kernel)
+    grid_axes, kernel_axes = range(1, 2 * axes, 2), range(2, 2 * axes + 1, 2)
+    return split.transpose(0, *grid_axes, *kernel_axes, 2 * axes + 1)
+
+
 class Mlp(nn.Module):
     hidden_dim: int
     dtype: Any = jnp.float32
@@ -317,16 +330,18 @@ class ViT(nn.Module):
     def _embed(self, images: jax.Array) -> jax.Array:
         """[batch, *input_shape] -> [batch, tokens, width], prefix tokens first."""
         self._check_input(images.shape)
-        x = nn.Conv(
+        kernel = self.patch_kernel
+        # A matmul over each patch's pixels: the strided convolution's arithmetic, and
+        # its [*kernel, in_chans, width] parameter, at matmul speed (XLA's CPU
+        # convolution ran ViT-S/16's embedding 1.3x slower, 15 vs 11.6 ms at batch 16).
+        x = nn.DenseGeneral(
             self.width,
-            self.patch_kernel,
-            strides=self.patch_kernel,
-            padding="VALID",
+            axis=tuple(range(-len(kernel) - 1, 0)),
             use_bias=not self.pre_norm,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="patch_embed",
-        )(images)
+        )(_patchify(images, kernel))
         # [batch, (frames,) gh, gw, width]: row-major flattening puts time first.
         batch = x.shape[0]
         x = x.reshape(batch, -1, self.width)
