@@ -9,7 +9,7 @@ import pytest
 from scipy.special import erf
 
 import tome_jax
-from tome_jax import merge
+from tome_jax import merge, vit
 
 SMALL = dict(num_classes=7, img_size=16, patch_size=4, width=24, depth=3, num_heads=3)
 
@@ -177,6 +177,15 @@ def test_gradients_with_merging_and_stochastic_depth_are_finite():
     grads = jax.jit(jax.grad(loss))(variables["params"])
     flat = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
     assert np.isfinite(flat).all() and np.abs(flat).max() > 0
+
+
+def test_gelu_is_exact_with_its_derivative_over_the_whole_range():
+    x = np.linspace(-12, 12, 4801)
+    got = np.asarray(jax.jit(vit.gelu)(jnp.asarray(x, jnp.float32)), np.float64)
+    cdf = 0.5 * (1 + erf(x / math.sqrt(2)))
+    np.testing.assert_allclose(got, x * cdf, rtol=1e-6, atol=1e-6)
+    slope = np.asarray(jax.jit(jax.vmap(jax.grad(vit.gelu)))(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(slope, cdf + x * np.exp(-(x**2) / 2) / math.sqrt(2 * math.pi), atol=1e-6)
 
 
 def test_attention_implementations_agree():

@@ -71,6 +71,16 @@ def _patchify(inputs: jax.Array, kernel: tuple[int, ...]) -> jax.Array:
     return split.transpose(0, *grid_axes, *kernel_axes, 2 * axes + 1)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+    """timm's exact GELU, `x * Phi(x)`, through erf as PyTorch computes it.
+
+    flax's default is the tanh approximation, and `nn.gelu(approximate=False)` goes
+    through erfc, whose XLA expansion (two branches, exp, divisions) makes the pass
+    over the hidden activations 3.5x slower on CPU (ViT-S/16 +2.7%, ViT-B/16 +1.7%).
+    """
+    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+
+
 class Mlp(nn.Module):
     hidden_dim: int
     dtype: Any = jnp.float32
@@ -81,8 +91,7 @@ class Mlp(nn.Module):
         """[batch, tokens, dim] -> [batch, tokens, dim]."""
         width = x.shape[-1]
         x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-        # timm uses the exact (erf) GELU; flax's default is the tanh approximation.
-        x = nn.gelu(x, approximate=False)
+        x = gelu(x)
         return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
 
 
