@@ -8,8 +8,9 @@
 For every model, batch size and dtype, one interleaved timing loop
 (`evaluate.interleaved_times`) runs, call by call, tome_jax at each `r`, the same
 model with every merge replaced by a slice (the merge's share), timm in PyTorch at
-r = 0, and PyTorch ToMe at each `r`: the official package when `import tome` works
-and the project's reference `tome_jax.torch_tome`. Both frameworks run the same
+r = 0, PyTorch ToMe at each `r` (the official package when `import tome` works and
+the project's reference `tome_jax.torch_tome`), and a large matmul in the dtype,
+the reachable peak that `peak_pct` divides by. Both frameworks run the same
 random weights (`from_timm` of the timm module). Prints a table and writes JSON.
 """
 
@@ -33,7 +34,7 @@ from tome_jax import attention, budget, evaluate, merge, vit
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COLUMNS = (
     "model", "batch", "dtype", "r", "tome_jax_img_s", "official_img_s", "reference_img_s",
-    "ratio", "timm_r0_img_s", "gflops", "gflop_s", "peak_pct", "compile_s", "merge_pct",
+    "ratio", "timm_r0_img_s", "gflops", "gflop_s", "peak_gflop_s", "peak_pct", "compile_s", "merge_pct",
 )  # fmt: skip
 
 
@@ -53,12 +54,11 @@ def parse_ints(text) -> list[int]:
     return values
 
 
-def matmul_peak(dtype, size: int, *, rounds: int) -> float:
-    """GFLOP/s of a [size, size] @ [size, size] XLA matmul in `dtype`: the reachable peak."""
+def matmul_call(dtype, size: int) -> tuple[Callable[[int], Any], float]:
+    """A timed [size, size] @ [size, size] XLA matmul in `dtype`, and its GFLOPs."""
     a, b = (jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2))
     matmul = jax.jit(jnp.matmul).lower(a, b).compile()
-    times = evaluate.interleaved_times({"matmul": lambda i: jax.block_until_ready(matmul(a, b))}, rounds=rounds)
-    return 2 * size**3 / statistics.median(times["matmul"]) / 1e9
+    return (lambda i: jax.block_until_ready(matmul(a, b))), 2 * size**3 / 1e9
 
 
 class TorchSide(NamedTuple):
@@ -183,7 +183,7 @@ def pytorch_calls(side: TorchSide, r_values: dict) -> dict:
     return calls
 
 
-def bench_group(name: str, batch: int, dtype: str, config, device: str, peak: float) -> list[dict[str, Any]]:
+def bench_group(name: str, batch: int, dtype: str, config, device: str) -> list[dict[str, Any]]:
     """One model at one batch size and dtype: a row per r, every call in one interleaved loop."""
     model, variables, timm_model = build_models(name, dtype, config, device)
     images = [
@@ -195,7 +195,10 @@ def bench_group(name: str, batch: int, dtype: str, config, device: str, peak: fl
     calls, costs = tome_jax_calls(model, variables, r_values, jax_images)
     if timm_model is not None:
         calls.update(pytorch_calls(torch_side(timm_model, images, torch_device(device), dtype), r_values))
+    # The peak runs inside the same loop: on a shared machine it moves with the load.
+    calls["matmul"], matmul_gflops = matmul_call(DTYPES[dtype], config.peak_size)
     times = evaluate.interleaved_times(calls, rounds=config.runs, warmup=config.warmup)
+    peak = matmul_gflops / statistics.median(times.pop("matmul"))
     images_per_s = {key: batch / statistics.median(values) for key, values in times.items()}
     return [
         {"model": name, "batch": batch, "dtype": dtype, "r": label, "target": targets.get(label),
@@ -221,6 +224,7 @@ def row_speeds(label: str, gflops: float, images_per_s: dict[str, float], peak: 
         # The share of the forward's time that merging (plan and weighted sums) takes.
         "merge_pct": 100 * (1 - speed / sliced) if sliced else None,
         "gflop_s": gflops * speed,
+        "peak_gflop_s": peak,
         "peak_pct": 100 * gflops * speed / peak,
     }
 
@@ -233,7 +237,7 @@ def select_platform(device: str) -> None:
 
 
 def run(config, device: str = "cpu") -> dict[str, Any]:
-    """The whole benchmark: peaks, then every model x batch x dtype group; writes config.out."""
+    """The whole benchmark: every model x batch x dtype group in turn; writes config.out."""
     dtypes = parse_names(config.dtypes)
     unknown = set(dtypes) - set(DTYPES)
     if unknown:
@@ -245,12 +249,11 @@ def run(config, device: str = "cpu") -> dict[str, Any]:
 
         torch.set_num_threads(threads)
         torch_version = torch.__version__
-    peaks = {dtype: matmul_peak(DTYPES[dtype], config.peak_size, rounds=config.runs) for dtype in dtypes}
     rows = []
     for name in parse_names(config.models):
         for batch in parse_ints(config.batch_sizes):
             for dtype in dtypes:
-                group = bench_group(name, batch, dtype, config, device, peaks[dtype])
+                group = bench_group(name, batch, dtype, config, device)
                 print(evaluate.format_table(group, COLUMNS), flush=True)
                 rows += group
     meta = {
@@ -264,15 +267,11 @@ def run(config, device: str = "cpu") -> dict[str, Any]:
         "official_tome": official_tome() is not None if torch_version else False,
         "merge_implementation": config.merge_implementation or merge.default_merge_implementation(),
         "attention_implementation": config.attn_implementation or attention.default_implementation(),
-        "matmul_peak_gflop_s": peaks,
         "runs": config.runs,
         "input_batches": config.input_batches,
     }
     print(evaluate.format_table(rows, COLUMNS))
-    print(
-        f"merge: {meta['merge_implementation']}, attention: {meta['attention_implementation']}, "
-        f"matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
-    )
+    print(f"merge: {meta['merge_implementation']}, attention: {meta['attention_implementation']}")
     result = {"meta": meta, "rows": rows}
     if config.out:
         out = pathlib.Path(config.out)
