@@ -31,9 +31,10 @@ def test_benchmark_command_writes_every_column(tmp_path):
     assert rows[1]["target"] == ["target_gflops=0.006"] and rows[0]["target"] is None
     for row in rows:
         assert set(bench.COLUMNS) <= set(row)
-        for key in ("tome_jax_img_s", "reference_img_s", "timm_r0_img_s", "gflops", "gflop_s", "peak_gflop_s", "compile_s"):
+        for key in ("tome_jax_img_s", "reference_img_s", "timm_r0_img_s", "gflops", "gflop_s", "peak_median_gflop_s", "compile_s"):
             assert row[key] > 0, key
         assert row["peak_pct"] == pytest.approx(100 * row["gflop_s"] / row["peak_gflop_s"])
+        assert row["peak_gflop_s"] >= row["peak_median_gflop_s"]
     assert rows[0]["merge_pct"] is None and rows[1]["merge_pct"] is not None
     assert rows[1]["gflops"] < 0.006 < rows[0]["gflops"]
     meta = report["meta"]
