@@ -26,7 +26,9 @@ def get_config():
     config.runs = 10  # timed rounds; every call of a group runs once a round
     config.warmup = 1  # untimed rounds first
     config.input_batches = 3  # different random batches, rotated call by call
-    config.peak_size = 2048  # the matmul that measures the reachable GFLOP/s
+    # Square matmuls timed beside the models; the fastest is the reachable GFLOP/s
+    # (on a GPU sizes that fill it: --config.peak_sizes="4096, 8192").
+    config.peak_sizes = "1024, 2048"
 
     config.torch = True  # timm and PyTorch ToMe side by side (skipped where torch has no device)
     config.threads = 0  # torch threads; 0: every core, as XLA uses

@@ -13,6 +13,6 @@ def get_config():
     config.runs = 1
     config.warmup = 0
     config.input_batches = 2
-    config.peak_size = 64
+    config.peak_sizes = "32, 64"
     config.out = ""
     return config
