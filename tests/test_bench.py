@@ -10,17 +10,17 @@ import ml_collections
 import pytest
 
 import tome_jax
-from tome_jax import bench, budget, evaluate, merge
+from tome_jax import bench, budget, data, measure, merge, schedules
 from test_vit import SMALL
 
-REPO = evaluate.REPO
+REPO = data.REPO
 
 
 def test_benchmark_command_writes_every_column(tmp_path):
     pytest.importorskip("timm")
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "tome_jax.bench", "--config", "tests/tiny_bench_config.py",
+        [sys.executable, "-m", "tome_jax", "bench", "--config", "tests/tiny_bench_config.py",
          f"--config.out={out}", "--config.target_gflops=0.006", "--device=cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -51,12 +51,12 @@ def test_library_imports_without_torch():
 def test_interleaved_times_alternate_calls_and_skip_warmup():
     order = []
     calls = {name: (lambda i, name=name: order.append((name, i))) for name in "abc"}
-    times = evaluate.interleaved_times(calls, rounds=3, warmup=1)
+    times = measure.interleaved_times(calls, rounds=3, warmup=1)
     assert order == [("a", 0), ("b", 0), ("c", 0), ("c", 1), ("b", 1), ("a", 1),
                      ("a", 2), ("b", 2), ("c", 2), ("c", 3), ("b", 3), ("a", 3)]  # fmt: skip
     assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
     with pytest.raises(ValueError, match="need rounds >= 1"):
-        evaluate.interleaved_times(calls, rounds=0)
+        measure.interleaved_times(calls, rounds=0)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,9 @@ def exhaustive_fewest_merges(model, variables, target, inflections=(0.0, -1.0)):
     gflops = {}
     best = None
     for inflection in inflections:
-        for r in range(merge.most_merging_r(model.num_tokens, model.depth, inflection) + 1):
-            schedule = merge.effective_schedule(
-                model.num_tokens, merge.parse_r(model.depth, (r, inflection)), model.num_prefix_tokens
+        for r in range(schedules.most_merging_r(model.num_tokens, model.depth, inflection) + 1):
+            schedule = schedules.effective_schedule(
+                model.num_tokens, schedules.parse_r(model.depth, (r, inflection)), model.num_prefix_tokens
             )
             if schedule not in gflops:
                 gflops[schedule] = budget.gflops_per_image(model, variables, list(schedule), batch_size=2)
@@ -103,8 +103,8 @@ def test_choose_r_meets_a_gflops_target_with_the_fewest_merges(small_model):
         choice = budget.choose_r(model, variables, target_gflops=target, batch_size=2)
         assert choice.gflops <= target and choice.speedup is None
         assert choice.merged_tokens == exhaustive_fewest_merges(model, variables, target)
-        assert choice.schedule == merge.effective_schedule(
-            model.num_tokens, merge.parse_r(model.depth, choice.r), model.num_prefix_tokens
+        assert choice.schedule == schedules.effective_schedule(
+            model.num_tokens, schedules.parse_r(model.depth, choice.r), model.num_prefix_tokens
         )
     assert budget.choose_r(model, variables, target_gflops=full, batch_size=2).r == 0
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 
 import tome_jax
 import torch_dtem as ref
-from tome_jax import dtem, merge
+from tome_jax import dtem, merge, schedules
 
 torch.set_num_threads(1)
 
@@ -270,7 +270,7 @@ def test_r_is_clamped_and_n_follows_tokens_per_layer():
         out = step(x, size, metric, r=r, n=n)
         x, size, n = out.x, out.size, int(out.n)
         ns.append(n)
-    assert tuple(ns) == merge.tokens_per_layer(13, schedule, protected=1) == (13, 9, 5, 3, 2, 2)
+    assert tuple(ns) == schedules.tokens_per_layer(13, schedule, protected=1) == (13, 9, 5, 3, 2, 2)
     # Nothing left to merge: the inputs come back, sizes as float32.
     out = dtem.dtem_soft_merge(x, size.astype(jnp.float16), metric, 3, 2)
     assert out.n == 2 and out.assign.shape == (1, 1, 0) and out.size.dtype == jnp.float32

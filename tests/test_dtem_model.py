@@ -8,7 +8,7 @@ from flax import traverse_util
 
 import tiny_train_config
 import tome_jax
-from tome_jax import evaluate, train_lib
+from tome_jax import data, evaluate, train_lib
 
 SMALL = dict(num_classes=10, img_size=32, patch_size=8, width=48, depth=3, num_heads=3, dtem=True)
 
@@ -136,7 +136,7 @@ def test_end_to_end_training_moves_everything():
 
 
 def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
-    base = str(evaluate.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
     model, variables = tome_jax.from_timm(base, dtem=True)
     noisy = jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.1 if "metric" in jax.tree_util.keystr(p) else v, variables
@@ -156,7 +156,7 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
 
 def test_metric_layers_from_timm_weights_start_as_tomes_metric():
     """Fresh metric layers hold the keys' mean over heads: the merges are ToMe's."""
-    base = str(evaluate.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
     images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
     tome_model, tome_variables = tome_jax.from_timm(base)
     expected = np.asarray(tome_model.apply(tome_variables, images, r=(8, -1)))

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from examples import dense_output, linen_encoder, nnx_encoder
-from tome_jax import merge
+from tome_jax import merge, schedules
 
 TINY = dict(width=16, depth=2, num_heads=2)
 BATCH, FRAMES, FEATURES, R = 2, 13, 6, 3
@@ -42,7 +42,7 @@ def nnx_forward_backward(class_token):
 def test_encoder_merges_conserves_size_and_has_finite_gradients(forward_backward, class_token):
     out, grads = forward_backward(class_token)
     prefix = int(class_token)
-    tokens = merge.tokens_per_layer(FRAMES + prefix, (R,) * TINY["depth"], prefix)
+    tokens = schedules.tokens_per_layer(FRAMES + prefix, (R,) * TINY["depth"], prefix)
     assert out.tokens.shape == (BATCH, tokens[-1], TINY["width"])
     assert [plan.tokens_out for plan in out.plans] == list(tokens[1:])
     np.testing.assert_array_equal(np.asarray(out.size.sum(axis=1)), FRAMES + prefix)

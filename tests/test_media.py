@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 import tome_jax
-from tome_jax import merge, vis
+from tome_jax import schedules, vis
 from test_vit import jit_apply, plain_vit, random_variables
 
 TINY = dict(num_classes=5, img_size=16, patch_size=4, width=24, depth=2, num_heads=3)
@@ -72,7 +72,7 @@ def test_merging_counts_tokens_and_protects_the_class_token(variant):
     assert model.num_tokens == math.prod(model.token_grid) + model.num_prefix_tokens
     for r in ((6, -1), (5,)):  # (5,): per layer, padded to [5, 0]
         logits, state = jit_apply(model)(variables, inputs, r=r, trace_source=True, return_state=True)
-        tokens = merge.tokens_per_layer(model.num_tokens, merge.parse_r(model.depth, r), model.num_prefix_tokens)
+        tokens = schedules.tokens_per_layer(model.num_tokens, schedules.parse_r(model.depth, r), model.num_prefix_tokens)
         assert logits.shape == (2, 5) and np.isfinite(np.asarray(logits)).all()
         assert state.tokens.shape == (2, tokens[-1], model.width)
         np.testing.assert_array_equal(np.asarray(state.size.sum(1)), model.num_tokens)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 
 import numpy_tome as ref
-from tome_jax import merge
+from tome_jax import merge, schedules
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 
@@ -275,13 +275,13 @@ def test_parse_r_reproduces_the_official_schedules():
     table = json.loads((SHARED / "models" / "tome_accuracy.json").read_text())
     for key, row in table.items():
         r = eval(key)  # "4" or "(8, -1.0)", the official spec that made the row
-        assert list(merge.parse_r(12, r)) == row["schedule"], key
-        tokens = merge.tokens_per_layer(65, row["schedule"], protected=1)
+        assert list(schedules.parse_r(12, r)) == row["schedule"], key
+        tokens = schedules.tokens_per_layer(65, row["schedule"], protected=1)
         assert tokens[-1] == row["tokens_left"], key
     for r in [0, 3, (5, -1), (5, 0.5), (7, 1), (4, 0), [1, 2, 3]]:
-        assert list(merge.parse_r(12, r)) == ref.parse_r(12, r), r
-    assert merge.parse_r(3, [4, 2]) == (4, 2, 0)
-    assert merge.parse_r(1, (6, -1)) == (12,)
+        assert list(schedules.parse_r(12, r)) == ref.parse_r(12, r), r
+    assert schedules.parse_r(3, [4, 2]) == (4, 2, 0)
+    assert schedules.parse_r(1, (6, -1)) == (12,)
 
 
 @pytest.mark.parametrize(
@@ -298,18 +298,18 @@ def test_parse_r_reproduces_the_official_schedules():
 )
 def test_parse_r_errors_name_the_problem(r, error, message):
     with pytest.raises(error, match=message):
-        merge.parse_r(4, r)
+        schedules.parse_r(4, r)
 
 
 def test_schedule_for_token_budget():
     full = 197 * 12
-    assert merge.schedule_for_token_budget(197, 12, full, protected=1) == (0,) * 12
-    schedule = merge.schedule_for_token_budget(197, 12, full // 2, protected=1)
-    assert sum(merge.tokens_per_layer(197, schedule, 1)[:-1]) <= full // 2
-    smaller = merge.parse_r(12, schedule[0] - 1)
-    assert sum(merge.tokens_per_layer(197, smaller, 1)[:-1]) > full // 2  # fewest merges
-    decreasing = merge.schedule_for_token_budget(197, 12, full // 2, protected=1, inflection=-1)
+    assert schedules.schedule_for_token_budget(197, 12, full, protected=1) == (0,) * 12
+    schedule = schedules.schedule_for_token_budget(197, 12, full // 2, protected=1)
+    assert sum(schedules.tokens_per_layer(197, schedule, 1)[:-1]) <= full // 2
+    smaller = schedules.parse_r(12, schedule[0] - 1)
+    assert sum(schedules.tokens_per_layer(197, smaller, 1)[:-1]) > full // 2  # fewest merges
+    decreasing = schedules.schedule_for_token_budget(197, 12, full // 2, protected=1, inflection=-1)
     assert decreasing[0] > decreasing[-1]
-    assert sum(merge.tokens_per_layer(197, decreasing, 1)[:-1]) <= full // 2
+    assert sum(schedules.tokens_per_layer(197, decreasing, 1)[:-1]) <= full // 2
     with pytest.raises(ValueError, match="out of reach"):
-        merge.schedule_for_token_budget(197, 12, 100, protected=1)
+        schedules.schedule_for_token_budget(197, 12, 100, protected=1)

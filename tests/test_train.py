@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from tome_jax import evaluate, train_lib
+from tome_jax import checkpoints, evaluate, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -138,9 +138,9 @@ def final_params(workdir):
     """The latest checkpoint's step and parameters."""
     config = tiny_config("unused")
     like, shardings, _ = build(config, train_lib.make_mesh(1), config.num_steps)
-    checkpoints = train_lib.Checkpoints(pathlib.Path(workdir) / "checkpoints", async_save=False)
-    step = checkpoints.latest_step()
-    state, _ = checkpoints.restore(step, like, shardings)
+    saved = checkpoints.Checkpoints(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    step = saved.latest_step()
+    state, _ = saved.restore(step, like, shardings)
     return step, jax.device_get(state.params)
 
 

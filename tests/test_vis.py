@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import tome_jax
-from tome_jax import vis
+from tome_jax import cli, vis
 
 # Two groups on a 2x4 grid of 4x4 patches (8x16 pixels): the left 2x2 patches went
 # into token 1, the right ones into token 2; token 0 is the class token.
@@ -127,7 +127,7 @@ def test_visualize_runs_a_vit_one_row_per_r():
 
 
 def test_command_draws_a_checkpoint_on_bundled_images(tmp_path, capsys):
-    """`python -m tome_jax.vis`, on a small random checkpoint (the bundled model's
+    """`tome-jax-vis`, on a small random checkpoint (the bundled model's
     twelve blocks take long to compile) and the bundled CIFAR-10 test images."""
     from safetensors.numpy import save_file
 
@@ -138,7 +138,7 @@ def test_command_draws_a_checkpoint_on_bundled_images(tmp_path, capsys):
     checkpoint = tmp_path / "tiny.safetensors"
     save_file(tome_jax.to_timm_state_dict(model, variables), checkpoint, metadata={"config": '{"num_heads": 3}'})
     out = tmp_path / "merges.png"
-    vis.main([str(out), "--model", str(checkpoint), "--images", "2", "--r", "(8, -1)"])
+    cli.vis_main([str(out), "--model", str(checkpoint), "--images", "2", "--r", "(8, -1)"])
     picture = np.asarray(Image.open(out))
     tile, gap = 32 * 8, 2
     assert picture.shape == (2 * tile + gap, 2 * tile + gap, 3)

@@ -9,7 +9,7 @@ import pytest
 from scipy.special import erf
 
 import tome_jax
-from tome_jax import merge, vit
+from tome_jax import schedules, vit
 
 SMALL = dict(num_classes=7, img_size=16, patch_size=4, width=24, depth=3, num_heads=3)
 
@@ -124,8 +124,8 @@ def test_merging_keeps_protected_tokens_and_conserves_size(variant):
     variables = random_variables(model, images)
     for r in (2, (3, -1), (5, 0, 1)):  # a per-layer tuple is hashable, so jit-static
         logits, state = jit_apply(model)(variables, images, r=r, trace_source=True, return_state=True)
-        schedule = merge.parse_r(cfg["depth"], r)
-        tokens = merge.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
+        schedule = schedules.parse_r(cfg["depth"], r)
+        tokens = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
         assert state.tokens.shape == (2, tokens[-1], cfg["width"])
         np.testing.assert_array_equal(np.asarray(state.size.sum(1)), model.num_tokens)
         assert logits.shape == (2, cfg["num_classes"]) and np.isfinite(np.asarray(logits)).all()

@@ -20,20 +20,17 @@ from tome_jax.merge import (
     MergePlan,
     bipartite_soft_merge,
     default_merge_implementation,
-    effective_schedule,
     initial_source,
     kth_bipartite_merge,
     merge_source,
     merge_sum,
     merge_wavg,
-    parse_r,
     random_bipartite_merge,
-    schedule_for_token_budget,
     source_matrix,
-    tokens_per_layer,
     unmerge,
 )
+from tome_jax.schedules import effective_schedule, parse_r, schedule_for_token_budget, tokens_per_layer
 from tome_jax.vit import MODEL_CONFIGS, MergeState, SoftMergeSettings, ViT, create_model, model_config
-from tome_jax.budget import RChoice, choose_r  # noqa: E402 (builds on the model)
+from tome_jax.budget import RChoice, choose_r
 
 __version__ = "0.1.0"

@@ -1,12 +1,12 @@
 """tome_jax beside PyTorch (timm, ToMe) and the FLOP limit of the device, in one run.
 
-    python -m tome_jax.bench --config configs/bench_cpu.py
-    python -m tome_jax.bench --config configs/bench_cpu.py --config.models=vit_small_patch16_224 \
+    tome-jax-bench --config configs/bench_cpu.py
+    tome-jax-bench --config configs/bench_cpu.py --config.models=vit_small_patch16_224 \
         --config.batch_sizes=8,16 --config.r="0, 16, (16, -1)" --config.dtypes=float32,bfloat16
-    python -m tome_jax.bench --config configs/bench_cpu.py --device=gpu
+    tome-jax-bench --config configs/bench_cpu.py --device=gpu
 
 For every model, batch size and dtype, one interleaved timing loop
-(`evaluate.interleaved_times`) runs, call by call, tome_jax at each `r`, the same
+(`measure.interleaved_times`) runs, call by call, tome_jax at each `r`, the same
 model with every merge replaced by a slice (the merge's share), timm in PyTorch at
 r = 0, PyTorch ToMe at each `r` (the official package when `import tome` works and
 the project's reference `tome_jax.torch_tome`), and square matmuls in the dtype,
@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tome_jax import attention, budget, evaluate, merge, vit
+from tome_jax import attention, budget, measure, merge, report, schedules, vit
+from tome_jax.convert import from_timm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COLUMNS = (
@@ -165,8 +166,6 @@ def build_models(name: str, dtype: str, config, device: str):
     if config.torch and torch_device(device) is not None:
         import timm
 
-        from tome_jax.convert import from_timm
-
         timm_model = timm.create_model(name, pretrained=False, **architecture).eval()
         model, variables = from_timm(timm_model, **overrides)
         return model, jax.device_put(variables), timm_model
@@ -177,25 +176,31 @@ def build_models(name: str, dtype: str, config, device: str):
 
 def r_values_for(model, variables, config, batch: int, images) -> tuple[dict, dict]:
     """{label: r} for `config.r` and the config's targets, and {label: [targets that chose it]}."""
-    r_values = {evaluate.r_label(r): r for r in evaluate.parse_r_values(config.r)}
+    r_values = {schedules.r_label(r): r for r in schedules.parse_r_values(config.r)}
     targets = {}
     for r, target in budget.config_targets(model, variables, config, batch_size=batch, images=images):
-        r_values.setdefault(evaluate.r_label(r), r)
-        targets.setdefault(evaluate.r_label(r), []).append(target)
+        r_values.setdefault(schedules.r_label(r), r)
+        targets.setdefault(schedules.r_label(r), []).append(target)
     return r_values, targets
+
+
+def keep_first_tokens(x, size, metric, r, *, class_token, distill_token):
+    """A `vit.TokenReduction` with a merge's shapes and none of its work: the first
+    `tokens - r` tokens stay. Timed beside the merging model, it gives the merge's share."""
+    return x[:, : x.shape[1] - r], size[:, : x.shape[1] - r], None
 
 
 def tome_jax_calls(model, variables, r_values: dict, images) -> tuple[dict, dict]:
     """Timed calls of tome_jax at each r, and of the sliced model where r merges; {label: costs}."""
-    sliced = model.clone(merge_implementation=vit._SLICE_INSTEAD_OF_MERGE)
+    sliced = model.clone(reduction=keep_first_tokens)
     calls, costs = {}, {}
     for label, r in r_values.items():
-        predict, cost = evaluate.compile_predict(model, r, variables, images[0])
-        calls[f"tome_jax {label}"] = evaluate.jax_call(predict, variables, images)
-        schedule = merge.effective_schedule(model.num_tokens, merge.parse_r(model.depth, r), model.num_prefix_tokens)
+        predict, cost = measure.compile_predict(model, r, variables, images[0])
+        calls[f"tome_jax {label}"] = measure.jax_call(predict, variables, images)
+        schedule = schedules.effective_schedule(model.num_tokens, schedules.parse_r(model.depth, r), model.num_prefix_tokens)
         if any(schedule):
-            sliced_predict, _ = evaluate.compile_predict(sliced, r, variables, images[0])
-            calls[f"slice {label}"] = evaluate.jax_call(sliced_predict, variables, images)
+            sliced_predict, _ = measure.compile_predict(sliced, r, variables, images[0])
+            calls[f"slice {label}"] = measure.jax_call(sliced_predict, variables, images)
         costs[label] = dict(schedule=list(schedule), **cost)
     return calls, costs
 
@@ -228,7 +233,7 @@ def bench_group(name: str, batch: int, dtype: str, config, device: str) -> list[
     # The peak runs inside the same loop, as on a shared machine it moves with the load.
     matmuls = peak_calls(DTYPES[dtype], parse_ints(config.peak_sizes))
     calls.update({name: call for name, (call, _) in matmuls.items()})
-    times = evaluate.interleaved_times(calls, rounds=config.runs, warmup=config.warmup)
+    times = measure.interleaved_times(calls, rounds=config.runs, warmup=config.warmup)
     peaks = peak_speeds(matmuls, times)
     images_per_s = {key: batch / statistics.median(values) for key, values in times.items() if key not in matmuls}
     return [
@@ -284,7 +289,7 @@ def run(config, device: str = "cpu") -> dict[str, Any]:
         for batch in parse_ints(config.batch_sizes):
             for dtype in dtypes:
                 group = bench_group(name, batch, dtype, config, device)
-                print(evaluate.format_table(group, COLUMNS), flush=True)
+                print(report.format_table(group, COLUMNS), flush=True)
                 rows += group
     meta = {
         "device": str(jax.devices()[0].device_kind),
@@ -300,7 +305,7 @@ def run(config, device: str = "cpu") -> dict[str, Any]:
         "runs": config.runs,
         "input_batches": config.input_batches,
     }
-    print(evaluate.format_table(rows, COLUMNS))
+    print(report.format_table(rows, COLUMNS))
     print(f"merge: {meta['merge_implementation']}, attention: {meta['attention_implementation']}")
     result = {"meta": meta, "rows": rows}
     if config.out:
@@ -309,23 +314,3 @@ def run(config, device: str = "cpu") -> dict[str, Any]:
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
     return result
-
-
-def main(argv):
-    from absl import app
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    select_platform(_DEVICE.value)
-    run(_CONFIG.value, _DEVICE.value)
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", str(evaluate.REPO / "configs" / "bench_cpu.py"), "Benchmark config (ml_collections)."
-    )
-    _DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "The JAX platform to run on.")
-    app.run(main)

@@ -5,7 +5,7 @@
 
 Candidates are `(r, inflection)` schedules, constant (inflection 0) and decreasing
 (-1) by default. For each shape the smallest `r` that meets the target is found by
-bisection (`merge.smallest_fitting_r`, as `merge.schedule_for_token_budget` does for
+bisection (`schedules.smallest_fitting_r`, as `schedules.schedule_for_token_budget` does for
 a token budget: cost falls as `r` grows); the shape that merges fewer tokens in all
 wins, the first listed on a tie.
 """
@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from tome_jax import evaluate, merge
+from tome_jax import measure, schedules
 from tome_jax.vit import ViT
 
 
@@ -33,7 +33,7 @@ class RChoice(NamedTuple):
       speedup: images/s over r = 0, measured; None for a GFLOPs target.
     """
 
-    r: merge.RSpec
+    r: schedules.RSpec
     schedule: tuple[int, ...]
     merged_tokens: int
     gflops: float
@@ -41,30 +41,30 @@ class RChoice(NamedTuple):
 
 
 def gflops_per_image(
-    model: ViT, variables, r: merge.RSpec, *, batch_size: int = 1, prop_attn: bool = True
+    model: ViT, variables, r: schedules.RSpec, *, batch_size: int = 1, prop_attn: bool = True
 ) -> float:
     """XLA's FLOP count of one forward, per image, without compiling.
 
     The lowered program's count is within 0.1% of the compiled one's
-    (`evaluate.compile_predict`), for a fraction of the time.
+    (`measure.compile_predict`), for a fraction of the time.
     """
     images = jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32)
     lowered = jax.jit(lambda v, x: model.apply(v, x, r=r, prop_attn=prop_attn)).lower(variables, images)
-    return evaluate.gflops_of(lowered, batch_size)
+    return measure.gflops_of(lowered, batch_size)
 
 
 def _measured_speedup(model, variables, images, runs, prop_attn) -> Callable[[tuple], float]:
     """schedule -> images/s over r = 0, timed alternately with r = 0 on `images`."""
-    baseline, _ = evaluate.compile_predict(model, 0, variables, images[0], prop_attn=prop_attn)
+    baseline, _ = measure.compile_predict(model, 0, variables, images[0], prop_attn=prop_attn)
 
     def speedup(schedule):
         if not any(schedule):
             return 1.0  # r = 0 itself
-        predict, _ = evaluate.compile_predict(model, list(schedule), variables, images[0], prop_attn=prop_attn)
-        times = evaluate.interleaved_times(
+        predict, _ = measure.compile_predict(model, list(schedule), variables, images[0], prop_attn=prop_attn)
+        times = measure.interleaved_times(
             {
-                "r=0": evaluate.jax_call(baseline, variables, images),
-                "schedule": evaluate.jax_call(predict, variables, images),
+                "r=0": measure.jax_call(baseline, variables, images),
+                "schedule": measure.jax_call(predict, variables, images),
             },
             rounds=runs,
         )
@@ -106,10 +106,10 @@ def choose_r(
       target_speedup: at least this many times the images/s of r = 0, measured on
         the default device at `batch_size`: each schedule tried is compiled and
         timed (`timing_runs` rounds, alternating with r = 0). Bisection bounds
-        the tries to about log2 of `merge.most_merging_r` per inflection (8 to 11
+        the tries to about log2 of `schedules.most_merging_r` per inflection (8 to 11
         for ViT-B/16), each a compilation (seconds to a minute on a CPU).
       batch_size: the batch the costs are taken at.
-      inflections: the schedule shapes to consider (see `merge.parse_r`).
+      inflections: the schedule shapes to consider (see `schedules.parse_r`).
       images: batches for timing, [batch_size, *model.input_shape]; None: random.
       prop_attn: as in `ViT.__call__`.
 
@@ -137,10 +137,10 @@ def choose_r(
     choices, best_reached = [], []
     for inflection in inflections:
         def schedule(r, inflection=inflection):
-            return merge.effective_schedule(tokens, merge.parse_r(depth, (r, inflection)), protected)
+            return schedules.effective_schedule(tokens, schedules.parse_r(depth, (r, inflection)), protected)
 
-        limit = merge.most_merging_r(tokens, depth, inflection)
-        r = merge.smallest_fitting_r(lambda r: meets(schedule(r)), limit)
+        limit = schedules.most_merging_r(tokens, depth, inflection)
+        r = schedules.smallest_fitting_r(lambda r: meets(schedule(r)), limit)
         if r is None:
             best_reached.append((inflection, gflops(schedule(limit)) if speedup is None else speedup(schedule(limit))))
             continue
@@ -163,7 +163,7 @@ def choose_r(
 
 def config_targets(
     model: ViT, variables, config, *, batch_size: int, images: Sequence[jax.Array] | None = None
-) -> list[tuple[merge.RSpec, str]]:
+) -> list[tuple[schedules.RSpec, str]]:
     """The `r` chosen for a config's `target_gflops` and `target_speedup` (absent or
     None: no target), each with its target as text, e.g. `(5, -1.0), "target_gflops=2.5"`."""
     chosen = []

@@ -15,18 +15,12 @@ Shapes: `batch` examples, `tokens` tokens in, `tokens - r` tokens out.
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# An `r` as users write it: one int for every layer, an `(r, inflection)` pair,
-# or one int per layer.
-RSpec = Union[int, tuple[int, float], Sequence[int]]
-
 
 class MergePlan(NamedTuple):
     """Where every token goes in one merge step (a pytree of int32 arrays).
@@ -74,7 +68,7 @@ def identity_plan(batch: int, tokens: int) -> MergePlan:
     return MergePlan(dest=order, kept=order, merged=jnp.zeros((batch, 0), jnp.int32))
 
 
-def _unit(metric: jax.Array) -> jax.Array:
+def unit_vectors(metric: jax.Array) -> jax.Array:
     """[..., channels] scaled to unit length; a zero vector stays zero (no NaN).
 
     Safe to differentiate (DTEM learns its metric through this): the norm's
@@ -87,7 +81,7 @@ def _unit(metric: jax.Array) -> jax.Array:
     return metric / jnp.sqrt(jnp.where(normalisable, squared, 1.0))
 
 
-def _cosine_scores(a: jax.Array, b: jax.Array) -> jax.Array:
+def cosine_scores(a: jax.Array, b: jax.Array) -> jax.Array:
     """[batch, ta, c] x [batch, tb, c] -> [batch, ta, tb], full fp32 precision."""
     return jnp.einsum("bic,bjc->bij", a, b, precision=jax.lax.Precision.HIGHEST)
 
@@ -173,8 +167,8 @@ def bipartite_soft_merge(
     if r == 0:
         return identity_plan(batch, tokens)
 
-    metric = _unit(jax.lax.stop_gradient(metric))
-    scores = _cosine_scores(metric[:, ::2], metric[:, 1::2])
+    metric = unit_vectors(jax.lax.stop_gradient(metric))
+    scores = cosine_scores(metric[:, ::2], metric[:, 1::2])
     if class_token:
         scores = scores.at[:, 0, :].set(-jnp.inf)
     if distill_token:
@@ -238,7 +232,7 @@ def kth_bipartite_merge(metric: jax.Array, k: int, *, class_token: bool = False)
     in_b = (positions - protected) % k == k - 1
     a_idx, b_idx = jnp.asarray(positions[~in_b]), jnp.asarray(positions[in_b])
     plan_one = lambda m: _merge_set_into(m, a_idx, b_idx, protected)  # noqa: E731
-    return jax.vmap(plan_one)(_unit(jax.lax.stop_gradient(metric)))
+    return jax.vmap(plan_one)(unit_vectors(jax.lax.stop_gradient(metric)))
 
 
 def random_bipartite_merge(
@@ -270,10 +264,10 @@ def random_bipartite_merge(
     def plan_one(m, order):
         return _merge_set_into(m, order[:r], jnp.sort(order[r:]), protected)
 
-    return jax.vmap(plan_one)(_unit(jax.lax.stop_gradient(metric)), shuffled)
+    return jax.vmap(plan_one)(unit_vectors(jax.lax.stop_gradient(metric)), shuffled)
 
 
-def _gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
+def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
     """x: [batch, tokens, ...], idx: [batch, n] -> [batch, n, ...]."""
     return jax.vmap(lambda xi, ii: xi[ii])(x, idx)
 
@@ -308,8 +302,8 @@ def _check_merge_implementation(implementation: str | None) -> str:
 def _scatter_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
     """Gathers the kept tokens, then scatter-adds only the `r` merged rows."""
     slots = jnp.take_along_axis(plan.dest, plan.merged, axis=1)
-    moved = _gather_tokens(x, plan.merged)
-    kept = _gather_tokens(x, plan.kept)
+    moved = gather_tokens(x, plan.merged)
+    kept = gather_tokens(x, plan.kept)
     return jax.vmap(lambda k, s, m: k.at[s].add(m))(kept, slots, moved)
 
 
@@ -360,7 +354,7 @@ def merge_sum(plan: MergePlan, x: jax.Array, *, implementation: str | None = Non
     """
     implementation = _check_merge_implementation(implementation)
     if plan.merged.shape[-1] == 0:
-        return _gather_tokens(x, plan.kept)
+        return gather_tokens(x, plan.kept)
     return _MERGE_SUMS[implementation](plan, x)
 
 
@@ -386,7 +380,7 @@ def merge_wavg(
     if size is None:
         size = jnp.ones(x.shape[:2], jnp.float32)
     if plan.merged.shape[-1] == 0:
-        return _gather_tokens(x, plan.kept), _gather_tokens(size, plan.kept)
+        return gather_tokens(x, plan.kept), gather_tokens(size, plan.kept)
     size = size.astype(jnp.float32)
     total = merge_sum(plan, x.astype(jnp.float32) * size[..., None], implementation=implementation)
     size = merge_sum(plan, size, implementation=implementation)
@@ -404,7 +398,7 @@ def unmerge(plan: MergePlan, x: jax.Array) -> jax.Array:
     Returns:
       [batch, tokens_in, ...] in the order the plan's input had.
     """
-    return _gather_tokens(x, plan.dest)
+    return gather_tokens(x, plan.dest)
 
 
 def initial_source(batch: int, tokens: int) -> jax.Array:
@@ -435,148 +429,3 @@ def source_matrix(source: jax.Array, tokens: int) -> jax.Array:
     official `merge_source`.
     """
     return jnp.arange(tokens)[None, :, None] == source[:, None, :]
-
-
-def parse_r(num_layers: int, r: RSpec) -> tuple[int, ...]:
-    """Expands an `r` spec into one int per layer.
-
-    Accepted forms (those of the official `parse_r`):
-      * int: the same `r` for every layer;
-      * `(r, inflection)` pair (a tuple of length 2), inflection in [-1, 1]: layer
-        `i` gets `int(lo + (hi - lo) / (num_layers - 1) * i)` with
-        `lo = int(r * (1 - inflection))` and `hi = 2 * r - lo`; `(r, -1)` is the
-        paper's decreasing schedule, `(r, 0)` is constant;
-      * list (or a tuple of another length) of per-layer ints, padded with zeros.
-        A per-layer schedule of exactly two layers must be a list.
-
-    Returns a tuple, hashable, so it can be a static argument of `jax.jit`.
-    """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
-        raise TypeError(f"num_layers must be an int, got {num_layers!r}")
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if isinstance(r, numbers.Integral) and not isinstance(r, bool):
-        _check_r(r, "r")
-        return (int(r),) * num_layers
-    if isinstance(r, tuple) and len(r) == 2:
-        return _inflected_schedule(num_layers, *r)
-    if isinstance(r, (list, tuple, np.ndarray)):
-        per_layer = [_check_r(v, f"r[{i}]") for i, v in enumerate(r)]
-        if len(per_layer) > num_layers:
-            raise ValueError(
-                f"r lists {len(per_layer)} layers but the model has {num_layers}"
-            )
-        return tuple(per_layer) + (0,) * (num_layers - len(per_layer))
-    raise TypeError(
-        f"r must be an int, an (r, inflection) tuple or a list of ints, got {r!r}"
-    )
-
-
-def _check_r(r, name: str) -> int:
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {r!r} ({type(r).__name__})")
-    if r < 0:
-        raise ValueError(f"{name} must be >= 0, got {r}")
-    return int(r)
-
-
-def _inflected_schedule(num_layers: int, r, inflection) -> tuple[int, ...]:
-    r = _check_r(r, "r")
-    if not isinstance(inflection, numbers.Real) or not -1.0 <= inflection <= 1.0:
-        raise ValueError(f"inflection must be a number in [-1, 1], got {inflection!r}")
-    lo = int(r * (1.0 - inflection))
-    hi = 2 * r - lo
-    if num_layers == 1:
-        return (lo,)
-    step = (hi - lo) / (num_layers - 1)
-    return tuple(int(lo + step * i) for i in range(num_layers))
-
-
-def effective_schedule(
-    tokens: int, schedule: Sequence[int], protected: int = 0
-) -> tuple[int, ...]:
-    """The `r` each layer really merges after the clamp, for `tokens` input tokens."""
-    effective = []
-    for r in schedule:
-        r = clamp_r(r, tokens, protected)
-        effective.append(r)
-        tokens -= r
-    return tuple(effective)
-
-
-def tokens_per_layer(
-    tokens: int, schedule: Sequence[int], protected: int = 0
-) -> tuple[int, ...]:
-    """Tokens entering each layer, then the tokens left at the end (len(schedule) + 1)."""
-    counts = [tokens]
-    for r in effective_schedule(tokens, schedule, protected):
-        counts.append(counts[-1] - r)
-    return tuple(counts)
-
-
-def smallest_fitting_r(fits: Callable[[int], bool], limit: int) -> int | None:
-    """The smallest `r` in [0, limit] with `fits(r)`, by bisection; None if none fits.
-
-    `fits` must be monotone (once true, true for every larger `r`), as any cost
-    that follows the tokens is: a larger `r` leaves every layer fewer tokens.
-    """
-    if not fits(limit):
-        return None
-    low, high = 0, limit  # fits(high) holds; every r below low fails
-    while low < high:
-        middle = (low + high) // 2
-        if fits(middle):
-            high = middle
-        else:
-            low = middle + 1
-    return high
-
-
-def most_merging_r(tokens: int, num_layers: int, inflection: float = 0.0) -> int:
-    """An `r` from which a larger `(r, inflection)` schedule merges no more.
-
-    Layer `i` gets about `r * share_i` (`share_i = (1 - inflection) + 2 * inflection
-    * i / (num_layers - 1)`, less 2 for rounding), so from here on every layer whose
-    share is not zero is given at least `tokens` and is clamped.
-    """
-    if num_layers == 1:
-        shares = [1.0 - inflection]
-    else:
-        shares = [(1.0 - inflection) + 2.0 * inflection * i / (num_layers - 1) for i in range(num_layers)]
-    growing = [share for share in shares if share > 1e-9]
-    return math.ceil((tokens + 2) / min(growing)) if growing else 0
-
-
-def schedule_for_token_budget(
-    tokens: int,
-    num_layers: int,
-    budget: int,
-    *,
-    protected: int = 0,
-    inflection: float = 0.0,
-) -> tuple[int, ...]:
-    """The `(r, inflection)` schedule with the smallest `r` within a token budget.
-
-    Block cost grows with the tokens it processes, so the budget is the sum over
-    layers of the tokens entering each block (`tokens * num_layers` at `r = 0`).
-
-    Args:
-      tokens: input sequence length, protected tokens included.
-      budget: the largest admissible sum of tokens entering the blocks.
-      inflection: schedule shape, 0 constant, -1 decreasing (see `parse_r`).
-
-    Returns:
-      the per-layer schedule, as `parse_r` gives it.
-    """
-
-    def cost(r):
-        return sum(tokens_per_layer(tokens, parse_r(num_layers, (r, inflection)), protected)[:-1])
-
-    limit = most_merging_r(tokens, num_layers, inflection)
-    r = smallest_fitting_r(lambda r: cost(r) <= budget, limit)
-    if r is None:
-        raise ValueError(
-            f"a budget of {budget} tokens is out of reach: with inflection {inflection} "
-            f"the smallest total for {tokens} tokens over {num_layers} layers is {cost(limit)}"
-        )
-    return parse_r(num_layers, (r, inflection))

@@ -10,8 +10,16 @@ code runs on one device, on many, and on many hosts (after
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import os
+import pathlib
 import re
+import signal
+import statistics
+import sys
+import time
 from typing import Any, Callable
 
 import flax
@@ -19,9 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
-from tome_jax import augment
+from tome_jax import data, evaluate, schedules
+from tome_jax.data import augment, mixing
+from tome_jax.checkpoints import Checkpoints
+from tome_jax.convert import save_metric_layers
 from tome_jax.vit import ViT
 
 BATCH_AXES = ("data", "fsdp")
@@ -168,17 +181,15 @@ def make_train_step(model: ViT, tx, schedule, config, mesh: Mesh, state_sharding
     Mixup/CutMix and stochastic depth draw from `fold_in(rng, state.step)`, so a
     resumed run repeats the randomness of an uninterrupted one.
     """
-    from tome_jax.evaluate import parse_r_value
-
     num_classes = model.num_classes
-    r = parse_r_value(config.r)
+    r = schedules.parse_r_value(config.r)
 
     def train_step(state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
         mix_rng, dropout_rng = jax.random.split(step_rng)
         labels = batch["labels"]
         if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
-            images, targets = augment.mixup_cutmix(
+            images, targets = mixing.mixup_cutmix(
                 mix_rng,
                 batch["images"],
                 labels,
@@ -189,7 +200,7 @@ def make_train_step(model: ViT, tx, schedule, config, mesh: Mesh, state_sharding
             )
         else:
             images = batch["images"]
-            targets = augment.one_hot_smoothed(labels, num_classes, config.label_smoothing)
+            targets = mixing.one_hot_smoothed(labels, num_classes, config.label_smoothing)
 
         def loss_fn(params):
             logits = model.apply(
@@ -226,90 +237,6 @@ def make_predict(model: ViT, r, mesh: Mesh, params_shardings):
     )
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-    """orbax CheckpointManager keeping the last `keep` checkpoints and the best by top-1.
-
-    Saves are asynchronous: `save` returns once the arrays are copied off the
-    devices, and the files are written in the background, committed atomically.
-    """
-
-    def __init__(self, directory, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-        from orbax.checkpoint import checkpoint_managers as policies
-
-        preserve = policies.AnyPreservationPolicy(
-            [
-                policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=lambda m: m["top1"], n=1, keep_checkpoints_without_metrics=False),
-            ]
-        )
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=preserve, enable_async_checkpointing=async_save, create=True
-        )
-        self._ocp = ocp
-        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
-
-    def save(self, state: TrainState, meta: dict, metrics: dict | None = None) -> None:
-        args = self._ocp.args
-        self.manager.save(
-            int(jax.device_get(state.step)),
-            args=args.Composite(state=args.StandardSave(state), meta=args.JsonSave(meta)),
-            metrics=metrics,
-            force=True,
-        )
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def restore(self, step: int, like: TrainState, shardings) -> tuple[TrainState, dict]:
-        """The checkpoint at `step`, placed with `shardings` (may differ from the saving run's)."""
-        args = self._ocp.args
-        abstract = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), like, shardings
-        )
-        restored = self.manager.restore(
-            step, args=args.Composite(state=args.StandardRestore(abstract), meta=args.JsonRestore())
-        )
-        return restored["state"], restored["meta"]
-
-    def resolve_step(self, step: int | str) -> int:
-        """"latest", "best" (by eval top-1) or a step number -> a saved step."""
-        latest = self.manager.latest_step()
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
-        if step == "latest":
-            return latest
-        if step == "best":
-            meta = self.manager.restore(latest, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
-            if meta["meta"]["best_step"] is None:
-                raise ValueError(f"{self.manager.directory} has no evaluated checkpoint yet")
-            return meta["meta"]["best_step"]
-        if int(step) not in self.manager.all_steps():
-            raise ValueError(f"no checkpoint for step {step}; saved: {sorted(self.manager.all_steps())}")
-        return int(step)
-
-    def restore_params(self, step: int | str = "latest"):
-        """The parameters saved at `step`, on the first local device, whatever
-        topology saved them (the target tree is built from the stored metadata)."""
-        step = self.resolve_step(step)
-        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        stored = self.manager.item_metadata(step)["state"]
-        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored)
-        args = self._ocp.args
-        restored = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(target)))
-        return restored["state"]["params"]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.close()
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -318,11 +245,6 @@ class MetricWriter:
     files when the tensorboard package is installed."""
 
     def __init__(self, workdir, enabled: bool = True):
-        import importlib.util
-        import json
-        import pathlib
-
-        self._json = json
         self.enabled = enabled
         self._file = None
         self._summary = None
@@ -340,7 +262,7 @@ class MetricWriter:
         if not self.enabled:
             return
         record = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
-        self._file.write(self._json.dumps(record) + "\n")
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._summary is not None:
             with self._summary.as_default(step=step):
@@ -360,8 +282,6 @@ class MetricWriter:
 
 def build_model_and_optimizer(config, total_steps: int):
     """The config's ViT, its initial parameters (None: fresh init) and optimizer."""
-    from tome_jax import evaluate
-
     model, params, _ = evaluate.load_model(config)
     abstract = params if params is not None else jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))["params"]
@@ -378,11 +298,6 @@ def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[st
     Returns one row per r with `step_time_s`, `images_per_s` and `speedup` over
     the first r.
     """
-    import statistics
-    import time
-
-    from tome_jax import data, evaluate
-
     mesh = make_mesh(config.fsdp)
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
     dataset = data.builder(config.dataset, config.data_dir)
@@ -423,8 +338,6 @@ class Preemption:
     """Turns SIGTERM into "save at the next step boundary, then exit"."""
 
     def __init__(self):
-        import signal
-
         self.requested = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -434,16 +347,12 @@ class Preemption:
     def reached(self, step: int) -> bool:
         """True on every process once any must stop (multi-host: JAX's sync point)."""
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             return self.requested or multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
 
 def maybe_initialize_distributed(mode: str) -> None:
     """`jax.distributed.initialize()` for multi-host runs ("auto": when the cluster says so)."""
-    import os
-
     if mode == "off":
         return
     cluster_vars = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -457,14 +366,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     Returns the last evaluation's metrics. Exits with status 143 after saving
     when SIGTERM arrives (preemption).
     """
-    import pathlib
-    import sys
-    import time
-
-    from tqdm import tqdm
-
-    from tome_jax import data, evaluate
-
     maybe_initialize_distributed(config.distributed)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -499,7 +400,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         process_count=process_count,
     )
     train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
-    predict = make_predict(model, evaluate.parse_r_value(config.eval_r), mesh, shardings.params)
+    predict = make_predict(model, schedules.parse_r_value(config.eval_r), mesh, shardings.params)
     eval_preprocess = data.Preprocess(
         size=model.image_hw, mean=tuple(config.mean), std=tuple(config.std),
         crop_pct=config.eval_crop_pct, interpolation=config.interpolation,
@@ -550,8 +451,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     checkpoints.close()
     writer.close()
     if model.dtem and is_main:
-        from tome_jax.convert import save_metric_layers
-
         save_metric_layers(model, {"params": jax.device_get(state.params)}, workdir / "metric_layers.safetensors")
     return {**eval_metrics, **meta}
 

@@ -10,12 +10,11 @@ first), the final token holding it.
 
 As a command, offline by default (the bundled CIFAR-10 model and test images):
 
-    python -m tome_jax.vis merges.png --images 8 --r "2, 4, 5"
+    tome-jax-vis merges.png --images 8 --r "2, 4, 5"
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import numbers
 from typing import Sequence
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from tome_jax import merge
+from tome_jax import schedules
 
 
 def as_float_image(image) -> np.ndarray:
@@ -248,7 +247,7 @@ def visualize(
     variables,
     images,
     display_images,
-    r: merge.RSpec | Sequence[merge.RSpec],
+    r: schedules.RSpec | Sequence[schedules.RSpec],
     *,
     scale: int | None = None,
     seed: int = 0,
@@ -297,71 +296,3 @@ def visualize(
             )
         )
     return tile_grid(np.concatenate(rows), columns=len(display))
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tome_jax.vis",
-        description="Draws a ViT's token merges on a few dataset images into one PNG: "
-        "the images in the first row, then one row per r.",
-    )
-    parser.add_argument("output", help="the PNG to write")
-    parser.add_argument(
-        "--model",
-        default="assets/vit_tiny_p4_cifar10.safetensors",
-        help="anything tome_jax.from_timm reads: a checkpoint file (relative paths may be "
-        "relative to the repository) or a timm model name (downloads its weights)",
-    )
-    parser.add_argument("--dataset", default="bundled_cifar10", help="a tome_jax.data dataset name")
-    parser.add_argument("--data-dir", help="TFDS data directory")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--images", type=int, default=8, help="how many images (columns)")
-    parser.add_argument("--offset", type=int, default=0, help="skip this many images first")
-    parser.add_argument("--r", default="2, 4, 5", help='r specs, one row each: "4, (8, -1), [4, 4, 2]"')
-    parser.add_argument("--scale", type=int, help="integer display upscale (default: near 256 pixels)")
-    parser.add_argument(
-        "--preprocess",
-        choices=("explicit", "timm"),
-        default="explicit",
-        help="timm: the model's own timm preprocessing; explicit: the options below",
-    )
-    parser.add_argument("--mean", type=float, nargs=3, help="default: CIFAR-10's")
-    parser.add_argument("--std", type=float, nargs=3, help="default: CIFAR-10's")
-    parser.add_argument("--crop-pct", type=float, default=1.0)
-    parser.add_argument("--interpolation", default="bicubic")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """The command: loads the model and images, draws, writes the PNG."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.images < 1 or args.offset < 0:
-        parser.error(f"--images must be >= 1 and --offset >= 0, got {args.images} and {args.offset}")
-    # Deferred so that drawing needs only NumPy and PIL: loading needs TensorFlow
-    # (the data pipeline) and the converter.
-    from tome_jax import data, evaluate
-    from tome_jax.convert import from_timm
-
-    args.mean = args.mean or data.CIFAR10_MEAN
-    args.std = args.std or data.CIFAR10_STD
-    source = evaluate.resolve_source(args.model)
-    model, variables = from_timm(source)
-    # The options carry the preprocessing fields of an eval.py config.
-    preprocess = evaluate.preprocess_for(args, model, source)
-    count = args.offset + args.images
-    batch = next(data.eval_batches(data.builder(args.dataset, args.data_dir), args.split, preprocess, count, limit=count))
-    images = batch["images"][batch["mask"]][args.offset :]
-    # Shown as the model saw them: the same crop, normalisation undone.
-    display = np.clip(images * np.asarray(preprocess.std) + np.asarray(preprocess.mean), 0.0, 1.0)
-    r_values = evaluate.parse_r_values(args.r)
-    save_png(visualize(model, variables, images, display, r_values, scale=args.scale), args.output)
-    for r_value in r_values:
-        schedule = merge.parse_r(model.depth, r_value)
-        left = merge.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)[-1]
-        print(f"r={evaluate.r_label(r_value)}: {model.num_tokens} tokens -> {left}")
-    print(f"wrote {args.output}")
-
-
-if __name__ == "__main__":
-    main()

@@ -14,13 +14,14 @@ token sequence and merge it the same way.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tome_jax import dtem, merge
+from tome_jax import dtem, merge, schedules
 from tome_jax.attention import Attention, layer_norm
 
 
@@ -48,13 +49,23 @@ class SoftMergeSettings(NamedTuple):
     drop_residue: bool = False
 
 
-# Not a merge, and not public: `tome_jax.bench` measures the merge's share of the
-# forward against a model that keeps the first `tokens - r` tokens instead, the
-# shapes of a merge without its work.
-_SLICE_INSTEAD_OF_MERGE = "_slice"
+# How a block removes its `r` tokens between attention and MLP:
+# `(x [batch, tokens, width], size [batch, tokens], metric [batch, tokens, channels],
+# r, *, class_token, distill_token) -> (x, size, plan or None)`, `r` already clamped
+# and > 0. The plan (a `merge.MergePlan`) lets source tracking follow the tokens.
+TokenReduction = Callable[..., tuple[jax.Array, jax.Array, "merge.MergePlan | None"]]
 
 
-def _pair(value) -> tuple[int, int]:
+def tome_reduction(
+    x, size, metric, r: int, *, class_token: bool, distill_token: bool, implementation: str | None = None
+):
+    """ToMe's step: bipartite soft matching on `metric`, then the size-weighted merge."""
+    plan = merge.bipartite_soft_merge(metric, r, class_token=class_token, distill_token=distill_token)
+    x, size = merge.merge_wavg(plan, x, size, implementation=implementation)
+    return x, size, plan
+
+
+def pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
@@ -76,7 +87,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
     flax's default is the tanh approximation, and `nn.gelu(approximate=False)` goes
     through erfc, whose XLA expansion (two branches, exp, divisions) makes the pass
-    over the hidden activations 3.5x slower on CPU (ViT-S/16 +2.7%, ViT-B/16 +1.7%).
+    over the hidden activations several times slower on CPU (README, Speed).
     """
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 
@@ -121,6 +132,7 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
     merge_implementation: str | None = None
+    reduction: TokenReduction | None = None
 
     def _residual(self, x, branch, name, train):
         if self.layer_scale_init is not None:
@@ -175,17 +187,17 @@ class Block(nn.Module):
         x = self._residual(x, y, "1", train)
 
         plan = None
-        tokens_out = x.shape[1] - merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token))
+        r = merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token))
         if soft_merge is not None:
             soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
             x, size = soft.x, soft.size
-        elif tokens_out < x.shape[1] and self.merge_implementation == _SLICE_INSTEAD_OF_MERGE:
-            x, size = x[:, :tokens_out], size[:, :tokens_out]
-        elif tokens_out < x.shape[1]:
-            plan = merge.bipartite_soft_merge(
-                metric, r, class_token=class_token, distill_token=distill_token
+        elif r > 0:
+            reduction = self.reduction or functools.partial(
+                tome_reduction, implementation=self.merge_implementation
             )
-            x, size = merge.merge_wavg(plan, x, size, implementation=self.merge_implementation)
+            x, size, plan = reduction(
+                x, size, metric, r, class_token=class_token, distill_token=distill_token
+            )
 
         mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")
         x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
@@ -236,15 +248,17 @@ class ViT(nn.Module):
     attn_implementation: str | None = None
     # How merge plans are applied (see `merge.merge_sum`); None: the backend's default.
     merge_implementation: str | None = None
+    # What each block does with its r (see `TokenReduction`); None: ToMe's merge.
+    reduction: TokenReduction | None = None
 
     @property
     def image_hw(self) -> tuple[int, int]:
         """The input (height, width) the position embeddings are built for."""
-        return _pair(self.img_size)
+        return pair(self.img_size)
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        (h, w), (ph, pw) = _pair(self.img_size), _pair(self.patch_size)
+        (h, w), (ph, pw) = pair(self.img_size), pair(self.patch_size)
         _check_divisible((h, w), (ph, pw))
         return h // ph, w // pw
 
@@ -259,7 +273,7 @@ class ViT(nn.Module):
     @property
     def patch_kernel(self) -> tuple[int, ...]:
         """The patch embedding's kernel, also its stride: (ph, pw) or (tubelet, ph, pw)."""
-        patch = _pair(self.patch_size)
+        patch = pair(self.patch_size)
         return patch if self.num_frames is None else (self.tubelet_size, *patch)
 
     @property
@@ -322,7 +336,7 @@ class ViT(nn.Module):
         if len(shape) != len(self.input_shape) + 1:
             raise ValueError(f"{layout}, got {tuple(shape)}")
         *frames, height, width, channels = shape[1:]
-        _check_divisible((height, width), _pair(self.patch_size))
+        _check_divisible((height, width), pair(self.patch_size))
         if (height, width) != self.image_hw:
             raise ValueError(
                 f"image size {(height, width)} differs from the model's img_size "
@@ -342,7 +356,7 @@ class ViT(nn.Module):
         kernel = self.patch_kernel
         # A matmul over each patch's pixels: the strided convolution's arithmetic, and
         # its [*kernel, in_chans, width] parameter, at matmul speed (XLA's CPU
-        # convolution ran ViT-S/16's embedding 1.3x slower, 15 vs 11.6 ms at batch 16).
+        # convolution is slower on these shapes; README, Speed).
         x = nn.DenseGeneral(
             self.width,
             axis=tuple(range(-len(kernel) - 1, 0)),
@@ -410,7 +424,7 @@ class ViT(nn.Module):
         self,
         images: jax.Array,
         *,
-        r: merge.RSpec = 0,
+        r: schedules.RSpec = 0,
         train: bool = False,
         prop_attn: bool = True,
         trace_source: bool = False,
@@ -437,7 +451,7 @@ class ViT(nn.Module):
           and the `MergeState` when `return_state`.
         """
         self._validate()
-        schedule = merge.parse_r(self.depth, r)
+        schedule = schedules.parse_r(self.depth, r)
         x = self._embed(images)
         batch, tokens, _ = x.shape
         size = jnp.ones((batch, tokens), jnp.float32)
@@ -446,7 +460,7 @@ class ViT(nn.Module):
             (train and self.dtem) if soft_merge is None else soft_merge, trace_source
         )
         # The soft merge keeps every token; block i lets the first participants[i] take part.
-        participants = merge.tokens_per_layer(tokens, schedule, protected=1)
+        participants = schedules.tokens_per_layer(tokens, schedule, protected=1)
 
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i, block_r in enumerate(schedule):
@@ -462,6 +476,7 @@ class ViT(nn.Module):
                 param_dtype=self.param_dtype,
                 attn_implementation=self.attn_implementation,
                 merge_implementation=self.merge_implementation,
+                reduction=self.reduction,
                 name=f"blocks_{i}",
             )(
                 x,

@@ -10,8 +10,8 @@ at the schedule `r`; evaluation uses ToMe's hard merge on the learned metric.
 The metric layers alone are written to WORKDIR/metric_layers.safetensors.
 """
 
-from configs import train_cifar10
-from tome_jax import SoftMergeSettings
+from tome_jax.configs import train_cifar10
+from tome_jax.vit import SoftMergeSettings
 
 
 def get_config():

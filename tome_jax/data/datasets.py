@@ -1,4 +1,4 @@
-"""Input pipelines on tf.data: TFDS datasets, local image folders, the bundled CIFAR-10.
+"""Datasets on tf.data: TFDS datasets, local image folders, the bundled CIFAR-10.
 
 Datasets are named by one string:
   * a TFDS name, e.g. "imagenet2012", "imagenet_v2", "cifar10" (with `data_dir`);
@@ -11,44 +11,26 @@ examples on resume costs no decoding, and JPEGs decode exactly as PIL does them.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import pathlib
 import tarfile
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
+from tome_jax.data import augment
+from tome_jax.data.images import Preprocess, decode_image, preprocess_eval
+
+# The repository around the package: its assets/ hold the bundled model and data.
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ASSETS = REPO / "assets"
 BUNDLED_CIFAR10 = ASSETS / "cifar10-jpg.tar.gz"
 BUNDLED_CIFAR10_SHA256 = "98d6573b2eb3a94d49785094465846f7dd26b797ddaa64b429b6317e6a74d5bd"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocess:
-    """Evaluation preprocessing, timm's conventions.
-
-    The shorter side is resized to `size / crop_pct`, then the centre `size` is
-    cropped; pixels scaled to [0, 1] and normalised with `mean`/`std`. Images that
-    already have the target size are left unresized (CIFAR at 32x32).
-    """
-
-    size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
-
-    def __post_init__(self):
-        if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise ValueError(f"unsupported interpolation {self.interpolation!r}")
 
 
 def cache_dir() -> pathlib.Path:
@@ -124,44 +106,6 @@ def _raw_examples(
     return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
 
-def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes -> [height, width, 3] uint8.
-
-    JPEGs use the accurate integer DCT, which reproduces PIL (and so timm's data
-    pipelines) bit for bit; the default fast DCT is off by up to 5 levels.
-    """
-    return tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
-    )
-
-
-def _resize(image: tf.Tensor, size: tf.Tensor, method: str) -> tf.Tensor:
-    return tf.image.resize(image, size, method=method, antialias=True)
-
-
-def preprocess_eval(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
-    """[height, width, 3] uint8 -> [size, size, 3] float32, normalised."""
-    image = tf.cast(image, tf.float32)
-    shape = tf.shape(image)[:2]
-    target = tf.constant(p.size, tf.int32)
-    resize_to = tf.cast(tf.math.floor(tf.cast(target, tf.float32) / p.crop_pct), tf.int32)
-    scale = tf.reduce_max(tf.cast(resize_to, tf.float32) / tf.cast(shape, tf.float32))
-    resized_shape = tf.cast(tf.math.round(tf.cast(shape, tf.float32) * scale), tf.int32)
-    image = tf.cond(
-        tf.reduce_all(resized_shape == shape),
-        lambda: image,
-        lambda: _resize(image, resized_shape, p.interpolation),
-    )
-    offset = (tf.shape(image)[:2] - target) // 2
-    image = tf.image.crop_to_bounding_box(image, offset[0], offset[1], p.size[0], p.size[1])
-    if p.interpolation != "nearest":
-        # Keep pixel values where an 8-bit pipeline (PIL) would have them.
-        image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
-    return (image / 255.0 - tf.constant(p.mean)) / tf.constant(p.std)
-
-
 def eval_batches(
     data: tfds.core.DatasetBuilder,
     split: str,
@@ -213,17 +157,6 @@ def images_for_display(
     return np.stack(images), np.asarray(labels)
 
 
-def preprocess_from_config(config: dict, img_size: Sequence[int]) -> Preprocess:
-    """timm's pretrained/data config (mean, std, crop_pct, interpolation) -> Preprocess."""
-    return Preprocess(
-        size=tuple(img_size),
-        mean=tuple(config["mean"]),
-        std=tuple(config["std"]),
-        crop_pct=float(config.get("crop_pct", 1.0)),
-        interpolation=config.get("interpolation", "bicubic"),
-    )
-
-
 def steps_per_epoch(
     data: tfds.core.DatasetBuilder, split: str, global_batch_size: int, limit: int | None = None
 ) -> int:
@@ -237,7 +170,7 @@ def steps_per_epoch(
 def train_batches(
     data: tfds.core.DatasetBuilder,
     split: str,
-    augmentation: "augment.TrainAugment",
+    augmentation: augment.TrainAugment,
     global_batch_size: int,
     *,
     seed: int,
@@ -257,8 +190,6 @@ def train_batches(
     Yields `images` [global_batch_size / process_count, h, w, 3] float32 and
     `labels` [same] int32.
     """
-    from tome_jax import augment  # augment builds on this module's decode_image
-
     if global_batch_size % process_count:
         raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
     host_batch = global_batch_size // process_count

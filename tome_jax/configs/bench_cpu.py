@@ -1,7 +1,7 @@
 """The side-by-side speed benchmark on CPU (see the README's Speed section).
 
-    python -m tome_jax.bench --config configs/bench_cpu.py
-    python -m tome_jax.bench --config configs/bench_cpu.py --config.models=vit_small_patch16_224 \
+    tome-jax-bench --config configs/bench_cpu.py
+    tome-jax-bench --config configs/bench_cpu.py --config.models=vit_small_patch16_224 \
         --config.r="0, 16" --config.runs=5
 """
 

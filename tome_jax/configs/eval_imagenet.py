@@ -6,7 +6,7 @@ Needs the prepared TFDS `imagenet2012` (TFDS cannot download ImageNet) and
 network access to fetch the timm weights once.
 """
 
-from configs import eval_cifar10
+from tome_jax.configs import eval_cifar10
 
 
 def get_config():

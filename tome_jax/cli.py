@@ -1,0 +1,187 @@
+"""The command-line programs, installed as console scripts with the package.
+
+    tome-jax-eval  [--config FILE] [--config.KEY=VALUE ...]   accuracy, images/s, GFLOPs over r
+    tome-jax-train --config FILE --workdir DIR                 train or fine-tune with merging
+    tome-jax-bench [--config FILE] [--device cpu|gpu|tpu]      tome_jax beside PyTorch ToMe
+    tome-jax-vis   OUTPUT.png [--model ...] [--r "2, 4, 5"]    pictures of the merges
+
+`python eval.py` and `python train.py` in the repository run the first two.
+Configs are ml_collections files; the defaults ship in `tome_jax/configs/`
+(the repository's `configs/`), and every key can be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def _config_flag(default: str, help_text: str):
+    from ml_collections import config_flags
+
+    return config_flags.DEFINE_config_file("config", str(CONFIGS / default), help_text)
+
+
+def _quiet_logs() -> None:
+    """orbax and TFDS log every step at INFO; warnings and errors only, unless asked."""
+    from absl import app, logging
+
+    if not app.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def _no_positional(argv: Sequence[str]) -> None:
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
+
+
+def eval_main() -> None:
+    """tome-jax-eval: eval.py's sweep (`tome_jax.evaluate.run`)."""
+    from absl import app
+
+    config = _config_flag("eval_cifar10.py", "Evaluation config (an ml_collections file).")
+
+    def main(argv):
+        _no_positional(argv)
+        _quiet_logs()
+        from tome_jax import evaluate
+
+        evaluate.run(config.value)
+
+    app.run(main)
+
+
+def train_main() -> None:
+    """tome-jax-train: train.py (`tome_jax.train_lib.train_and_evaluate`), or step times only."""
+    from absl import app, flags
+
+    config = _config_flag("train_cifar10.py", "Training config (an ml_collections file).")
+    workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and TensorBoard go here.")
+    step_time_r = flags.DEFINE_string(
+        "step_time_r",
+        None,
+        'Instead of training, time one train step at each of these r (e.g. "0, (8, -1)"), side by side.',
+    )
+    rounds = flags.DEFINE_integer("rounds", 10, "Timed rounds for --step_time_r.")
+
+    def main(argv):
+        _no_positional(argv)
+        _quiet_logs()
+        from tome_jax import schedules, train_lib
+
+        if step_time_r.value:
+            r_values = [schedules.r_label(r) for r in schedules.parse_r_values(step_time_r.value)]
+            rows = train_lib.compare_step_times(config.value, r_values, rounds.value)
+            print("| r | step time (s) | images/s | speed-up over the first r |\n|---|---|---|---|")
+            for row in rows:
+                print(
+                    f"| {row['r']} | {row['step_time_s']:.3f} | {row['images_per_s']:.1f} "
+                    f"| {row['speedup']:.2f}x |"
+                )
+            return
+        if not workdir.value:
+            raise app.UsageError("--workdir is required for training")
+        train_lib.train_and_evaluate(config.value, workdir.value)
+
+    app.run(main)
+
+
+def bench_main() -> None:
+    """tome-jax-bench: the side-by-side benchmark (`tome_jax.bench.run`)."""
+    from absl import app, flags
+
+    config = _config_flag("bench_cpu.py", "Benchmark config (an ml_collections file).")
+    device = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu", "tpu"], "The JAX platform to run on.")
+
+    def main(argv):
+        _no_positional(argv)
+        from tome_jax import bench
+
+        bench.select_platform(device.value)
+        bench.run(config.value, device.value)
+
+    app.run(main)
+
+
+def _vis_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tome-jax-vis",
+        description="Draws a ViT's token merges on a few dataset images into one PNG: "
+        "the images in the first row, then one row per r.",
+    )
+    parser.add_argument("output", help="the PNG to write")
+    parser.add_argument(
+        "--model",
+        default="assets/vit_tiny_p4_cifar10.safetensors",
+        help="anything tome_jax.from_timm reads: a checkpoint file (relative paths may be "
+        "relative to the repository) or a timm model name (downloads its weights)",
+    )
+    parser.add_argument("--dataset", default="bundled_cifar10", help="a tome_jax.data dataset name")
+    parser.add_argument("--data-dir", help="TFDS data directory")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--images", type=int, default=8, help="how many images (columns)")
+    parser.add_argument("--offset", type=int, default=0, help="skip this many images first")
+    parser.add_argument("--r", default="2, 4, 5", help='r specs, one row each: "4, (8, -1), [4, 4, 2]"')
+    parser.add_argument("--scale", type=int, help="integer display upscale (default: near 256 pixels)")
+    parser.add_argument(
+        "--preprocess",
+        choices=("explicit", "timm"),
+        default="explicit",
+        help="timm: the model's own timm preprocessing; explicit: the options below",
+    )
+    parser.add_argument("--mean", type=float, nargs=3, help="default: CIFAR-10's")
+    parser.add_argument("--std", type=float, nargs=3, help="default: CIFAR-10's")
+    parser.add_argument("--crop-pct", type=float, default=1.0)
+    parser.add_argument("--interpolation", default="bicubic")
+    return parser
+
+
+def vis_main(argv: Sequence[str] | None = None) -> None:
+    """tome-jax-vis: loads the model and images, draws the merges, writes the PNG."""
+    parser = _vis_parser()
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.offset < 0:
+        parser.error(f"--images must be >= 1 and --offset >= 0, got {args.images} and {args.offset}")
+    from tome_jax import data, evaluate, schedules, vis
+    from tome_jax.convert import from_timm
+
+    args.mean = args.mean or data.CIFAR10_MEAN
+    args.std = args.std or data.CIFAR10_STD
+    source = evaluate.resolve_source(args.model)
+    model, variables = from_timm(source)
+    # The options carry the preprocessing fields of an eval.py config.
+    preprocess = evaluate.preprocess_for(args, model, source)
+    count = args.offset + args.images
+    batches = data.eval_batches(data.builder(args.dataset, args.data_dir), args.split, preprocess, count, limit=count)
+    batch = next(batches)
+    images = batch["images"][batch["mask"]][args.offset :]
+    # Shown as the model saw them: the same crop, normalisation undone.
+    display = np.clip(images * np.asarray(preprocess.std) + np.asarray(preprocess.mean), 0.0, 1.0)
+    r_values = schedules.parse_r_values(args.r)
+    vis.save_png(vis.visualize(model, variables, images, display, r_values, scale=args.scale), args.output)
+    for r_value in r_values:
+        schedule = schedules.parse_r(model.depth, r_value)
+        left = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)[-1]
+        print(f"r={schedules.r_label(r_value)}: {model.num_tokens} tokens -> {left}")
+    print(f"wrote {args.output}")
+
+
+COMMANDS = {"eval": eval_main, "train": train_main, "bench": bench_main, "vis": vis_main}
+
+
+def main() -> None:
+    """`python -m tome_jax COMMAND [...]`: the console scripts without installing them."""
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m tome_jax {{{','.join(COMMANDS)}}} [options]; --help for a command's options")
+    command = sys.argv.pop(1)
+    sys.argv[0] = f"tome-jax-{command}"
+    COMMANDS[command]()

@@ -1,0 +1,60 @@
+"""Tables and result files of measured rows (eval.py's sweep, the benchmark)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+from typing import Any, Sequence
+
+
+COLUMNS = ("r", "top1", "top5", "images_per_s", "speedup", "gflops", "tokens_left", "compile_s")
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    """A Markdown table of `columns` (accuracy in %, speed-ups and ratios as `1.23x`)."""
+    def cell(key, value):
+        if value is None:
+            return "-"
+        if key in ("top1", "top5"):
+            return f"{100 * value:.2f}"
+        if key in ("speedup", "ratio"):
+            return f"{value:.2f}x"
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(k, row.get(k)) for k in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, meta: dict) -> None:
+    """sweep.json (rows + meta), sweep.csv and sweep.png (top-1 vs images/s)."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_tradeoff(rows, out / "sweep.png", title=meta.get("title", ""))
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = [row["images_per_s"] for row in rows]
+    ys = [100 * row["top1"] for row in rows]
+    ax.plot(xs, ys, "o", color="tab:blue")
+    for row, x, y in zip(rows, xs, ys):
+        ax.annotate(f"r={row['r']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("images / s")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
