@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tome_jax.vit import ViT, _pair
+from tome_jax.vit import ViT, pair
 
 # --- timm names <-> the Flax parameter tree ------------------------------------------
 
@@ -529,7 +529,7 @@ def _position_grid(
             return grid, True
         return None
 
-    to_grid = lambda size: tuple(s // p for s, p in zip(_pair(size), patch))  # noqa: E731
+    to_grid = lambda size: tuple(s // p for s, p in zip(pair(size), patch))  # noqa: E731
     if stated is not None:
         if fit(to_grid(stated)) is None:
             raise ValueError(f"pos_embed's {pos_len} positions do not fit the stated img_size {stated}")
@@ -666,7 +666,7 @@ def resample_pos_embed(
     old, new = _space_time(old_grid), _space_time(new_grid)
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     if grid.shape[1] != math.prod(old):
-        given = "x".join(map(str, _pair(old_grid)))
+        given = "x".join(map(str, pair(old_grid)))
         raise ValueError(f"pos_embed has {grid.shape[1]} grid positions, not {given}={math.prod(old)}")
     grid = grid.reshape(*old, -1).astype(np.float64)
     weights = [_resample_weights(o, n) for o, n in zip(old, new)]
@@ -677,7 +677,7 @@ def resample_pos_embed(
 
 def _space_time(grid) -> tuple[int, int, int]:
     """A side, (rows, columns) or (time, rows, columns) -> (time, rows, columns)."""
-    grid = _pair(grid)
+    grid = pair(grid)
     return grid if len(grid) == 3 else (1, *grid)
 
 

@@ -54,7 +54,8 @@ class SoftMergeSettings(NamedTuple):
 _SLICE_INSTEAD_OF_MERGE = "_slice"
 
 
-def _pair(value) -> tuple[int, int]:
+def pair(value) -> tuple[int, ...]:
+    """A size as a tuple: an int is a square's side, (n, n); a sequence is kept as given."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
@@ -65,7 +66,7 @@ def _patchify(inputs: jax.Array, kernel: tuple[int, ...]) -> jax.Array:
     """
     batch, *spatial, channels = inputs.shape
     grid = [extent // k for extent, k in zip(spatial, kernel)]
-    split = inputs.reshape(batch, *[d for pair in zip(grid, kernel) for d in pair], channels)
+    split = inputs.reshape(batch, *[d for dims in zip(grid, kernel) for d in dims], channels)
     axes = len(kernel)
     grid_axes, kernel_axes = range(1, 2 * axes, 2), range(2, 2 * axes + 1, 2)
     return split.transpose(0, *grid_axes, *kernel_axes, 2 * axes + 1)
@@ -240,11 +241,11 @@ class ViT(nn.Module):
     @property
     def image_hw(self) -> tuple[int, int]:
         """The input (height, width) the position embeddings are built for."""
-        return _pair(self.img_size)
+        return pair(self.img_size)
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        (h, w), (ph, pw) = _pair(self.img_size), _pair(self.patch_size)
+        (h, w), (ph, pw) = pair(self.img_size), pair(self.patch_size)
         _check_divisible((h, w), (ph, pw))
         return h // ph, w // pw
 
@@ -259,7 +260,7 @@ class ViT(nn.Module):
     @property
     def patch_kernel(self) -> tuple[int, ...]:
         """The patch embedding's kernel, also its stride: (ph, pw) or (tubelet, ph, pw)."""
-        patch = _pair(self.patch_size)
+        patch = pair(self.patch_size)
         return patch if self.num_frames is None else (self.tubelet_size, *patch)
 
     @property
@@ -322,7 +323,7 @@ class ViT(nn.Module):
         if len(shape) != len(self.input_shape) + 1:
             raise ValueError(f"{layout}, got {tuple(shape)}")
         *frames, height, width, channels = shape[1:]
-        _check_divisible((height, width), _pair(self.patch_size))
+        _check_divisible((height, width), pair(self.patch_size))
         if (height, width) != self.image_hw:
             raise ValueError(
                 f"image size {(height, width)} differs from the model's img_size "
