@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tome_jax.vit import ViT, pair
@@ -17,37 +19,17 @@ from tome_jax.vit import ViT, pair
 # --- position embeddings -----------------------------------------------------------
 
 
-def _resample_weights(old: int, new: int) -> np.ndarray:
-    """[new, old] interpolation matrix of torch's antialiased bicubic resize.
-
-    PIL's scheme, which torch follows for `antialias=True`: the cubic kernel with
-    a = -0.5, stretched by the scale when shrinking, truncated at the borders and
-    renormalised; pixel centres at half-integers (align_corners=False).
-    """
-    scale = old / new
-    stretch = max(scale, 1.0)
-    support = 2.0 * stretch
-    weights = np.zeros((new, old))
-    for i in range(new):
-        centre = (i + 0.5) * scale
-        lo = max(int(centre - support + 0.5), 0)
-        hi = min(int(centre + support + 0.5), old)
-        x = np.abs((np.arange(lo, hi) - centre + 0.5) / stretch)
-        a = -0.5
-        w = np.where(
-            x < 1,
-            ((a + 2) * x - (a + 3)) * x * x + 1,
-            np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0),
-        )
-        weights[i, lo:hi] = w / w.sum()
-    return weights
-
-
 def resample_pos_embed(
     pos_embed: np.ndarray, new_grid, old_grid, num_prefix_tokens: int
 ) -> np.ndarray:
     """Resizes position embeddings to another patch grid, like timm's
     `resample_abs_pos_embed` (bicubic, antialiased); prefix positions are kept.
+
+    timm calls torch's `F.interpolate(mode="bicubic", antialias=True)`: PIL's
+    scheme, Keys' cubic kernel with a = -0.5, stretched by the scale when
+    shrinking and renormalised at the borders, pixel centres at half-integers.
+    `jax.image.resize(..., "bicubic", antialias=True)` computes the same weights;
+    it runs in float32 at least (float64 with jax x64), on the default device.
 
     Video grids add time: each axis is resized alike. An image grid is one step
     of time, so image embeddings resized to a video grid repeat in every step.
@@ -65,10 +47,9 @@ def resample_pos_embed(
     if grid.shape[1] != math.prod(old):
         given = "x".join(map(str, pair(old_grid)))
         raise ValueError(f"pos_embed has {grid.shape[1]} grid positions, not {given}={math.prod(old)}")
-    grid = grid.reshape(*old, -1).astype(np.float64)
-    weights = [_resample_weights(o, n) for o, n in zip(old, new)]
-    resized = np.einsum("it,jh,kw,thwc->ijkc", *weights, grid)
-    resized = resized.reshape(1, math.prod(new), -1).astype(pos_embed.dtype)
+    grid = grid.reshape(*old, -1).astype(np.promote_types(grid.dtype, np.float32))
+    resized = jax.image.resize(jnp.asarray(grid), (*new, grid.shape[-1]), "bicubic", antialias=True)
+    resized = np.asarray(resized).reshape(1, math.prod(new), -1).astype(pos_embed.dtype)
     return np.concatenate([prefix, resized], axis=1)
 
 
