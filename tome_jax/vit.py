@@ -65,7 +65,8 @@ def tome_reduction(
     return x, size, plan
 
 
-def pair(value) -> tuple[int, int]:
+def pair(value) -> tuple[int, ...]:
+    """A size as a tuple: an int is a square's side, (n, n); a sequence is kept as given."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
@@ -76,7 +77,7 @@ def _patchify(inputs: jax.Array, kernel: tuple[int, ...]) -> jax.Array:
     """
     batch, *spatial, channels = inputs.shape
     grid = [extent // k for extent, k in zip(spatial, kernel)]
-    split = inputs.reshape(batch, *[d for pair in zip(grid, kernel) for d in pair], channels)
+    split = inputs.reshape(batch, *[d for dims in zip(grid, kernel) for d in dims], channels)
     axes = len(kernel)
     grid_axes, kernel_axes = range(1, 2 * axes, 2), range(2, 2 * axes + 1, 2)
     return split.transpose(0, *grid_axes, *kernel_axes, 2 * axes + 1)

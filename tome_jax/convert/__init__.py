@@ -1,0 +1,116 @@
+"""Weights from timm, and from the layouts timm reads, into `tome_jax.ViT`.
+
+    model, variables = from_timm("vit_base_patch16_224.augreg_in21k_ft_in1k")
+    apply = jax.jit(model.apply, static_argnames="r")
+    logits = apply(variables, images_nhwc, r=13)
+
+Sources: a timm model name (weights downloaded by timm), a timm or torchvision
+ViT module, a state dict (a mapping of names to arrays), or a checkpoint file:
+`.safetensors` (read without torch), `.pth`/`.pt`/`.bin` (torch state dicts),
+`.npz` (Google's AugReg and big_vision layouts). Every layout is first renamed
+into timm's names and tensor layouts; one rule then maps timm names onto the Flax
+parameter tree, in both directions (`to_timm_state_dict` is the way back).
+
+The architecture is read from the tensors. What they cannot tell (`num_heads`, a
+non-square patch grid, token versus average pooling when there is no `fc_norm`)
+comes from the model name, the module or the checkpoint's metadata, else from
+keyword overrides, which win over everything.
+
+torch and timm are imported only when a source needs them.
+
+The modules, in the order a conversion runs: `readers` (a source -> a
+`layouts.Checkpoint` in timm's names), `infer` (the ViT attributes), `resample`
+(position embeddings and patch kernels fitted to the model), `params` (the
+parameter tree, checked), with `names` (timm names <-> Flax paths) under them all.
+"""
+
+from __future__ import annotations
+
+from tome_jax.convert.infer import infer_config
+from tome_jax.convert.names import to_timm_state_dict
+from tome_jax.convert.params import params_from_timm, save_metric_layers, with_metric_layers
+from tome_jax.convert.readers import is_timm_name, read_source
+from tome_jax.convert.resample import INFLATIONS, resample_pos_embed
+from tome_jax.vit import ViT
+
+__all__ = [
+    "INFLATIONS",
+    "from_timm",
+    "pretrained_data_config",
+    "resample_pos_embed",
+    "save_metric_layers",
+    "to_timm_state_dict",
+]
+
+
+def from_timm(
+    source,
+    *,
+    pretrained: bool | None = None,
+    metric_layers=None,
+    inflation: str = "average",
+    checkpoint_img_size=None,
+    **overrides,
+) -> tuple[ViT, dict]:
+    """A `tome_jax.ViT` and its variables from timm weights.
+
+    Args:
+      source: a timm model name ("vit_base_patch16_224.augreg_in21k_ft_in1k", weights
+        downloaded by `timm.create_model(name, pretrained=True)`); a timm
+        VisionTransformer / VisionTransformerDistilled or torchvision
+        VisionTransformer module; a state dict; or a path to a `.safetensors`,
+        `.pth`/`.pt`/`.bin`/`.ckpt` or `.npz` (AugReg / big_vision) checkpoint.
+      pretrained: for a name only; False gives timm's random initialisation.
+      metric_layers: a file from `save_metric_layers`: DTEM metric layers added to
+        the weights of `source` (the model becomes a DTEM model).
+      checkpoint_img_size: the image size the checkpoint was trained at, for files
+        that do not say and whose position count fits more than one grid.
+      inflation: how an image patch kernel becomes a video model's tubelet kernel,
+        "average" or "central" (see `resample._inflate_patch_kernel`).
+      **overrides: any `tome_jax.ViT` attribute, winning over what is inferred,
+        e.g. `num_heads=16`, `dtype=jnp.bfloat16`, or `img_size=384`, which
+        resamples the position embeddings (bicubic, as timm does). From an image
+        checkpoint, `num_frames=` (with `tubelet_size=`) makes a video ViT: the
+        patch kernel is inflated and the position embeddings resampled to the
+        frame grid and repeated over time; `in_chans=1` a spectrogram ViT: the
+        RGB patch kernels are summed. A video checkpoint needs `num_frames=`.
+
+    Returns:
+      (model, {"params": ...}), parameters in `model.param_dtype`.
+
+    Raises:
+      ValueError: naming every missing, unexpected or mis-shaped tensor (with
+        expected and actual timm-layout shapes), or an architecture ViT lacks.
+    """
+    unknown = set(overrides) - set(ViT.__dataclass_fields__) - {"parent", "name"}
+    if unknown:
+        raise TypeError(f"unknown ViT attributes {sorted(unknown)}")
+    if inflation not in INFLATIONS:
+        raise ValueError(f"inflation must be one of {INFLATIONS}, got {inflation!r}")
+    checkpoint = read_source(source, pretrained)
+    if checkpoint_img_size is not None:
+        checkpoint = checkpoint._replace(hints={**checkpoint.hints, "img_size": checkpoint_img_size})
+    if metric_layers is not None:
+        checkpoint = with_metric_layers(checkpoint, metric_layers)
+    config, old_grid = infer_config(checkpoint, overrides)
+    model = ViT(**config)
+    return model, {"params": params_from_timm(checkpoint, model, old_grid, inflation)}
+
+
+def pretrained_data_config(source) -> dict | None:
+    """timm's preprocessing for a timm model name or module, else None.
+
+    Returns a dict with `input_size` (channels, height, width), `mean`, `std`,
+    `crop_pct`, `interpolation` and `crop_mode`, as `timm.data.resolve_data_config`.
+    """
+    if is_timm_name(source):
+        import timm.data
+        import timm.models
+
+        cfg = timm.models.get_pretrained_cfg(source)
+        return None if cfg is None else timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
+    if hasattr(source, "pretrained_cfg") and hasattr(source, "patch_embed"):
+        import timm.data
+
+        return timm.data.resolve_model_data_config(source)
+    return None

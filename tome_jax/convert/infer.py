@@ -1,0 +1,150 @@
+"""`tome_jax.ViT` attributes read from a checkpoint's timm-named tensors.
+
+What the tensors cannot tell (`num_heads` at an unusual width, a non-square grid,
+the pooling without `fc_norm`) comes from the checkpoint's hints or the overrides.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from tome_jax.convert.layouts import Checkpoint
+from tome_jax.vit import pair
+
+
+# Heads of the standard ViT widths where `width // 64` is wrong (H/14, g/14, G/14).
+_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
+
+
+def _required(arrays: Mapping[str, np.ndarray], key: str, *ndims: int) -> np.ndarray:
+    if key not in arrays:
+        raise ValueError(f"checkpoint has no {key!r}, needed to infer the architecture")
+    if arrays[key].ndim not in ndims:
+        expected = " or ".join(map(str, ndims))
+        raise ValueError(f"{key} must have {expected} dimensions, got shape {arrays[key].shape}")
+    return arrays[key]
+
+
+def _num_heads(width: int, hints: Mapping[str, Any]) -> int:
+    if "num_heads" in hints:
+        return int(hints["num_heads"])
+    if width in _HEADS_BY_WIDTH:
+        return _HEADS_BY_WIDTH[width]
+    if width % 64 == 0:
+        return width // 64
+    raise ValueError(
+        f"cannot tell the number of attention heads of a width-{width} model from its tensors; "
+        "pass num_heads="
+    )
+
+
+def _mlp_ratio(width: int, hidden: int) -> float:
+    """A ratio with `int(width * ratio) == hidden`, as ViT's Mlp computes it."""
+    ratio = hidden / width
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def _position_grid(
+    pos_len: int, prefix: int, patch, stated, requested, steps: int = 1
+) -> tuple[tuple[int, int], bool]:
+    """The patch grid the position embeddings were trained for, and whether they
+    skip the prefix tokens (`no_embed_class`).
+
+    The checkpoint's stated image size decides when there is one. Otherwise a
+    square grid and the requested image size are the candidates; when both fit the
+    positions but differ (16 positions: 4x4, or a requested 2x8), the checkpoint is
+    ambiguous and the caller must state its size. A video checkpoint has `steps`
+    tubelets in time, each with the whole grid.
+    """
+    def fit(grid):
+        patches = steps * grid[0] * grid[1]
+        if pos_len == patches + prefix:
+            return grid, False
+        if prefix and pos_len == patches:
+            return grid, True
+        return None
+
+    to_grid = lambda size: tuple(s // p for s, p in zip(pair(size), patch))  # noqa: E731
+    if stated is not None:
+        if fit(to_grid(stated)) is None:
+            raise ValueError(f"pos_embed's {pos_len} positions do not fit the stated img_size {stated}")
+        return fit(to_grid(stated))
+    squares = [fit((math.isqrt(n // steps),) * 2) for n in (pos_len - prefix, pos_len) if n > 0]
+    square = next((found for found in squares if found), None)
+    wanted = fit(to_grid(requested)) if requested is not None else None
+    if square and wanted and square != wanted:
+        raise ValueError(
+            f"pos_embed's {pos_len} positions fit a {square[0][0]}x{square[0][1]} grid and the requested "
+            f"img_size {requested}; pass checkpoint_img_size= to say which size the checkpoint has"
+        )
+    if square or wanted:
+        return square or wanted
+    raise ValueError(
+        f"pos_embed holds {pos_len} positions ({prefix} prefix tokens), which fit no square "
+        "patch grid; pass the checkpoint's own size as checkpoint_img_size="
+    )
+
+
+def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
+    """ViT attributes from timm-named tensors, hints, then overrides.
+
+    Returns (attributes, the checkpoint's patch grid).
+    """
+    arrays, hints = checkpoint.arrays, {**checkpoint.hints, **overrides}
+    has = arrays.__contains__
+    width, in_chans, *kernel = _required(arrays, "patch_embed.proj.weight", 4, 5).shape
+    # A 5-D kernel is a video checkpoint's tubelet embedding: [width, c, t, ph, pw].
+    tubelet, patch = (kernel[0], kernel[1:]) if len(kernel) == 3 else (None, kernel)
+    video = _video_config(tubelet, hints)
+    steps = video["num_frames"] // tubelet if video else 1
+    depth = 1 + max((int(m.group(1)) for k in arrays if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    class_token, distill_token = has("cls_token"), has("dist_token")
+    prefix = int(class_token) + int(distill_token)
+    pos_len = _required(arrays, "pos_embed", 3).shape[1]
+    grid, no_embed_class = _position_grid(
+        pos_len, prefix, patch, checkpoint.hints.get("img_size"), overrides.get("img_size"), steps
+    )
+    fc_norm = has("fc_norm.weight")
+    config = dict(
+        num_classes=_required(arrays, "head.weight", 2).shape[0] if has("head.weight") else 0,
+        img_size=tuple(g * p for g, p in zip(grid, patch)),
+        patch_size=tuple(patch),
+        in_chans=in_chans,
+        **video,
+        width=width,
+        depth=depth,
+        num_heads=_num_heads(width, hints),
+        mlp_ratio=_mlp_ratio(width, _required(arrays, "blocks.0.mlp.fc1.weight", 2).shape[0]),
+        qkv_bias=has("blocks.0.attn.qkv.bias"),
+        qk_norm=has("blocks.0.attn.q_norm.weight"),
+        class_token=class_token,
+        distill_token=distill_token,
+        global_pool="avg" if fc_norm or not class_token else "token",
+        fc_norm=fc_norm,
+        pre_norm=has("norm_pre.weight"),
+        no_embed_class=no_embed_class,
+        # Any value turns LayerScale on; the checkpoint's gamma replaces it.
+        layer_scale_init=1e-5 if has("blocks.0.ls1.gamma") else None,
+        # A DTEM export (to_timm_state_dict of a DTEM model) carries its metric layers.
+        dtem=has("blocks.0.metric.weight"),
+        dtem_dim=arrays["blocks.0.metric.weight"].shape[0] if has("blocks.0.metric.weight") else None,
+    )
+    if "global_pool" in checkpoint.hints:  # token or average pooling over a final `norm`
+        config["global_pool"] = checkpoint.hints["global_pool"]
+    return {**config, **overrides}, ((steps, *grid) if video else grid)
+
+
+def _video_config(tubelet: int | None, hints: Mapping[str, Any]) -> dict[str, int]:
+    """num_frames and tubelet_size of a video checkpoint ({} for an image one)."""
+    if tubelet is None:
+        return {}
+    if hints.get("num_frames") is None:
+        raise ValueError(
+            f"a video checkpoint ({tubelet}-frame tubelets) does not say how many frames its "
+            "position embeddings cover; pass num_frames="
+        )
+    return dict(num_frames=hints["num_frames"], tubelet_size=tubelet)

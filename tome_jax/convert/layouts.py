@@ -1,0 +1,196 @@
+"""Checkpoint layouts -> timm's names and tensor layouts.
+
+timm's own names (and DeiT III's original ones), torchvision's, and Google's
+`.npz` layouts (AugReg, big_vision) are each renamed, and where need be combined,
+into the timm state dict that `tome_jax.convert` reads.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+
+from tome_jax.convert.names import kernel_to_timm
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint in timm's names and layouts.
+
+    Attributes:
+      arrays: timm key -> array; keys no layout rule recognised keep their own name
+        (they are reported as unexpected).
+      source_names: timm key -> the name(s) it was read from, where they differ.
+      hints: ViT attributes the source states (num_heads, img_size, ...).
+    """
+
+    arrays: dict[str, np.ndarray]
+    source_names: dict[str, str]
+    hints: dict[str, Any]
+
+
+# Each layout's names -> timm's: regex substitutions applied in order to every key.
+_TIMM_RENAMES = (
+    (r"\.gamma_([12])$", r".ls\1.gamma"),  # DeiT III's original checkpoints
+)
+_TORCHVISION_RENAMES = (
+    (r"^conv_proj\.", "patch_embed.proj."),
+    (r"^class_token$", "cls_token"),
+    (r"^encoder\.pos_embedding$", "pos_embed"),
+    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."),
+    (r"\.ln_([12])\.", r".norm\1."),
+    (r"\.self_attention\.in_proj_(weight|bias)$", r".attn.qkv.\1"),
+    (r"\.self_attention\.out_proj\.", ".attn.proj."),
+    (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),  # torchvision's current and legacy names
+    (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."),
+    (r"^encoder\.ln\.", "norm."),
+    (r"^heads\.head\.", "head."),
+)
+# big_vision numbers the block's modules differently from AugReg; same tensors.
+_BIG_VISION_RENAMES = (
+    (r"^pos_embedding$", "Transformer/posembed_input/pos_embedding"),
+    (
+        r"^(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_0/",
+        r"\1/MultiHeadDotProductAttention_1/",
+    ),
+    (r"^(Transformer/encoderblock_\d+)/LayerNorm_1/", r"\1/LayerNorm_2/"),
+    (r"^(Transformer/encoderblock_\d+)/MlpBlock_0/", r"\1/MlpBlock_3/"),
+)
+# Where the parameters sit in a `.npz`; anything outside that prefix (optimizer
+# state) is ignored.
+_NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")
+
+
+def _rename(arrays: Mapping[str, np.ndarray], renames) -> tuple[dict, dict]:
+    """Applies a layout's renames; returns (renamed arrays, new name -> old name)."""
+    out, source_names = {}, {}
+    for name, array in arrays.items():
+        new = name
+        for pattern, replacement in renames:
+            new = re.sub(pattern, replacement, new)
+        if new in out:
+            raise ValueError(f"{name!r} and {source_names.get(new, new)!r} both map to {new!r}")
+        out[new] = array
+        if new != name:
+            source_names[new] = name
+    return out, source_names
+
+
+def _same(x):
+    return x
+
+
+def _qkv_kernel(*kernels):
+    """3 x [width, heads, head_dim] -> timm's fused [3 * width, width]."""
+    return np.concatenate([k.reshape(k.shape[0], -1).T for k in kernels])
+
+
+def _qkv_bias(*biases):
+    """3 x [heads, head_dim] -> [3 * width]."""
+    return np.concatenate([b.reshape(-1) for b in biases])
+
+
+def _out_kernel(kernel):
+    """[heads, head_dim, width] -> timm's [width, heads * head_dim]."""
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def _augreg_dense(timm_name: str, name: str, kernel=kernel_to_timm) -> dict:
+    """timm's `{timm_name}.weight/.bias` <- Google's `{name}/kernel` and `/bias`."""
+    return {
+        f"{timm_name}.weight": ((f"{name}/kernel",), kernel),
+        f"{timm_name}.bias": ((f"{name}/bias",), _same),
+    }
+
+
+def _augreg_norm(timm_name: str, name: str) -> dict:
+    """timm's LayerNorm `{timm_name}.weight/.bias` <- Google's `{name}/scale` and `/bias`."""
+    return {
+        f"{timm_name}.weight": ((f"{name}/scale",), _same),
+        f"{timm_name}.bias": ((f"{name}/bias",), _same),
+    }
+
+
+_MHA = "MultiHeadDotProductAttention_1"
+_QKV = ("query", "key", "value")
+# timm key <- (AugReg names, how they combine into timm's tensor).
+_AUGREG = {
+    **_augreg_dense("patch_embed.proj", "embedding"),
+    "cls_token": (("cls",), _same),
+    "pos_embed": (("Transformer/posembed_input/pos_embedding",), _same),
+    **_augreg_norm("norm", "Transformer/encoder_norm"),
+    **_augreg_dense("head", "head"),
+}
+# The same for each block: `blocks.{i}.` <- `Transformer/encoderblock_{i}/`.
+_AUGREG_BLOCK = {
+    **_augreg_norm("norm1", "LayerNorm_0"),
+    "attn.qkv.weight": (tuple(f"{_MHA}/{n}/kernel" for n in _QKV), _qkv_kernel),
+    "attn.qkv.bias": (tuple(f"{_MHA}/{n}/bias" for n in _QKV), _qkv_bias),
+    **_augreg_dense("attn.proj", f"{_MHA}/out", _out_kernel),
+    **_augreg_norm("norm2", "LayerNorm_2"),
+    **_augreg_dense("mlp.fc1", "MlpBlock_3/Dense_0"),
+    **_augreg_dense("mlp.fc2", "MlpBlock_3/Dense_1"),
+}
+
+
+def _canonical_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Google checkpoint variants -> AugReg names: drops the parameter prefix, splits
+    big_vision's scanned blocks (one array with a leading depth axis) into one block
+    each, renames big_vision's module numbers."""
+    prefix = next((p for p in _NPZ_PREFIXES if f"{p}embedding/kernel" in arrays), "")
+    unstacked = {}
+    for name, array in arrays.items():
+        if not name.startswith(prefix):
+            continue
+        name = name[len(prefix) :]
+        if name.startswith("Transformer/encoderblock/"):
+            rest = name[len("Transformer/encoderblock/") :]
+            unstacked.update({f"Transformer/encoderblock_{i}/{rest}": a for i, a in enumerate(array)})
+        else:
+            unstacked[name] = array
+    return _rename(unstacked, _BIG_VISION_RENAMES)[0]
+
+
+def _augreg_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+    """Google's ViT `.npz` layouts -> timm's; `num_heads` is in the attention shapes."""
+    left = _canonical_npz(arrays)
+    depth = 1 + max(
+        (int(m.group(1)) for n in left if (m := re.match(r"Transformer/encoderblock_(\d+)/", n))),
+        default=-1,
+    )
+    table = dict(_AUGREG)
+    for i in range(depth):
+        for key, (names, combine) in _AUGREG_BLOCK.items():
+            table[f"blocks.{i}.{key}"] = (tuple(f"Transformer/encoderblock_{i}/{n}" for n in names), combine)
+
+    query = left.get(f"Transformer/encoderblock_0/{_MHA}/query/kernel")
+    hints = {"num_heads": query.shape[1]} if query is not None and query.ndim == 3 else {}
+    out, source_names = {}, {}
+    for key, (names, combine) in table.items():
+        source_names[key] = ", ".join(names)
+        if not all(n in left for n in names):
+            continue  # reported as missing if the model needs it; parts left are unexpected
+        parts = [left.pop(n) for n in names]
+        try:
+            out[key] = combine(*parts)
+        except ValueError as error:
+            shapes = ", ".join(f"{n} {p.shape}" for n, p in zip(names, parts))
+            raise ValueError(f"cannot combine {shapes} into {key}: {error}") from None
+    return Checkpoint({**out, **left}, source_names, hints)
+
+
+def to_timm_layout(arrays: Mapping[str, np.ndarray], hints: dict[str, Any]) -> Checkpoint:
+    """Recognises the layout by its patch-embedding name and renames it into timm's."""
+    if "patch_embed.proj.weight" in arrays:
+        return Checkpoint(*_rename(arrays, _TIMM_RENAMES), hints)
+    if "conv_proj.weight" in arrays:
+        return Checkpoint(*_rename(arrays, _TORCHVISION_RENAMES), hints)
+    if any(f"{p}embedding/kernel" in arrays for p in _NPZ_PREFIXES):
+        checkpoint = _augreg_to_timm(arrays)
+        return checkpoint._replace(hints={**checkpoint.hints, **hints})
+    sample = ", ".join(sorted(arrays)[:8])
+    raise ValueError(
+        "unrecognised checkpoint layout: expected timm's 'patch_embed.proj.weight', "
+        f"torchvision's 'conv_proj.weight' or Google's 'embedding/kernel'; got {sample}"
+    )

@@ -1,0 +1,129 @@
+"""timm-named arrays -> the model's parameter tree, and DTEM's metric layers.
+
+Every name and shape is checked against the model; DTEM metric layers missing from
+a plain timm checkpoint start as ToMe's metric.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from tome_jax.convert.layouts import Checkpoint
+from tome_jax.convert.names import flat_params, param_shapes, timm_axes, timm_key, to_timm_state_dict
+from tome_jax.convert.resample import fit_patch_embed, fit_pos_embed
+from tome_jax.vit import ViT
+
+
+def _listing(title: str, lines: list[str], limit: int = 20) -> str:
+    more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "\n".join([f"{title}:"] + [f"  {line}" for line in lines[:limit]] + more)
+
+
+def params_from_timm(checkpoint: Checkpoint, model: ViT, old_grid, inflation: str) -> dict:
+    """timm-named arrays -> the model's parameter tree, checking every name and shape."""
+    left = dict(checkpoint.arrays)
+    named = lambda key: (  # noqa: E731
+        f"{key} (from {checkpoint.source_names[key]})" if key in checkpoint.source_names else key
+    )
+    params, missing, misshaped = {}, [], []
+    for path, leaf in flat_params(param_shapes(model)).items():
+        key = timm_key(path)
+        if key not in left and path[-2] == "metric":
+            # DTEM's metric layers are not part of timm: a DTEM model built from
+            # plain timm weights starts them fresh, ready for training.
+            params[path] = _fresh_metric_param(path, leaf.shape, model, checkpoint.arrays)
+            continue
+        if key not in left:
+            missing.append(named(key))
+            continue
+        value = left.pop(key)
+        if key == "pos_embed":
+            value = fit_pos_embed(value, model, old_grid)
+        elif key == "patch_embed.proj.weight":
+            value = fit_patch_embed(value, model, inflation)
+        axes = timm_axes(path, len(leaf.shape))
+        expected = tuple(leaf.shape[a] for a in axes)
+        if value.shape != expected:
+            misshaped.append(f"{named(key)}: expected {expected}, got {tuple(value.shape)}")
+            continue
+        params[path] = jnp.asarray(value.transpose(np.argsort(axes)), model.param_dtype)
+    unexpected = [checkpoint.source_names.get(k, k) for k in sorted(left)]
+    problems = [
+        _listing(title, lines)
+        for title, lines in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        if lines
+    ]
+    if problems:
+        raise ValueError(f"the checkpoint does not fit {_describe(model)}:\n" + "\n".join(problems))
+    return traverse_util.unflatten_dict(params)
+
+
+def _fresh_metric_param(path: tuple[str, ...], shape, model: ViT, arrays) -> jax.Array:
+    """A DTEM metric layer's kernel [width, metric_dim] or bias that starts as ToMe's metric.
+
+    The keys are a linear map of the block's normalised input, the metric layer's
+    own input, so their mean over heads is a [width, head_dim] layer: modular
+    training starts from ToMe's merges rather than random ones (from random ones,
+    390 steps on the bundled model still merged worse than ToMe). Features past
+    head_dim start at zero, which leaves the cosine similarity as it is. With
+    qk-norm the keys are not linear, and a metric narrower than a head cannot hold
+    them: there Flax's Dense initialisation (LeCun normal, zero bias), seeded by
+    the block, is used.
+    """
+    block = path[0].split("_")[1]
+    width, head_dim = model.width, model.width // model.num_heads
+    if model.qk_norm or shape[-1] < head_dim:
+        if path[-1] == "bias":
+            return jnp.zeros(shape, model.param_dtype)
+        return jax.nn.initializers.lecun_normal()(jax.random.key(int(block)), shape, model.param_dtype)
+    qkv = f"blocks.{block}.attn.qkv"
+    if path[-1] == "bias":
+        bias = arrays.get(f"{qkv}.bias")
+        keys = np.zeros(width) if bias is None else np.asarray(bias)[width : 2 * width]
+        mean = keys.reshape(model.num_heads, head_dim).mean(0)
+    else:  # timm's qkv weight is [3 * width, width], keys in the middle third
+        keys = np.asarray(arrays[f"{qkv}.weight"])[width : 2 * width]
+        mean = keys.reshape(model.num_heads, head_dim, width).mean(0).T
+    padding = [(0, 0)] * (mean.ndim - 1) + [(0, shape[-1] - head_dim)]
+    return jnp.asarray(np.pad(mean, padding), model.param_dtype)
+
+
+def _describe(model: ViT) -> str:
+    fields = ("width", "depth", "num_heads", "patch_size", "img_size", "num_classes")
+    if model.in_chans != 3:
+        fields += ("in_chans",)
+    if model.num_frames is not None:
+        fields += ("num_frames", "tubelet_size")
+    return "tome_jax.ViT(" + ", ".join(f"{f}={getattr(model, f)!r}" for f in fields) + ")"
+
+
+def with_metric_layers(checkpoint: Checkpoint, path) -> Checkpoint:
+    """Adds DTEM metric layers saved by `save_metric_layers` to a base checkpoint."""
+    from safetensors.numpy import load_file
+
+    layers = load_file(pathlib.Path(path))
+    foreign = sorted(k for k in layers if not re.fullmatch(r"blocks\.\d+\.metric\.(weight|bias)", k))
+    if foreign:
+        raise ValueError(f"{path} should hold DTEM metric layers only, but also holds {foreign[:5]}")
+    clash = sorted(set(layers) & set(checkpoint.arrays))
+    if clash:
+        raise ValueError(f"the base checkpoint already has metric layers {clash[:5]}; pass one of the two")
+    return checkpoint._replace(arrays={**checkpoint.arrays, **layers})
+
+
+def save_metric_layers(model: ViT, variables, path) -> None:
+    """Saves a DTEM model's metric layers alone (timm layout, safetensors), for
+    `from_timm(base_source, metric_layers=path)`; the ViT itself is not repeated."""
+    from safetensors.numpy import save_file
+
+    if not model.dtem:
+        raise ValueError("the model has no DTEM metric layers (dtem=False)")
+    state = to_timm_state_dict(model, variables)
+    layers = {k: v for k, v in state.items() if ".metric." in k}
+    save_file(layers, str(path), metadata={"dtem_dim": str(model.metric_dim), "depth": str(model.depth)})
