@@ -184,7 +184,7 @@ def r_values_for(model, variables, config, batch: int, images) -> tuple[dict, di
     return r_values, targets
 
 
-def keep_first_tokens(x, size, metric, r, *, class_token, distill_token):
+def keep_first_tokens(x, size, metric, r, *, num_prefix_tokens):
     """A `vit.TokenReduction` with a merge's shapes and none of its work: the first
     `tokens - r` tokens stay. Timed beside the merging model, it gives the merge's share."""
     return x[:, : x.shape[1] - r], size[:, : x.shape[1] - r], None

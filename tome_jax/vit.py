@@ -51,16 +51,17 @@ class SoftMergeSettings(NamedTuple):
 
 # How a block removes its `r` tokens between attention and MLP:
 # `(x [batch, tokens, width], size [batch, tokens], metric [batch, tokens, channels],
-# r, *, class_token, distill_token) -> (x, size, plan or None)`, `r` already clamped
-# and > 0. The plan (a `merge.MergePlan`) lets source tracking follow the tokens.
+# r, *, num_prefix_tokens) -> (x, size, plan or None)`, `r` already clamped and > 0;
+# the first `num_prefix_tokens` tokens (class, distillation) must stay first, unmerged.
+# The plan (a `merge.MergePlan`) lets source tracking follow the tokens.
 TokenReduction = Callable[..., tuple[jax.Array, jax.Array, "merge.MergePlan | None"]]
 
 
-def tome_reduction(
-    x, size, metric, r: int, *, class_token: bool, distill_token: bool, implementation: str | None = None
-):
+def tome_reduction(x, size, metric, r: int, *, num_prefix_tokens: int, implementation: str | None = None):
     """ToMe's step: bipartite soft matching on `metric`, then the size-weighted merge."""
-    plan = merge.bipartite_soft_merge(metric, r, class_token=class_token, distill_token=distill_token)
+    plan = merge.bipartite_soft_merge(
+        metric, r, class_token=num_prefix_tokens >= 1, distill_token=num_prefix_tokens >= 2
+    )
     x, size = merge.merge_wavg(plan, x, size, implementation=implementation)
     return x, size, plan
 
@@ -197,7 +198,7 @@ class Block(nn.Module):
                 tome_reduction, implementation=self.merge_implementation
             )
             x, size, plan = reduction(
-                x, size, metric, r, class_token=class_token, distill_token=distill_token
+                x, size, metric, r, num_prefix_tokens=int(class_token) + int(distill_token)
             )
 
         mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")
