@@ -6,7 +6,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import jax
@@ -18,21 +17,7 @@ import tiny_train_config
 from tome_jax import checkpoints, evaluate, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 TINY = tiny_train_config.TINY
-
-
-@pytest.fixture(scope="session")
-def small_cifar(tmp_path_factory) -> pathlib.Path:
-    """A real but small image folder: 24 train and 8 test JPEGs per CIFAR-10 class."""
-    root = tmp_path_factory.mktemp("cifar_small")
-    wanted = {"train": 24, "test": 8}
-    with tarfile.open(SHARED / "data" / "cifar10-jpg.tar.gz") as archive:
-        for member in archive:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) == 3 and int(parts[2][:4]) < wanted[parts[0]]:
-                archive.extract(member, root, filter="data")
-    return root
 
 
 def tiny_config(dataset: str, **changes):
@@ -124,8 +109,11 @@ def config_args(dataset, **changes):
 
 
 def losses(workdir) -> dict[int, float]:
-    """Train loss per step; a step logged twice (redone after a kill) keeps the last."""
+    """Train loss per step, each step logged once (a resumed run drops the rows
+    its checkpoint does not hold before it logs those steps again)."""
     records = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(s for s in set(steps) if steps.count(s) > 1)}"
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 

@@ -280,6 +280,27 @@ class MetricWriter:
             self._summary.close()
 
 
+def drop_metrics_after(path: pathlib.Path, step: int) -> None:
+    """Keeps the rows of a `metrics.jsonl` up to `step`: a run resumed from the
+    checkpoint of `step` redoes the steps after it and logs them again. A line cut
+    short by a kill is dropped too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return math.inf
+
+    kept = [line for line in lines if line.endswith("\n") and logged_step(line) <= step]
+    if len(kept) < len(lines):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept))
+        partial.replace(path)
+
+
 def build_model_and_optimizer(config, total_steps: int):
     """The config's ViT, its initial parameters (None: fresh init) and optimizer."""
     model, params, _ = evaluate.load_model(config)
@@ -381,11 +402,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
     meta = {"best_top1": None, "best_step": None}
-    if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(checkpoints.latest_step(), state, shardings)
+    restored = checkpoints.restore_latest(state, shardings)
+    if restored is not None:
+        state, meta = restored
         if is_main:
             print(f"resumed from step {int(state.step)}", flush=True)
     start_step = int(jax.device_get(state.step))
+    if is_main:
+        drop_metrics_after(workdir / "metrics.jsonl", start_step)
 
     train_iter = data.train_batches(
         train_data,

@@ -1,0 +1,116 @@
+"""Runs that meet damage: corrupt checkpoints, resumed metrics."""
+
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_train import build, tiny_config
+from tome_jax import checkpoints, train_lib
+
+NO_META = {"best_top1": None, "best_step": None}
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    """The tiny model's training state on one device (faster to save than on eight)."""
+    state, shardings, _ = build(tiny_config("unused"), train_lib.make_mesh(1, jax.devices()[:1]), total_steps=10)
+    return state, shardings
+
+
+def save_steps(directory, state, steps=(4, 8)) -> None:
+    """Checkpoints of `state` at `steps`, parameters shifted by the step."""
+    saver = checkpoints.Checkpoints(directory, async_save=False)
+    for step in steps:
+        params = jax.tree_util.tree_map(lambda p, shift=step: p + shift, state.params)
+        saver.save(state.replace(step=jnp.asarray(step, jnp.int32), params=params), NO_META)
+    saver.close()
+
+
+def largest_file(step_dir: pathlib.Path) -> pathlib.Path:
+    """The biggest file of a step: array data (orbax's OCDBT chunks)."""
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def truncate(path: pathlib.Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def zero(path: pathlib.Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+DAMAGE = {
+    "truncated data file": lambda step: truncate(largest_file(step)),
+    "missing data file": lambda step: largest_file(step).unlink(),
+    "zeroed _METADATA": lambda step: zero(step / "state" / "_METADATA"),
+    "missing meta": lambda step: (step / "meta" / "metadata").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys, tiny_state, damage):
+    like, shardings = tiny_state
+    save_steps(tmp_path, like)
+    DAMAGE[damage](tmp_path / "8")
+    saved = checkpoints.Checkpoints(tmp_path)
+    state, meta = saved.restore_latest(like, shardings)
+    assert int(state.step) == 4 and meta == NO_META
+    for got, start in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(like.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(start) + 4)
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and warning.startswith(f"warning: skipping checkpoint {tmp_path / '8'}"), warning
+    assert f"moved it to {tmp_path / '8.corrupt'}" in warning
+    # The damaged step is out of orbax's way: the resumed run saves step 8 again.
+    assert sorted(os.listdir(tmp_path)) == ["4", "8.corrupt"]
+    saved.save(state.replace(step=jnp.asarray(8, jnp.int32)), NO_META)
+    saved.wait()
+    assert sorted(os.listdir(tmp_path)) == ["4", "8", "8.corrupt"]
+
+
+def test_read_errors_name_the_file_and_say_what_failed(tmp_path, tiny_state):
+    like, shardings = tiny_state
+    save_steps(tmp_path, like, steps=(4,))
+    zero(tmp_path / "4" / "state" / "_METADATA")
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.Checkpoints(tmp_path).restore(4, like, shardings)
+    assert str(error.value) == (
+        f"{tmp_path / '4' / 'state'}: metadata does not read "
+        "(JSONDecodeError: Expecting value: line 1 column 1 (char 0))"
+    )
+
+
+def test_when_no_checkpoint_reads_the_error_lists_them_all_and_moves_none(tmp_path, tiny_state):
+    like, shardings = tiny_state
+    save_steps(tmp_path, like)
+    for step in ("4", "8"):
+        truncate(largest_file(tmp_path / step))
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint in .* reads back") as error:
+        checkpoints.Checkpoints(tmp_path).restore_latest(like, shardings)
+    assert f"{tmp_path / '8' / 'state'}: " in str(error.value) and f"{tmp_path / '4' / 'state'}: " in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == ["4", "8"]
+
+
+def test_a_checkpoint_of_another_model_is_an_error_not_a_fallback(tmp_path, tiny_state):
+    state, shardings = tiny_state
+    save_steps(tmp_path, state)
+    eleven_classes = {"bias": jnp.zeros(11), "kernel": jnp.zeros((32, 11))}
+    other = state.replace(params={**state.params, "head": eleven_classes})
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=r"params.head.bias: saved float32\[10\] vs now float32\[11\]"):
+        checkpoints.Checkpoints(tmp_path).restore_latest(other, shardings)
+    assert sorted(os.listdir(tmp_path)) == ["4", "8"]
+
+
+def test_metrics_past_the_restored_step_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "train/loss": 1.0 / s} for s in range(1, 7)] + [{"step": 4, "eval/top1": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "train/lo')  # cut by a kill
+    train_lib.drop_metrics_after(path, 4)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [r for r in rows if r["step"] <= 4]
+    train_lib.drop_metrics_after(tmp_path / "absent.jsonl", 4)  # a fresh run has none
+
