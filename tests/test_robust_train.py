@@ -1,4 +1,4 @@
-"""Runs that meet damage: corrupt checkpoints, resumed metrics."""
+"""Runs that meet damage: corrupt checkpoints, resumed metrics, diverging training."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train import build, tiny_config
+from test_train import build, config_args, run_train, tiny_config
 from tome_jax import checkpoints, train_lib
 
 NO_META = {"best_top1": None, "best_step": None}
@@ -114,3 +114,43 @@ def test_metrics_past_the_restored_step_are_dropped(tmp_path):
     assert kept == [r for r in rows if r["step"] <= 4]
     train_lib.drop_metrics_after(tmp_path / "absent.jsonl", 4)  # a fresh run has none
 
+def test_non_finite_numbers_are_found_in_metrics_and_in_the_state():
+    train_lib.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(1.0)}, 7, 5)
+    with pytest.raises(train_lib.NonFiniteError, match=r"^step 7: loss 2.3, gradient norm inf \(checked every log_every=5"):
+        train_lib.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(np.inf)}, 7, 5)
+    state = {"count": jnp.zeros((), jnp.int32), "mu": [jnp.ones(3), jnp.ones((2, 2), jnp.bfloat16)]}
+    assert bool(train_lib.all_finite(state))
+    for bad in (np.nan, np.inf, -np.inf):
+        assert not bool(train_lib.all_finite({**state, "mu": [jnp.ones(3), jnp.ones((2, 2)).at[1, 0].set(bad)]}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "log_every, message",
+    [
+        (1, r"^step 3: loss nan, gradient norm nan \(checked every log_every=1 steps\); training stopped\."),
+        # Not logged at the step it diverged: the check before the save stops it.
+        (1000, r"^step 3: the parameters or optimizer state hold NaN or infinity"),
+    ],
+)
+def test_training_stops_on_non_finite_numbers_and_never_saves_them(small_cifar, tmp_path, log_every, message):
+    # Warmup gives step 1 a learning rate of 0 and step 2 one of 5e37: parameters
+    # near 1e38 make step 3's logits overflow.
+    config = tiny_config(f"folder:{small_cifar}", learning_rate=1e38, log_every=log_every, checkpoint_every=1)
+    with pytest.raises(train_lib.NonFiniteError, match=message) as error:
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert "\n" not in str(error.value)
+    saved = checkpoints.Checkpoints(tmp_path / "checkpoints")
+    assert saved.manager.all_steps() == [1, 2]
+    like, shardings, _ = build(config, train_lib.make_mesh(1), total_steps=config.num_steps)
+    for step in (1, 2):
+        state, _ = saved.restore(step, like, shardings)
+        assert bool(train_lib.all_finite((state.params, state.opt_state)))
+
+
+@pytest.mark.slow
+def test_train_py_reports_divergence_in_one_line(small_cifar, tmp_path):
+    proc = run_train(tmp_path, config_args(f"folder:{small_cifar}", learning_rate=1e38))
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 1, out
+    assert out.splitlines()[-1].startswith("error: step 3: loss nan, gradient norm nan"), out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -74,7 +75,7 @@ def train_main() -> None:
     def main(argv):
         _no_positional(argv)
         _quiet_logs()
-        from tome_jax import schedules, train_lib
+        from tome_jax import checkpoints, schedules, train_lib
 
         if step_time_r.value:
             r_values = [schedules.r_label(r) for r in schedules.parse_r_values(step_time_r.value)]
@@ -88,7 +89,11 @@ def train_main() -> None:
             return
         if not workdir.value:
             raise app.UsageError("--workdir is required for training")
-        train_lib.train_and_evaluate(config.value, workdir.value)
+        try:
+            train_lib.train_and_evaluate(config.value, workdir.value)
+        except (train_lib.NonFiniteError, checkpoints.CheckpointError, checkpoints.CheckpointMismatchError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            train_lib.exit_now(1)
 
     app.run(main)
 
@@ -178,8 +183,6 @@ COMMANDS = {"eval": eval_main, "train": train_main, "bench": bench_main, "vis": 
 
 def main() -> None:
     """`python -m tome_jax COMMAND [...]`: the console scripts without installing them."""
-    import sys
-
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"usage: python -m tome_jax {{{','.join(COMMANDS)}}} [options]; --help for a command's options")
     command = sys.argv.pop(1)

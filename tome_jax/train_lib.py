@@ -355,6 +355,32 @@ def _with_r(config, r: str):
     return changed
 
 
+class NonFiniteError(FloatingPointError):
+    """Training diverged: a NaN or infinite loss, gradient or parameter."""
+
+
+DIVERGED_HINT = (
+    "Every checkpoint saved holds finite values; resume from the latest with a lower "
+    "learning_rate or a grad_clip, or start afresh in another workdir."
+)
+
+
+def check_finite_metrics(metrics: dict[str, Any], step: int, every: int) -> None:
+    """Raises NonFiniteError when the fetched loss or gradient norm is NaN or infinite."""
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        raise NonFiniteError(
+            f"step {step}: loss {float(metrics['loss']):.4g}, gradient norm {float(metrics['grad_norm']):.4g} "
+            f"(checked every log_every={every} steps); training stopped. {DIVERGED_HINT}"
+        )
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every float in `tree` is finite: checked on device before a save."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def exit_now(status: int) -> None:
     """Ends the process with `status` at once, all processes together.
 
@@ -404,7 +430,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     Returns the last evaluation's metrics. When SIGTERM arrives (preemption) it
     saves the step it is at, skipping an evaluation due then, and exits with status
-    143 (`exit_now`).
+    143 (`exit_now`). Raises NonFiniteError when the loss, gradient or state turns
+    NaN or infinite: checked on the metrics fetched every `log_every` steps, and on
+    the state before every evaluation and save, so no checkpoint holds them.
     """
     maybe_initialize_distributed(config.distributed)
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -427,6 +455,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if is_main:
             print(f"resumed from step {int(state.step)}", flush=True)
     start_step = int(jax.device_get(state.step))
+    # Compiles the check run before every save now, so a preemption's save never waits for it.
+    if not bool(all_finite((state.params, state.opt_state))):
+        raise NonFiniteError(f"the state at step {start_step} (initial or restored) holds NaN or infinity")
     if is_main:
         drop_metrics_after(workdir / "metrics.jsonl", start_step)
 
@@ -468,6 +499,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             progress.update()
             if step % config.log_every == 0 or step == total_steps:
                 metrics = jax.device_get(metrics)
+                check_finite_metrics(metrics, step, config.log_every)
                 elapsed = time.perf_counter() - last_log
                 metrics["step_time_s"] = elapsed / (step - last_log_step)
                 metrics["images_per_s"] = config.batch_size / metrics["step_time_s"]
@@ -478,6 +510,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             preempted = preemption.reached(step)
             evaluating = (step % config.eval_every == 0 or step == total_steps) and not preempted
             saving = evaluating or preempted or step % config.checkpoint_every == 0
+            if (evaluating or saving) and not bool(all_finite((state.params, state.opt_state))):
+                raise NonFiniteError(
+                    f"step {step}: the parameters or optimizer state hold NaN or infinity (training "
+                    f"diverged since the last check); not evaluating or saving them. {DIVERGED_HINT}"
+                )
             if evaluating:
                 eval_metrics = run_eval()
                 writer.write(step, eval_metrics, "eval")
