@@ -1,16 +1,22 @@
-"""Runs that meet damage: corrupt checkpoints, resumed metrics, diverging training."""
+"""Runs that meet damage: corrupt checkpoints, resumed metrics, diverging training; several processes."""
 
 import json
 import os
 import pathlib
+import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train import build, config_args, run_train, tiny_config
-from tome_jax import checkpoints, train_lib
+import tiny_train_config
+from test_train import REPO, build, config_args, losses, run_train, tiny_config
+from tome_jax import checkpoints, data, evaluate, train_lib
+from tome_jax.data import augment
 
 NO_META = {"best_top1": None, "best_step": None}
 
@@ -154,3 +160,127 @@ def test_train_py_reports_divergence_in_one_line(small_cifar, tmp_path):
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 1, out
     assert out.splitlines()[-1].startswith("error: step 3: loss nan, gradient norm nan"), out
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def test_the_rows_of_each_process_make_up_the_one_process_batches(small_cifar):
+    dataset = data.builder(f"folder:{small_cifar}")
+    augmentation = augment.TrainAugment(size=(32, 32), mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
+    # 240 images make 15 batches of 16 an epoch: steps 14-16 cross into the second epoch.
+    def batches(rows):
+        stream = data.train_batches(dataset, "train", augmentation, 16, seed=3, start_step=14, rows=rows)
+        return [next(stream) for _ in range(3)]
+
+    whole = batches(None)
+    halves = zip(batches((0, 6)), batches((6, 16)))
+    for one, (first, second) in zip(whole, halves, strict=True):
+        for key in ("images", "labels"):
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), one[key])
+    with pytest.raises(ValueError, match=r"rows \(8, 17\) are not a part of a global batch of 16"):
+        batches((8, 17))
+
+
+def test_each_example_is_evaluated_on_exactly_one_process(small_cifar):
+    dataset = data.builder(f"folder:{small_cifar}")
+    preprocess = data.Preprocess(size=(32, 32), mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
+
+    def labels(process_index, process_count):
+        batches = list(data.eval_batches(
+            dataset, "test", preprocess, 8, limit=27, process_index=process_index, process_count=process_count
+        ))  # fmt: skip
+        return len(batches), np.concatenate([b["labels"][b["mask"]] for b in batches])
+
+    count, everything = labels(0, 1)
+    assert len(everything) == 27
+    shares = [labels(i, 3) for i in range(3)]  # 9 examples each: 2 batches, the second mostly padding
+    assert [n for n, _ in shares] == [2, 2, 2]
+    np.testing.assert_array_equal(np.concatenate([share for _, share in shares]), everything)
+
+
+def test_distributed_keys_are_passed_to_jax_distributed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    for variable in evaluate.CLUSTER_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    config = tiny_config("unused")
+    evaluate.maybe_initialize_distributed(config)  # "auto", one process: nothing to join
+    config.update({"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1})
+    evaluate.maybe_initialize_distributed(config)
+    assert calls == [{"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 1}]
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    evaluate.maybe_initialize_distributed(tiny_config("unused"))  # JAX reads SLURM's variables itself
+    assert calls[-1] == {}
+    config.distributed = "off"
+    with pytest.raises(ValueError, match="config.distributed='off' but coordinator_address, num_processes, process_id"):
+        evaluate.maybe_initialize_distributed(config)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_processes(script: str, args: list[str], count: int, devices: int) -> list[str]:
+    """`script` as `count` processes of `devices` CPU devices each, joined through
+    jax.distributed on a free local port (CPU collectives through gloo); their outputs."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+    }
+    join = [f"--config.coordinator_address=127.0.0.1:{free_port()}", f"--config.num_processes={count}"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / script), *args, *join, f"--config.process_id={i}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(count)
+    ]  # fmt: skip
+    try:
+        outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    finally:  # one that failed leaves the others waiting for it
+        for proc in procs:
+            proc.kill()
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_evaluate_as_one_does(small_cifar, tmp_path):
+    dataset = f"folder:{small_cifar}"
+    steps = {"num_steps": 20, "checkpoint_every": 10, "eval_every": 1000}
+    two, one = tmp_path / "two", tmp_path / "one"
+    # Two processes of 2 devices, the global batch of 16 split 8 and 8.
+    run_processes("train.py", [f"--workdir={two}", *config_args(dataset, **steps)], count=2, devices=2)
+    # One process, in this one, on its 8 devices.
+    reference = train_lib.train_and_evaluate(tiny_config(dataset, **steps), str(one))
+    want = losses(one)
+    assert sorted(want) == list(range(1, 21))
+    np.testing.assert_allclose([losses(two)[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
+
+    # Stopped after step 10's checkpoint: the two processes resume from it.
+    shutil.rmtree(two / "checkpoints" / "20")
+    out = run_processes("train.py", [f"--workdir={two}", *config_args(dataset, **steps)], count=2, devices=2)[0]
+    assert "resumed from step 10" in out, out
+    got = losses(two)  # each step once
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
+    evaluated = [json.loads(line) for line in open(two / "metrics.jsonl") if "eval/top1" in line]
+    assert [(r["step"], r["eval/top1"]) for r in evaluated] == [(20, reference["top1"])]
+
+    # eval.py: each process evaluates its share of the test split; the counts add up.
+    eval_args = [
+        f"--config={REPO / 'tests' / 'tiny_train_config.py'}:eval", f"--config.dataset={dataset}",
+        f"--config.params_from={two}", "--config.params_step=latest", f"--config.workdir={tmp_path / 'eval'}",
+    ]  # fmt: skip
+    run_processes("eval.py", eval_args, count=2, devices=2)
+    (row,) = json.loads((tmp_path / "eval" / "sweep.json").read_text())["rows"]
+    config = tiny_train_config.eval_config()
+    config.update({"dataset": dataset, "params_from": str(two), "params_step": "latest", "workdir": str(tmp_path)})
+    (alone,) = evaluate.run(config)
+    assert (row["top1"], row["top5"], row["count"]) == (alone["top1"], alone["top5"], alone["count"]) == (
+        reference["top1"], reference["top5"], 80
+    )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from flax import traverse_util
@@ -42,14 +44,18 @@ def accuracy(
     """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.py).
 
     `put` turns a host batch into the arrays `predict` expects (e.g. global arrays
-    split over a device mesh); counts stay on device until the end.
+    split over a device mesh); counts stay on device until the end. Without `put`,
+    on several processes, each passes its own share and the counts are summed.
     """
     counts = jnp.zeros(3, jnp.int32)
     for batch in tqdm(batches, desc=progress, total=total, disable=progress is None, leave=False):
         batch = put(batch) if put else batch
         logits = predict(variables, batch["images"])
         counts = counts + _correct_counts(logits, batch["labels"], batch["mask"])
-    top1, top5, count = (int(c) for c in jax.device_get(counts))
+    counts = jax.device_get(counts)
+    if put is None and jax.process_count() > 1:
+        counts = multihost_utils.process_allgather(counts).sum(0)
+    top1, top5, count = (int(c) for c in counts)
     if count == 0:
         raise ValueError("no examples were evaluated")
     return {"top1": top1 / count, "top5": top5 / count, "count": count}
@@ -85,6 +91,45 @@ def sweep(
     for row in rows:
         row["speedup"] = row["images_per_s"] / baseline["images_per_s"] if baseline else None
     return rows
+
+
+# Set by cluster schedulers whose layout jax.distributed.initialize() detects itself.
+CLUSTER_VARIABLES = (
+    "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+)  # fmt: skip
+DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id")
+
+
+def maybe_initialize_distributed(config) -> None:
+    """`jax.distributed.initialize` for a run over several processes (hosts).
+
+    With the config's `coordinator_address` ("host:port" of process 0),
+    `num_processes` and `process_id` where set; else, under `distributed="auto"`,
+    when a cluster's environment (SLURM, a TPU pod, JAX_COORDINATOR_ADDRESS) is
+    detected, which JAX then reads itself. "on" always initializes, "off" never.
+    """
+    mode = config.get("distributed", "auto")
+    given = {key: config.get(key) for key in DISTRIBUTED_KEYS if config.get(key) is not None}
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.distributed must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "off":
+        if given:
+            raise ValueError(f"config.distributed='off' but {', '.join(sorted(given))} set; drop them or use 'auto'")
+        return
+    if given or mode == "on" or any(v in os.environ for v in CLUSTER_VARIABLES):
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize(**given)
+
+
+def text_of_process_zero(text: str, max_bytes: int = 4096) -> str:
+    """Process 0's `text` on every process (the same `text` on one process)."""
+    if jax.process_count() == 1:
+        return text
+    encoded = text.encode()
+    if len(encoded) > max_bytes:
+        raise ValueError(f"{len(encoded)} bytes do not fit the {max_bytes} sent between processes: {text[:80]!r}...")
+    padded = np.frombuffer(encoded.ljust(max_bytes, b"\0"), np.uint8)
+    return bytes(multihost_utils.broadcast_one_to_all(padded)).rstrip(b"\0").decode()
 
 
 def resolve_source(source: str) -> str:
@@ -160,17 +205,29 @@ def preprocess_for(config, model: ViT, source: str):
 
 
 def run(config) -> list[dict[str, Any]]:
-    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir."""
+    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir.
+
+    On several processes (`maybe_initialize_distributed`) each evaluates its share
+    of the split on its own devices in batches of `batch_size`; top-1 and top-5
+    count every example once, images/s and GFLOPs are each process's own, and
+    process 0 prints and writes the results.
+    """
+    maybe_initialize_distributed(config)
+    process_index, process_count = jax.process_index(), jax.process_count()
     r_values = schedules.parse_r_values(config.r)
     model, params, source = load_model(config)
     dataset = data.builder(config.dataset, config.data_dir)
     preprocess = preprocess_for(config, model, source)
     available = data.num_examples(dataset, config.split)
     count = min(available, config.limit) if config.limit else available
-    num_batches = -(-count // config.batch_size)
+    per_process = -(-count // process_count)
+    num_batches = -(-per_process // config.batch_size)
 
     def make_batches():
-        return data.eval_batches(dataset, config.split, preprocess, config.batch_size, limit=config.limit)
+        return data.eval_batches(
+            dataset, config.split, preprocess, config.batch_size, limit=config.limit,
+            process_index=process_index, process_count=process_count,
+        )
 
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
     if params is None:
@@ -179,7 +236,10 @@ def run(config) -> list[dict[str, Any]]:
     for r, target in budget.config_targets(
         model, variables, config, batch_size=config.batch_size, images=timing_images
     ):
-        print(f"{target}: r = {schedules.r_label(r)}")
+        # A speed-up target is measured on each process: all take process 0's choice.
+        r = schedules.parse_r_value(text_of_process_zero(schedules.r_label(r)))
+        if process_index == 0:
+            print(f"{target}: r = {schedules.r_label(r)}")
         r_values.append(r)
     rows = sweep(
         model,
@@ -201,7 +261,8 @@ def run(config) -> list[dict[str, Any]]:
         "backend": jax.default_backend(),
         "title": f"{pathlib.Path(config.model).name} on {config.dataset}/{config.split} ({count} images)",
     }
-    print(report.format_table(rows))
-    report.write_results(rows, config.workdir, meta)
-    print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
+    if process_index == 0:
+        print(report.format_table(rows))
+        report.write_results(rows, config.workdir, meta)
+        print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
     return rows

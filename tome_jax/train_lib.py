@@ -85,6 +85,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def process_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
+    """The rows [start, stop) of each global batch that this process's devices hold
+    under `batch_sharding`: what `global_batch` expects its local rows to be."""
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,)).values()
+    rows = sorted({index[0].indices(global_batch_size)[:2] for index in indices})
+    start, stop = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != stop - start:
+        raise ValueError(f"this process's devices hold rows {rows} of each batch, not one run of rows")
+    return start, stop
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays split over the mesh (multi-host safe)."""
     sharding = batch_sharding(mesh)
@@ -396,33 +407,33 @@ def exit_now(status: int) -> None:
 
 
 class Preemption:
-    """Turns SIGTERM into "save at the next step boundary, then exit"."""
+    """Turns SIGTERM into "save at the next step boundary, then exit".
+
+    On one process a Python handler notes the signal. On several, JAX's preemption
+    service (started by `jax.distributed.initialize`) receives it and names one
+    step for all processes, so none waits in a collective for one that stopped;
+    a Python handler would replace the service's, so none is installed.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def close(self) -> None:
         """Gives SIGTERM back to the handler it had before."""
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def reached(self, step: int) -> bool:
-        """True on every process once any must stop (multi-host: JAX's sync point)."""
+        """True on every process at the same step once any must stop."""
         if jax.process_count() > 1:
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
-
-
-def maybe_initialize_distributed(mode: str) -> None:
-    """`jax.distributed.initialize()` for multi-host runs ("auto": when the cluster says so)."""
-    if mode == "off":
-        return
-    cluster_vars = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-    if mode == "on" or any(v in os.environ for v in cluster_vars):
-        jax.distributed.initialize()
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -434,7 +445,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     NaN or infinite: checked on the metrics fetched every `log_every` steps, and on
     the state before every evaluation and save, so no checkpoint holds them.
     """
-    maybe_initialize_distributed(config.distributed)
+    evaluate.maybe_initialize_distributed(config)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
     mesh = make_mesh(config.fsdp)
@@ -470,8 +481,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         start_step=start_step,
         limit=config.train_limit,
         shuffle_buffer=config.shuffle_buffer,
-        process_index=process_index,
-        process_count=process_count,
+        rows=process_rows(mesh, config.batch_size),
     )
     train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
     predict = make_predict(model, schedules.parse_r_value(config.eval_r), mesh, shardings.params)

@@ -43,4 +43,12 @@ def get_config():
 
     config.timing_runs = 3  # images/s: median of this many timed batches per r
     config.workdir = "results/eval_cifar10"
+
+    # Several processes (hosts) each evaluate a share: jax.distributed.initialize
+    # "auto" when a cluster (SLURM, TPU pod) is detected or the three keys below
+    # are set, "on" always, "off" never.
+    config.distributed = "auto"
+    config.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0
+    config.num_processes = ml_collections.config_dict.placeholder(int)
+    config.process_id = ml_collections.config_dict.placeholder(int)  # 0 .. num_processes - 1
     return config

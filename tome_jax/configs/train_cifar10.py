@@ -64,9 +64,14 @@ def get_config():
     config.grad_clip = 1.0
     config.grad_accum = 1
 
-    # Parallelism: a (data, fsdp) mesh over all devices.
+    # Parallelism: a (data, fsdp) mesh over all devices of all processes (hosts).
     config.fsdp = 1
-    config.distributed = "auto"  # "on", "off", or "auto" (when a cluster is detected)
+    # jax.distributed.initialize: "auto" when a cluster (SLURM, TPU pod) is detected
+    # or the three keys below are set, "on" always, "off" never.
+    config.distributed = "auto"
+    config.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0
+    config.num_processes = ml_collections.config_dict.placeholder(int)
+    config.process_id = ml_collections.config_dict.placeholder(int)  # 0 .. num_processes - 1
 
     config.seed = 0
     config.log_every = 50

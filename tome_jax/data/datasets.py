@@ -92,17 +92,13 @@ def class_names(data: tfds.core.DatasetBuilder) -> list[str]:
 
 
 def _raw_examples(
-    data: tfds.core.DatasetBuilder, split: str, process_index: int, process_count: int
+    data: tfds.core.DatasetBuilder, split: str, start: int = 0, stop: int | None = None
 ) -> tf.data.Dataset:
-    """(encoded image bytes, label) pairs of this process's share of `split`."""
+    """(encoded image bytes, label) pairs of examples [start, stop) of `split`, in its order."""
     if split not in data.info.splits:
         raise ValueError(f"split {split!r} not in {data.name}: {list(data.info.splits)}")
-    is_folder = isinstance(data, tfds.ImageFolder)
-    if not is_folder and process_count > 1:
-        split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
     ds = data.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
-    if is_folder and process_count > 1:
-        ds = ds.shard(process_count, process_index)
+    ds = ds.skip(start) if stop is None else ds.skip(start).take(stop - start)
     return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
 
@@ -120,12 +116,14 @@ def eval_batches(
 
     Yields dicts of `images` [batch, h, w, 3] float32, `labels` [batch] int32 and
     `mask` [batch] bool (False on padding), so one compiled program sees them all.
-    Every process yields the same number of batches (all-padding ones if its share
-    runs out first), since each batch is one collective step across processes.
+    A process's share is a contiguous run of the first `limit` examples. Every
+    process yields the same number of batches (all-padding ones if its share runs
+    out first), since each batch is one collective step across processes.
     """
     total = min(limit, num_examples(data, split)) if limit else num_examples(data, split)
     per_process = -(-total // process_count)
-    ds = _raw_examples(data, split, process_index, process_count).take(per_process)
+    start = min(process_index * per_process, total)
+    ds = _raw_examples(data, split, start, min(start + per_process, total))
     ds = ds.map(
         lambda encoded, label: (preprocess_eval(decode_image(encoded), preprocess), label),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -152,7 +150,7 @@ def images_for_display(
     data: tfds.core.DatasetBuilder, split: str, count: int, offset: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` images of `split` as uint8 [count, h, w, 3], with labels."""
-    ds = _raw_examples(data, split, 0, 1).skip(offset).take(count)
+    ds = _raw_examples(data, split, offset, offset + count)
     images, labels = zip(*[(decode_image(e).numpy(), l) for e, l in ds.as_numpy_iterator()])
     return np.stack(images), np.asarray(labels)
 
@@ -177,32 +175,37 @@ def train_batches(
     start_step: int = 0,
     limit: int | None = None,
     shuffle_buffer: int = 50_000,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches of this process's share, resumable at any step.
+    """Endless training batches, resumable at any step, alike on any number of hosts.
 
     The order depends only on (`seed`, epoch) and the augmentation only on (`seed`,
     epoch, position), so restarting at `start_step` yields exactly the batches an
     uninterrupted run would have seen from that step on; skipping happens on the
     encoded bytes, before any decoding.
 
-    Yields `images` [global_batch_size / process_count, h, w, 3] float32 and
-    `labels` [same] int32.
+    `rows` = (start, stop): this process's rows of every global batch (all by
+    default). Every process reads the whole split in the same order and keeps
+    its rows before decoding, so N processes together see exactly the global
+    batches one process sees.
+
+    Yields `images` [stop - start, h, w, 3] float32 and `labels` [same] int32.
     """
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} does not split over {process_count} processes")
-    host_batch = global_batch_size // process_count
+    start, stop = rows or (0, global_batch_size)
+    if not 0 <= start < stop <= global_batch_size:
+        raise ValueError(f"rows {rows} are not a part of a global batch of {global_batch_size}")
     steps = steps_per_epoch(data, split, global_batch_size, limit)
-    raw = _raw_examples(data, split, process_index, process_count)
-    host_examples = steps * host_batch  # the same on every process
+    epoch_examples = steps * global_batch_size
+    raw = _raw_examples(data, split, 0, epoch_examples)
     epoch, step_in_epoch = divmod(start_step, steps)
     while True:
         epoch_seed = (seed * 1_000_003 + epoch) % (2**31 - 1)
-        ds = raw.take(host_examples).shuffle(
-            min(shuffle_buffer, host_examples), seed=epoch_seed, reshuffle_each_iteration=False
-        )
-        ds = ds.enumerate().skip(step_in_epoch * host_batch)
+        ds = raw.shuffle(min(shuffle_buffer, epoch_examples), seed=epoch_seed, reshuffle_each_iteration=False)
+        ds = ds.enumerate().skip(step_in_epoch * global_batch_size)
+        if (start, stop) != (0, global_batch_size):
+            ds = ds.filter(lambda position, _: tf.math.logical_and(
+                position % global_batch_size >= start, position % global_batch_size < stop
+            ))  # fmt: skip
         ds = ds.map(
             lambda position, example: (
                 augment.augment_train(
@@ -213,6 +216,6 @@ def train_batches(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-        for images, labels in ds.batch(host_batch, drop_remainder=True).prefetch(2).as_numpy_iterator():
+        for images, labels in ds.batch(stop - start, drop_remainder=True).prefetch(2).as_numpy_iterator():
             yield {"images": images, "labels": labels}
         epoch, step_in_epoch = epoch + 1, 0
