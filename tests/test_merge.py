@@ -30,10 +30,10 @@ def random_inputs(seed, batch, tokens, channels, metric_kind="normal"):
     return metric.astype(np.float32), x.astype(np.float32), size
 
 
-@functools.partial(jax.jit, static_argnames=("r", "class_token", "distill_token"))
-def bipartite_wavg(metric, x, size, r, class_token=False, distill_token=False):
-    """One compiled program per shape and flags, instead of op-by-op dispatch."""
-    plan = merge.bipartite_soft_merge(metric, r, class_token=class_token, distill_token=distill_token)
+@functools.partial(jax.jit, static_argnames=("r", "prefix"))
+def bipartite_wavg(metric, x, size, r, prefix=0):
+    """One compiled program per shape and prefix, instead of op-by-op dispatch."""
+    plan = merge.bipartite_soft_merge(metric, r, num_prefix_tokens=prefix)
     return plan, *merge.merge_wavg(plan, x, size)
 
 
@@ -55,12 +55,6 @@ def assert_matches_groups(outputs, groups_per_example, x, size):
             np.testing.assert_array_equal(np.asarray(size_out[b]), want_size, err_msg=impl)
 
 
-def flags(data):
-    class_token = data.draw(st.booleans(), "class_token")
-    distill_token = class_token and data.draw(st.booleans(), "distill_token")
-    return class_token, distill_token
-
-
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.data(),
@@ -71,15 +65,12 @@ def flags(data):
     metric_kind=st.sampled_from(["normal", "zero", "duplicated"]),
 )
 def test_merge_invariants(data, batch, tokens, r, seed, metric_kind):
-    class_token, distill_token = flags(data)
-    if tokens < int(class_token) + int(distill_token):
-        return
+    prefix = data.draw(st.integers(0, min(tokens, 5)), "prefix")  # class, distillation, registers
     metric, x, size = random_inputs(seed, batch, tokens, 4, metric_kind)
-    protected = int(class_token) + int(distill_token)
-    _, x_out, size_out = bipartite_wavg(metric, x, size, r, class_token, distill_token)
+    _, x_out, size_out = bipartite_wavg(metric, x, size, r, prefix)
     x_out, size_out = np.asarray(x_out), np.asarray(size_out)
 
-    r_eff = min(r, (tokens - protected) // 2)
+    r_eff = min(r, (tokens - prefix) // 2)
     assert x_out.shape == (batch, tokens - r_eff, 5)
     assert size_out.shape == (batch, tokens - r_eff)
     np.testing.assert_allclose(size_out.sum(1), size.sum(1))  # total size conserved
@@ -89,7 +80,7 @@ def test_merge_invariants(data, batch, tokens, r, seed, metric_kind):
     np.testing.assert_allclose(
         (x_out * size_out[..., None]).sum(1), (x * size[..., None]).sum(1), rtol=1e-4, atol=1e-4
     )
-    for i in range(protected):  # class token at 0, distillation token at 1, untouched
+    for i in range(prefix):  # prefix tokens first, in order, untouched
         np.testing.assert_allclose(x_out[:, i], x[:, i], rtol=1e-6)  # x * s / s rounds
         np.testing.assert_array_equal(size_out[:, i], size[:, i])
     if r == 0:
@@ -107,15 +98,17 @@ def test_merging_identical_tokens_is_exact(tokens, r, seed):
     np.testing.assert_allclose(np.asarray(x_out), np.broadcast_to(value, x_out.shape), rtol=1e-6)
 
 
-@pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("prefix", [0, 1, 2, 5])
 @pytest.mark.parametrize("tokens,r", [(2, 1), (9, 2), (16, 8), (17, 3), (31, 15), (40, 100)])
-def test_bipartite_matches_numpy_reference(class_token, distill_token, tokens, r):
+def test_bipartite_matches_numpy_reference(prefix, tokens, r):
+    if prefix > tokens:
+        pytest.skip("more prefix tokens than tokens")
     metric, x, size = random_inputs(tokens * 31 + r, 3, tokens, 6)
-    plan, x_out, size_out = bipartite_wavg(metric, x, size, r, class_token, distill_token)
+    plan, x_out, size_out = bipartite_wavg(metric, x, size, r, prefix)
     y = np.random.default_rng(0).normal(size=(3, plan.tokens_out, 2)).astype(np.float32)
     unmerged = np.asarray(merge.unmerge(plan, jnp.asarray(y)))
     source = np.asarray(merge.merge_source(plan, merge.initial_source(3, tokens)))
-    groups = [ref.bipartite_groups(metric[b], r, class_token, distill_token) for b in range(3)]
+    groups = [ref.bipartite_groups(metric[b], r, prefix) for b in range(3)]
     outputs = {"default": (x_out, size_out), **wavg_by_implementation(plan, x, size)}
     assert_matches_groups(outputs, groups, x, size)
     for b in range(3):
@@ -124,12 +117,24 @@ def test_bipartite_matches_numpy_reference(class_token, distill_token, tokens, r
             assert sorted(np.flatnonzero(source[b] == j)) == sorted(group)
 
 
+@pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("tokens,r", [(9, 2), (16, 8), (17, 3), (40, 100)])
+def test_prefix_rule_is_the_official_one_for_class_and_distillation_tokens(class_token, distill_token, tokens, r):
+    """The general rule's reference equals the official flags' transcription."""
+    metric = random_inputs(tokens + r, 3, tokens, 6)[0]
+    prefix = int(class_token) + int(distill_token)
+    for b in range(3):
+        assert ref.bipartite_groups(metric[b], r, prefix) == ref.official_groups(
+            metric[b], r, class_token, distill_token
+        )
+
+
 def test_merges_chain_and_unmerge_inverts_the_chain():
     """Two merges: sources compose, and unmerging both restores full resolution."""
     metric, x, _ = random_inputs(7, 2, 21, 4)
-    plan1 = merge.bipartite_soft_merge(jnp.asarray(metric), 5, class_token=True)
+    plan1 = merge.bipartite_soft_merge(jnp.asarray(metric), 5, num_prefix_tokens=1)
     x1, size1 = merge.merge_wavg(plan1, jnp.asarray(x))
-    plan2 = merge.bipartite_soft_merge(x1[..., :4], 4, class_token=True)
+    plan2 = merge.bipartite_soft_merge(x1[..., :4], 4, num_prefix_tokens=1)
     x2, size2 = merge.merge_wavg(plan2, x1, size1)
     source = merge.merge_source(plan2, merge.merge_source(plan1, merge.initial_source(2, 21)))
     matrix = np.asarray(merge.source_matrix(source, x2.shape[1]))
@@ -139,36 +144,33 @@ def test_merges_chain_and_unmerge_inverts_the_chain():
     np.testing.assert_array_equal(np.asarray(restored), expected)
 
 
-@pytest.mark.parametrize("class_token", [False, True])
+@pytest.mark.parametrize("prefix", [0, 1, 5])
 @pytest.mark.parametrize("tokens,k", [(12, 2), (13, 3), (20, 4), (9, 1)])
-def test_kth_matches_numpy_reference(class_token, tokens, k):
+def test_kth_matches_numpy_reference(prefix, tokens, k):
     metric, x, size = random_inputs(tokens + k, 2, tokens, 5)
-    plan = merge.kth_bipartite_merge(jnp.asarray(metric), k, class_token=class_token)
-    groups = [ref.kth_groups(metric[b], k, class_token) for b in range(2)]
+    plan = merge.kth_bipartite_merge(jnp.asarray(metric), k, num_prefix_tokens=prefix)
+    groups = [ref.kth_groups(metric[b], k, prefix) for b in range(2)]
     assert_matches_groups(wavg_by_implementation(plan, x, size), groups, x, size)
 
 
 def test_kth_rejects_a_stride_longer_than_the_sequence():
     with pytest.raises(ValueError, match="k=9 exceeds the 5 mergeable tokens"):
-        merge.kth_bipartite_merge(jnp.ones((1, 6, 3)), 9, class_token=True)
+        merge.kth_bipartite_merge(jnp.ones((1, 6, 3)), 9, num_prefix_tokens=1)
 
 
-@pytest.mark.parametrize("class_token,distill_token", [(False, False), (True, False), (True, True)])
-def test_random_matcher_matches_numpy_reference(class_token, distill_token):
+@pytest.mark.parametrize("prefix", [0, 1, 2, 5])
+def test_random_matcher_matches_numpy_reference(prefix):
     tokens, r = 19, 6
     metric, x, size = random_inputs(3, 4, tokens, 5)
-    plan = merge.random_bipartite_merge(
-        jnp.asarray(metric), r, jax.random.key(1), class_token=class_token, distill_token=distill_token
-    )
-    protected = int(class_token) + int(distill_token)
+    plan = merge.random_bipartite_merge(jnp.asarray(metric), r, jax.random.key(1), num_prefix_tokens=prefix)
     merged = np.asarray(plan.merged)
     assert len({tuple(sorted(m)) for m in merged}) > 1  # each example draws its own set
     groups = []
     for b in range(4):
         a_pos = sorted(merged[b])
-        assert len(a_pos) == r and min(a_pos) >= protected
-        b_pos = [i for i in range(protected, tokens) if i not in a_pos]
-        groups.append(ref.groups_into_best(metric[b], a_pos, b_pos, protected))
+        assert len(a_pos) == r and min(a_pos) >= prefix
+        b_pos = [i for i in range(prefix, tokens) if i not in a_pos]
+        groups.append(ref.groups_into_best(metric[b], a_pos, b_pos, prefix))
     assert_matches_groups(wavg_by_implementation(plan, x, size), groups, x, size)
 
 
@@ -177,7 +179,7 @@ def test_jit_vmap_and_eager_agree():
     stacked = np.stack([metric, metric[::-1]]), np.stack([x, x[::-1]]), np.stack([size, size[::-1]])
 
     def step(m, x, s):
-        return merge.merge_wavg(merge.bipartite_soft_merge(m, 7, class_token=True), x, s)
+        return merge.merge_wavg(merge.bipartite_soft_merge(m, 7, num_prefix_tokens=1), x, s)
 
     eager = [step(*(jnp.asarray(a[i]) for a in stacked)) for i in range(2)]
     jitted = jax.jit(jax.vmap(step))(*(jnp.asarray(a) for a in stacked))
@@ -192,11 +194,11 @@ def test_gradients_flow_like_pooling(implementation):
     metric, x, size = random_inputs(5, 2, 15, 4)
 
     def total(x, metric):
-        plan = merge.bipartite_soft_merge(metric, 5, class_token=True)
+        plan = merge.bipartite_soft_merge(metric, 5, num_prefix_tokens=1)
         return merge.merge_wavg(plan, x, jnp.asarray(size), implementation=implementation)[0].sum()
 
     grad_x, grad_metric = jax.grad(total, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(metric))
-    plan = merge.bipartite_soft_merge(jnp.asarray(metric), 5, class_token=True)
+    plan = merge.bipartite_soft_merge(jnp.asarray(metric), 5, num_prefix_tokens=1)
     group_size = np.asarray(merge.merge_sum(plan, jnp.asarray(size)))
     dest = np.asarray(plan.dest)
     want = size / np.take_along_axis(group_size, dest, axis=1)
@@ -207,7 +209,7 @@ def test_gradients_flow_like_pooling(implementation):
 def test_implementations_agree_in_values_and_gradients():
     """Weighted sums of the outputs, differentiated in x and in size, by every implementation."""
     metric, x, size = random_inputs(9, 3, 23, 4)
-    plan = merge.bipartite_soft_merge(jnp.asarray(metric), 7, class_token=True, distill_token=True)
+    plan = merge.bipartite_soft_merge(jnp.asarray(metric), 7, num_prefix_tokens=2)
     weights = np.random.default_rng(1).normal(size=(3, plan.tokens_out, 5)).astype(np.float32)
 
     @jax.jit
@@ -247,7 +249,7 @@ def test_gradients_are_finite_for_degenerate_metrics():
 
 def test_one_compilation_serves_every_batch():
     step = jax.jit(
-        lambda m, x: merge.merge_wavg(merge.bipartite_soft_merge(m, 6, class_token=True), x)
+        lambda m, x: merge.merge_wavg(merge.bipartite_soft_merge(m, 6, num_prefix_tokens=1), x)
     )
     for seed in range(4):
         metric, x, _ = random_inputs(seed, 2, 20, 4)
@@ -258,8 +260,9 @@ def test_one_compilation_serves_every_batch():
 def test_r_is_clamped_at_trace_time():
     metric = jnp.asarray(random_inputs(0, 1, 11, 3)[0])
     assert merge.bipartite_soft_merge(metric, 100).tokens_out == 11 - 5
-    assert merge.bipartite_soft_merge(metric, 100, class_token=True).tokens_out == 11 - 5
-    assert merge.bipartite_soft_merge(metric, 100, class_token=True, distill_token=True).tokens_out == 11 - 4
+    assert merge.bipartite_soft_merge(metric, 100, num_prefix_tokens=1).tokens_out == 11 - 5
+    assert merge.bipartite_soft_merge(metric, 100, num_prefix_tokens=2).tokens_out == 11 - 4
+    assert merge.bipartite_soft_merge(metric, 100, num_prefix_tokens=5).tokens_out == 11 - 3
     assert merge.clamp_r(3, 11, 1) == 3
     assert merge.clamp_r(9, 11, 1) == 5
     assert merge.clamp_r(9, 1, 1) == 0
@@ -269,6 +272,10 @@ def test_r_is_clamped_at_trace_time():
         merge.bipartite_soft_merge(metric, 2.5)
     with pytest.raises(TypeError, match="r must be a Python int"):
         merge.bipartite_soft_merge(metric, jnp.int32(2))
+    with pytest.raises(ValueError, match=r"num_prefix_tokens must be in \[0, 11\] for 11 tokens, got 12"):
+        merge.bipartite_soft_merge(metric, 2, num_prefix_tokens=12)
+    with pytest.raises(TypeError, match="num_prefix_tokens must be a Python int"):
+        merge.bipartite_soft_merge(metric, 2, num_prefix_tokens=True)
 
 
 def test_parse_r_reproduces_the_official_schedules():

@@ -52,16 +52,15 @@ class SoftMergeSettings(NamedTuple):
 # How a block removes its `r` tokens between attention and MLP:
 # `(x [batch, tokens, width], size [batch, tokens], metric [batch, tokens, channels],
 # r, *, num_prefix_tokens) -> (x, size, plan or None)`, `r` already clamped and > 0;
-# the first `num_prefix_tokens` tokens (class, distillation) must stay first, unmerged.
+# the first `num_prefix_tokens` tokens (class, distillation, registers) must stay
+# first, unmerged, in their order.
 # The plan (a `merge.MergePlan`) lets source tracking follow the tokens.
 TokenReduction = Callable[..., tuple[jax.Array, jax.Array, "merge.MergePlan | None"]]
 
 
 def tome_reduction(x, size, metric, r: int, *, num_prefix_tokens: int, implementation: str | None = None):
     """ToMe's step: bipartite soft matching on `metric`, then the size-weighted merge."""
-    plan = merge.bipartite_soft_merge(
-        metric, r, class_token=num_prefix_tokens >= 1, distill_token=num_prefix_tokens >= 2
-    )
+    plan = merge.bipartite_soft_merge(metric, r, num_prefix_tokens=num_prefix_tokens)
     x, size = merge.merge_wavg(plan, x, size, implementation=implementation)
     return x, size, plan
 
@@ -150,14 +149,14 @@ class Block(nn.Module):
         size: jax.Array,
         *,
         r: int,
-        class_token: bool,
-        distill_token: bool,
+        num_prefix_tokens: int,
         prop_attn: bool,
         train: bool = False,
         soft_merge: SoftMergeSettings | None = None,
         n: int = 0,
     ) -> tuple[jax.Array, jax.Array, merge.MergePlan | None]:
-        """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int.
+        """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int; the
+        first `num_prefix_tokens` tokens (class, distillation, registers) never merge.
 
         With `metric_dim`, merging uses DTEM's decoupled embedding of the block's
         normalised input instead of the keys; with `soft_merge` (DTEM training) the
@@ -189,7 +188,7 @@ class Block(nn.Module):
         x = self._residual(x, y, "1", train)
 
         plan = None
-        r = merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token))
+        r = merge.clamp_r(r, x.shape[1], num_prefix_tokens)
         if soft_merge is not None:
             soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
             x, size = soft.x, soft.size
@@ -197,9 +196,7 @@ class Block(nn.Module):
             reduction = self.reduction or functools.partial(
                 tome_reduction, implementation=self.merge_implementation
             )
-            x, size, plan = reduction(
-                x, size, metric, r, num_prefix_tokens=int(class_token) + int(distill_token)
-            )
+            x, size, plan = reduction(x, size, metric, r, num_prefix_tokens=num_prefix_tokens)
 
         mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")
         x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
@@ -484,8 +481,7 @@ class ViT(nn.Module):
                 x,
                 size,
                 r=block_r,
-                class_token=self.class_token,
-                distill_token=self.distill_token,
+                num_prefix_tokens=self.num_prefix_tokens,
                 prop_attn=prop_attn,
                 train=train,
                 soft_merge=soft,
