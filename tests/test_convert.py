@@ -448,13 +448,13 @@ def test_overrides_win_over_inference():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(reg_tokens=4), "4 register tokens"),
-        (dict(global_pool="map"), "global_pool='map'"),
-        (dict(act_layer="gelu_tanh"), "not exact GELU"),
-        (dict(norm_layer=partial(torch.nn.LayerNorm, eps=1e-5)), "eps=1e-05, not 1e-6"),
+        (dict(act_layer="relu"), r"blocks.0.mlp.act is ReLU, not one of \['gelu'"),
+        (dict(mlp_layer=timm.layers.GluMlp), r"GluMlp gating its second half \(gate_last=True\)"),
+        (dict(global_pool="avgmax"), "global_pool='avgmax'"),
+        (dict(global_pool="avg", pool_include_prefix=True), "pool_include_prefix=True"),
         (dict(block_fn=timm.models.vision_transformer.ResPostBlock), "blocks.0 is ResPostBlock"),
     ],
-    ids=["registers", "map_pool", "tanh_gelu", "eps", "res_post_block"],
+    ids=["relu", "glu_gate_last", "avgmax_pool", "pool_include_prefix", "res_post_block"],
 )
 def test_timm_features_vit_lacks_are_refused(kwargs, message):
     module = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1, **kwargs)
