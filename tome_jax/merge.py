@@ -199,7 +199,9 @@ def _check_prefix(num_prefix_tokens: int, tokens: int) -> int:
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
         raise TypeError(f"num_prefix_tokens must be a Python int, got {num_prefix_tokens!r}")
     if not 0 <= num_prefix_tokens <= tokens:
-        raise ValueError(f"num_prefix_tokens must be in [0, {tokens}] for {tokens} tokens, got {num_prefix_tokens}")
+        raise ValueError(
+            f"num_prefix_tokens must be in [0, {tokens}] for {tokens} tokens, got {num_prefix_tokens}"
+        )
     return int(num_prefix_tokens)
 
 

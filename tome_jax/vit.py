@@ -182,7 +182,9 @@ class AttentionPool(nn.Module):
             query, kv[:, :, 0], kv[:, :, 1], size, implementation=self.attn_implementation
         )
         out = dense(width, "proj")(out.reshape(batch, 1, width))
-        mlp = Mlp(int(width * self.mlp_ratio), self.act_layer, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")
+        mlp = Mlp(
+            int(width * self.mlp_ratio), self.act_layer, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp"
+        )
         out = out + mlp(layer_norm("norm", self.dtype, self.param_dtype, self.norm_eps)(out))
         return out[:, 0]
 
@@ -667,7 +669,9 @@ _SO400M = dict(width=1152, depth=27, num_heads=16, mlp_ratio=3.7362, **_SIGLIP)
 # prefix tokens; the giant's MLP is a packed SwiGLU (fc1 of 2 x 4096 features).
 _DINOV2 = dict(patch_size=14, img_size=518, layer_scale_init=1e-5, num_classes=0)
 _REG4 = dict(reg_tokens=4, no_embed_class=True)
-_G_DINOV2 = dict(width=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed", act_layer="silu")
+_G_DINOV2 = dict(
+    width=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed", act_layer="silu"
+)
 _VIDEO = dict(
     num_frames=16, tubelet_size=2, class_token=False, global_pool="avg", num_classes=400
 )

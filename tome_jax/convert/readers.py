@@ -37,7 +37,9 @@ _INVISIBLE_TIMM_OPTIONS = {
 # arguments, and `norm_eps` (timm's `norm_layer` is a class, not JSON).
 _CONFIG_HINTS = ("num_heads", "img_size", "global_pool", "act_layer", "norm_eps")
 # timm's activation modules by class name -> `ViT.act_layer` (nn.GELU by its `approximate`).
-_ACTIVATION_NAMES = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "Swish": "silu"}
+_ACTIVATION_NAMES = {
+    "GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "Swish": "silu"
+}
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -188,9 +190,13 @@ def _timm_module_hints(model) -> dict[str, Any]:
     for i, block in enumerate(model.blocks):
         kinds = (type(block).__name__, type(block.attn).__name__, type(block.mlp).__name__)
         if kinds[:2] != ("Block", "Attention") or kinds[2] not in ("Mlp", "GluMlp", "SwiGLU"):
-            problems.append(f"blocks.{i} is {'/'.join(kinds)}, not timm's Block/Attention/Mlp, GluMlp or SwiGLU")
+            problems.append(
+                f"blocks.{i} is {'/'.join(kinds)}, not timm's Block/Attention/Mlp, GluMlp or SwiGLU"
+            )
         elif kinds[2] == "GluMlp" and block.mlp.gate_last:
-            problems.append(f"blocks.{i}.mlp is a GluMlp gating its second half (gate_last=True), not SwiGLUPacked")
+            problems.append(
+                f"blocks.{i}.mlp is a GluMlp gating its second half (gate_last=True), not SwiGLUPacked"
+            )
         activations.append((f"blocks.{i}.mlp.act", block.mlp.act))
     if model.global_pool == "map":
         problems += _map_head_problems(model)
