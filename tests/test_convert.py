@@ -25,9 +25,9 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from test_vit import jit_apply  # noqa: E402
 from tome_jax import ViT, convert, from_timm, pretrained_data_config, to_timm_state_dict, torch_tome  # noqa: E402
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
-CIFAR_MODEL = SHARED / "models" / "vit_tiny_p4_cifar10.safetensors"
-CIFAR_DATA = SHARED / "data" / "cifar10-jpg.tar.gz"
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
+CIFAR_MODEL = ASSETS / "vit_tiny_p4_cifar10.safetensors"
+CIFAR_DATA = ASSETS / "cifar10-jpg.tar.gz"
 CIFAR_CLASSES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGES_PER_CLASS = 20
@@ -201,7 +201,7 @@ def cifar_test_images():
 
 @functools.cache
 def cifar_timm_model():
-    """Loaded as ../shared/README.md says, independently of tome_jax."""
+    """timm's VisionTransformer from the constructor arguments in the file's metadata, independently of tome_jax."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -214,8 +214,6 @@ def cifar_timm_model():
 
 @pytest.fixture(scope="module")
 def cifar():
-    if not CIFAR_MODEL.exists() or not CIFAR_DATA.exists():
-        pytest.skip("../shared CIFAR-10 checkpoint or data not present")
     model, variables = from_timm(CIFAR_MODEL)
     return model, variables, cifar_timm_model(), *cifar_test_images()
 
@@ -330,8 +328,6 @@ def test_pth_round_trip(tmp_path):
 
 
 def test_safetensors_loads_without_torch():
-    if not CIFAR_MODEL.exists():
-        pytest.skip("../shared CIFAR-10 checkpoint not present")
     code = f"""
 import sys
 import tome_jax

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from tome_jax import checkpoints, evaluate, train_lib
+from tome_jax import checkpoints, data, evaluate, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 TINY = tiny_train_config.TINY
 
 
@@ -27,7 +26,7 @@ def small_cifar(tmp_path_factory) -> pathlib.Path:
     """A real but small image folder: 24 train and 8 test JPEGs per CIFAR-10 class."""
     root = tmp_path_factory.mktemp("cifar_small")
     wanted = {"train": 24, "test": 8}
-    with tarfile.open(SHARED / "data" / "cifar10-jpg.tar.gz") as archive:
+    with tarfile.open(data.BUNDLED_CIFAR10) as archive:
         for member in archive:
             parts = member.name.split("/")
             if member.isfile() and len(parts) == 3 and int(parts[2][:4]) < wanted[parts[0]]:
