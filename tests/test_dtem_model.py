@@ -164,11 +164,13 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
         model, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=dtem_dim)
         logits = model.apply(variables, images, r=(8, -1))
         np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, err_msg=str(dtem_dim))
+    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
+    assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
+    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)
     # Without a qkv bias (the bias starts at zero) and with several heads.
-    from timm.models.vision_transformer import VisionTransformer
-
-    no_bias = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                                qkv_bias=False, num_classes=10).eval()
+    timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="a timm module: pip install -e '.[torch]'")
+    no_bias = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                         qkv_bias=False, num_classes=10).eval()
     (plain, plain_variables), (learned, learned_variables) = (
         tome_jax.from_timm(no_bias, **dtem) for dtem in ({}, {"dtem": True})
     )
@@ -176,6 +178,3 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
         np.asarray(learned.apply(learned_variables, images, r=3)),
         np.asarray(plain.apply(plain_variables, images, r=3)), atol=1e-5,
     )
-    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
-    assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
-    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)
