@@ -8,6 +8,7 @@ import re
 import tarfile
 from functools import partial
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,7 +325,7 @@ def test_pth_round_trip(tmp_path):
     assert max_abs_diff(torch_logits(reloaded, images), torch_logits(module, images)) == 0
     model2, variables2 = from_timm(path)
     assert model2 == model
-    jax.tree_util.tree_map(np.testing.assert_array_equal, variables2, variables)
+    chex.assert_trees_all_equal(variables2, variables)
 
 
 def test_pretrained_data_config():

@@ -1,5 +1,6 @@
 """DTEM in the ViT: metric layers, soft merge in training, modular training, saving alone."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,8 +147,7 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
     assert path.stat().st_size < 700_000  # the metric layers only, not the 21 MB ViT
     loaded_model, loaded = tome_jax.from_timm(base, metric_layers=path)
     assert loaded_model.dtem and loaded_model.metric_dim == 64
-    for (name, a), b in zip(flat(noisy["params"]).items(), flat(loaded["params"]).values()):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    chex.assert_trees_all_equal(loaded, noisy)
     with pytest.raises(ValueError, match="already has metric layers"):
         tome_jax.from_timm(tome_jax.to_timm_state_dict(model, noisy), metric_layers=path)
     with pytest.raises(ValueError, match="has no DTEM metric layers"):

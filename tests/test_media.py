@@ -3,6 +3,7 @@ inflated to video and summed to one channel."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,7 +172,7 @@ def test_video_checkpoints_round_trip_in_videomaes_layout():
         tome_jax.from_timm(state)
     loaded, loaded_variables = convert(state, num_frames=4)
     assert (loaded.num_frames, loaded.tubelet_size, loaded.token_grid) == (4, 2, (2, 4, 4))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded_variables, variables)
+    chex.assert_trees_all_equal(loaded_variables, variables)
 
 
 @pytest.mark.parametrize(

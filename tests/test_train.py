@@ -9,6 +9,7 @@ import sys
 import tarfile
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,7 @@ def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
     for name, (loss1, loss2, other) in results.items():
         assert abs(loss1 - first) < 1e-5, name
         assert abs(loss2 - second) < 1e-5, name  # the update agrees too
-        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(other)):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+        chex.assert_trees_all_close(other, params, rtol=1e-7, atol=1e-5, custom_message=name)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -169,14 +169,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
     (step_a, params_a), (step_b, params_b) = final_params(straight), final_params(killed)
     assert step_a == step_b == steps
-    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(params_b, params_a, rtol=1e-6, atol=1e-7)
 
     # eval.py's --config.params_from reads the same parameters, on one device.
     model, _, _ = evaluate.load_model(tiny_config("unused"))
     restored = evaluate.trained_params(str(straight), "latest", model)
-    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(restored)):
-        np.testing.assert_array_equal(a, np.asarray(b))
+    chex.assert_trees_all_equal(restored, params_a)
     dtem_model, _, _ = evaluate.load_model(tiny_config("unused", model_overrides={**TINY, "dtem": True}))
     with pytest.raises(ValueError, match="method=dtem"):
         evaluate.trained_params(str(straight), "best", dtem_model)
