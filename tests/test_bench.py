@@ -16,6 +16,7 @@ from test_vit import SMALL
 REPO = data.REPO
 
 
+@pytest.mark.slow
 def test_benchmark_command_writes_every_column(tmp_path):
     pytest.importorskip("timm", reason="the PyTorch columns need the torch extra: pip install -e '.[torch]'")
     out = tmp_path / "bench.json"

@@ -219,6 +219,7 @@ def cifar():
     return model, variables, cifar_timm_model(), *cifar_test_images()
 
 
+@pytest.mark.slow
 def test_cifar_checkpoint_r0_matches_timm(cifar):
     model, variables, module, images, labels = cifar
     got, want = tome_jax_logits(model, variables, images), torch_logits(module, images)
@@ -227,6 +228,7 @@ def test_cifar_checkpoint_r0_matches_timm(cifar):
     assert (got.argmax(1) == labels).mean() > 0.5  # 59.77% on the full test set
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r", [3, (6, -1), (8, -1)], ids=str)
 def test_cifar_merging_matches_torch_tome(cifar, r):
     model, variables, module, images, _ = cifar
@@ -236,6 +238,7 @@ def test_cifar_merging_matches_torch_tome(cifar, r):
     assert max_abs_diff(got, want) < 1e-4
 
 
+@pytest.mark.slow
 def test_torch_tome_at_r0_is_timm(cifar):
     _, _, module, images, _ = cifar
     want = torch_logits(module, images[:8])

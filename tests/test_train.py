@@ -56,6 +56,7 @@ def one_step_loss(mesh, config, batch):
     return float(metrics["loss"]), float(metrics2["loss"]), jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
     assert jax.device_count() == 8, "conftest asks for 8 host devices"
     config = tiny_config("bundled_cifar10", mixup_alpha=0.8, cutmix_alpha=1.0)
@@ -99,6 +100,7 @@ def test_a_few_steps_with_merging_lower_the_loss(dtype):
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_step_times_are_compared_side_by_side(small_cifar):
     config = tiny_config(f"folder:{small_cifar}")
     rows = train_lib.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
@@ -143,6 +145,7 @@ def final_params(workdir):
     return step, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path):
     dataset = f"folder:{small_cifar}"
     steps = 120  # long beside the first checkpoint (step 4), so the kill lands mid-run
@@ -180,6 +183,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path)
         evaluate.trained_params(str(straight), "best", dtem_model)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_was_at(small_cifar, tmp_path):
     workdir = tmp_path / "preempted"
     proc = run_train(workdir, config_args(f"folder:{small_cifar}", num_steps=1000, checkpoint_every=1000, eval_every=1000))
