@@ -1,4 +1,5 @@
-"""A plain NumPy ToMe, written from ../shared/ALGORITHMS.md, one example at a time.
+"""A plain NumPy ToMe, one example at a time, written from the conventions the README states
+(its sections "The merge as a function" and "The ViT").
 
 It is deliberately naive (Python loops, lists of groups) so that it shares no code
 and no vectorisation trick with tome_jax.

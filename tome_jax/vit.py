@@ -730,7 +730,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_224_mae": dict(**_B, patch_size=16, global_pool="avg"),
     "vit_large_patch16_224_mae": dict(**_L, patch_size=16, global_pool="avg"),
     "vit_huge_patch14_224_mae": dict(**_H, patch_size=14, global_pool="avg"),
-    # The bundled CIFAR-10 model (../shared/models/vit_tiny_p4_cifar10.safetensors).
+    # The bundled CIFAR-10 model (assets/vit_tiny_p4_cifar10.safetensors).
     "vit_tiny_patch4_32": dict(**_TI, patch_size=4, img_size=32, num_classes=10),
     # Video (Kinetics-400), the ToMe paper's video setting (MAE-ST; VideoMAE alike):
     # 16 frames of 224x224 in 2x16x16 tubelets, 8 x 14 x 14 = 1568 tokens with joint
