@@ -79,12 +79,13 @@ def jit_apply(model):
 
 
 def random_variables(model, images, seed=0):
-    """Initialised, then every leaf redrawn so that no zero-initialised head hides a bug."""
-    variables = model.init(jax.random.key(seed), images)
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [0.3 * jax.random.normal(k, leaf.shape) + (leaf.ndim == 1) * 0.5 for k, leaf in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(tree, leaves)
+    """Every leaf drawn at random, so that no zero-initialised head hides a bug. Only the
+    shapes come from `init`, traced abstractly, and NumPy draws the values: running `init`
+    and JAX's generator op by op compiles each op alone, which takes long."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, jax.random.key(seed), images)
+    draw = lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape) + (leaf.ndim == 1) * 0.5, jnp.float32)  # noqa: E731
+    return jax.tree_util.tree_map(draw, shapes)
 
 
 def images_for(cfg, batch=2, seed=0):
