@@ -36,15 +36,19 @@ def test_soft_merge_in_training_keeps_shapes_and_size_hard_merge_at_inference():
     model = tome_jax.ViT(**SMALL)
     images = random_images()
     variables = model.init(jax.random.key(0), images)
-    apply = jax.jit(model.apply, static_argnames=("r", "train", "return_state", "soft_merge"))
-    _, soft = apply(variables, images, r=(3, -1), train=True, return_state=True)
-    assert soft.tokens.shape == (4, 17, 48)  # the soft merge removes no token
-    np.testing.assert_allclose(np.asarray(soft.size.sum(1)), 17.0, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(soft.size[:, 0]), 1.0)  # class token untouched
-    sizes = np.asarray(soft.size)
+    apply = jax.jit(model.apply, static_argnames=("r", "train", "mutable", "soft_merge"))
+    _, state = apply(variables, images, r=(3, -1), train=True, mutable="intermediates")
+    tokens, sizes = (np.asarray(state["intermediates"][name][0]) for name in ("tokens", "size"))
+    assert tokens.shape == (4, 17, 48)  # the soft merge removes no token
+    np.testing.assert_allclose(sizes.sum(1), 17.0, rtol=1e-5)
+    np.testing.assert_allclose(sizes[:, 0], 1.0)  # class token untouched
     assert ((sizes < 0.5).sum(1) >= 1).all() and (sizes.max(1) > 1.5).all(), "mass moved from A to B"
-    _, hard = apply(variables, images, r=(3, -1), train=False, return_state=True)
+    with pytest.raises(ValueError, match="block 0 recorded no merge plan"):
+        tome_jax.token_features(state["intermediates"])  # soft merges cannot be traced back
+    _, state = apply(variables, images, r=(3, -1), train=False, mutable="intermediates")
+    hard = tome_jax.token_features(state["intermediates"])
     assert hard.tokens.shape[1] < 17  # inference merges for real, on the learned metric
+    np.testing.assert_array_equal(np.asarray(hard.size.sum(1)), 17.0)
     with pytest.raises(ValueError, match="soft_merge needs a DTEM model"):
         tome_jax.ViT(**{**SMALL, "dtem": False}).apply(
             variables, images, r=2, soft_merge=True
@@ -62,7 +66,8 @@ def test_metric_layers_read_a_detached_input():
             {"params": params}, images, r=0, capture_intermediates=lambda m, _: m.name == "metric",
             mutable=["intermediates"],
         )
-        return sum(out.sum() for out in jax.tree_util.tree_leaves(state["intermediates"]))
+        metric_outputs = [out for name, out in flat(state["intermediates"]).items() if "/metric/" in name]
+        return sum(out[0].sum() for out in metric_outputs)
 
     grads = flat(jax.jit(jax.grad(metric_sum))(params))
     for name, grad in grads.items():

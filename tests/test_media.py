@@ -59,10 +59,11 @@ def test_video_vit_is_the_image_vit_over_space_time_tokens(variant):
     got = jit_apply(model)(variables, videos, r=0)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
     # Merging sees the same flat sequence: same groups, same logits.
-    got, state = jit_apply(model)(variables, videos, r=(5, -1), trace_source=True, return_state=True)
-    want, twin_state = jit_apply(twin)(twin_variables, images, r=(5, -1), trace_source=True, return_state=True)
+    got, state = jit_apply(model)(variables, videos, r=(5, -1), mutable="intermediates")
+    want, twin_state = jit_apply(twin)(twin_variables, images, r=(5, -1), mutable="intermediates")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(state.source), np.asarray(twin_state.source))
+    source, twin_source = (tome_jax.token_features(s["intermediates"]).source for s in (state, twin_state))
+    np.testing.assert_array_equal(np.asarray(source), np.asarray(twin_source))
 
 
 @pytest.mark.parametrize("variant", sorted(MEDIA))
@@ -72,17 +73,18 @@ def test_merging_counts_tokens_and_protects_the_class_token(variant):
     variables = random_variables(model, inputs)
     assert model.num_tokens == math.prod(model.token_grid) + model.num_prefix_tokens
     for r in ((6, -1), (5,)):  # (5,): per layer, padded to [5, 0]
-        logits, state = jit_apply(model)(variables, inputs, r=r, trace_source=True, return_state=True)
+        logits, state = jit_apply(model)(variables, inputs, r=r, mutable="intermediates")
+        final = tome_jax.token_features(state["intermediates"])
         tokens = schedules.tokens_per_layer(model.num_tokens, schedules.parse_r(model.depth, r), model.num_prefix_tokens)
         assert logits.shape == (2, 5) and np.isfinite(np.asarray(logits)).all()
-        assert state.tokens.shape == (2, tokens[-1], model.width)
-        np.testing.assert_array_equal(np.asarray(state.size.sum(1)), model.num_tokens)
-        source = np.asarray(state.source)
+        assert final.tokens.shape == (2, tokens[-1], model.width)
+        np.testing.assert_array_equal(np.asarray(final.size.sum(1)), model.num_tokens)
+        source = np.asarray(final.source)
         counts = np.stack([np.bincount(s, minlength=tokens[-1]) for s in source])
-        np.testing.assert_array_equal(counts, np.asarray(state.size))
+        np.testing.assert_array_equal(counts, np.asarray(final.size))
         if model.class_token:
             np.testing.assert_array_equal(source[:, 0], 0)
-            np.testing.assert_array_equal(np.asarray(state.size[:, 0]), 1)
+            np.testing.assert_array_equal(np.asarray(final.size[:, 0]), 1)
 
 
 @pytest.mark.parametrize("variant", ["video_gap", "audio"])

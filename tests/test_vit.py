@@ -1,5 +1,6 @@
 """The Flax ViT: r = 0 equals a plain ViT, merging behaves, configs and errors."""
 
+import functools
 import math
 
 import jax
@@ -119,7 +120,7 @@ def plain_vit(params, images, cfg):
     return dense(pooled, params["head"])
 
 
-STATIC = ("r", "train", "prop_attn", "trace_source", "return_state")
+STATIC = ("r", "train", "prop_attn", "mutable")
 
 
 def jit_apply(model):
@@ -128,12 +129,13 @@ def jit_apply(model):
 
 
 def random_variables(model, images, seed=0):
-    """Initialised, then every leaf redrawn so that no zero-initialised head hides a bug."""
-    variables = model.init(jax.random.key(seed), images)
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [0.3 * jax.random.normal(k, leaf.shape) + (leaf.ndim == 1) * 0.5 for k, leaf in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(tree, leaves)
+    """Every leaf drawn at random, so that no zero-initialised head hides a bug. Only the
+    shapes come from `init`, traced abstractly, and NumPy draws the values: running `init`
+    and JAX's generator op by op compiles each op alone, which takes long."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, jax.random.key(seed), images)
+    draw = lambda leaf: jnp.asarray(0.3 * rng.standard_normal(leaf.shape) + (leaf.ndim == 1) * 0.5, jnp.float32)  # noqa: E731
+    return jax.tree_util.tree_map(draw, shapes)
 
 
 def images_for(cfg, batch=2, seed=0):
@@ -181,18 +183,19 @@ def test_merging_keeps_protected_tokens_and_conserves_size(variant):
     images = images_for(cfg)
     variables = random_variables(model, images)
     for r in (2, (3, -1), (5, 0, 1)):  # a per-layer tuple is hashable, so jit-static
-        logits, state = jit_apply(model)(variables, images, r=r, trace_source=True, return_state=True)
+        logits, state = jit_apply(model)(variables, images, r=r, mutable="intermediates")
+        final = tome_jax.token_features(state["intermediates"])
         schedule = schedules.parse_r(cfg["depth"], r)
         tokens = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
-        assert state.tokens.shape == (2, tokens[-1], cfg["width"])
-        np.testing.assert_array_equal(np.asarray(state.size.sum(1)), model.num_tokens)
+        assert final.tokens.shape == (2, tokens[-1], cfg["width"])
+        np.testing.assert_array_equal(np.asarray(final.size.sum(1)), model.num_tokens)
         assert logits.shape == (2, cfg["num_classes"]) and np.isfinite(np.asarray(logits)).all()
-        source = np.asarray(state.source)
+        source = np.asarray(final.source)
         for i in range(model.num_prefix_tokens):
-            np.testing.assert_array_equal(np.asarray(state.size[:, i]), 1)
+            np.testing.assert_array_equal(np.asarray(final.size[:, i]), 1)
             np.testing.assert_array_equal(source[:, i], i)
         counts = np.stack([np.bincount(s, minlength=tokens[-1]) for s in source])
-        np.testing.assert_array_equal(counts, np.asarray(state.size))
+        np.testing.assert_array_equal(counts, np.asarray(final.size))
 
 
 def test_gap_pooling_weights_merged_tokens_by_size():
@@ -200,9 +203,10 @@ def test_gap_pooling_weights_merged_tokens_by_size():
     model = tome_jax.ViT(**cfg)
     images = images_for(cfg)
     variables = random_variables(model, images)
-    pooled, state = jit_apply(model)(variables, images, r=3, return_state=True)
-    weights = np.asarray(state.size)[..., None]
-    want = (np.asarray(state.tokens, np.float64) * weights).sum(1) / weights.sum(1)
+    pooled, state = jit_apply(model)(variables, images, r=3, mutable="intermediates")
+    final = tome_jax.token_features(state["intermediates"])
+    weights = np.asarray(final.size)[..., None]
+    want = (np.asarray(final.tokens, np.float64) * weights).sum(1) / weights.sum(1)
     fc_norm = jax.tree_util.tree_map(np.asarray, variables["params"]["fc_norm"])
     np.testing.assert_allclose(np.asarray(pooled), layer_norm(want, fc_norm), rtol=1e-4, atol=1e-4)
 
@@ -225,6 +229,58 @@ def test_attention_pool_counts_patches():
         np.testing.assert_allclose(pooled[b], np.asarray(want)[0], rtol=1e-5, atol=1e-5)
     plain = np.asarray(pool.apply(variables, x, jnp.ones(size.shape)))
     assert np.abs(plain - pooled).max() > 1e-3  # the sizes matter
+
+
+@pytest.mark.parametrize("variant", ["distilled", "gap_no_class_token"])
+def test_block_features_equal_a_model_cut_after_the_block(variant):
+    cfg = {**SMALL, **VARIANTS[variant], "depth": 4}
+    model = tome_jax.ViT(**cfg)
+    images = images_for(cfg)
+    variables = random_variables(model, images)
+    schedule = schedules.parse_r(4, (3, -1))
+    _, state = jit_apply(model)(variables, images, r=schedule, mutable="intermediates")
+    intermediates = state["intermediates"]
+    counts = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
+    for k in range(4):
+        assert intermediates[f"blocks_{k}"]["tokens"][0].shape == (2, counts[k + 1], cfg["width"])
+
+    # Block 2's output is the output of the same model cut after block 2.
+    cut = model.clone(depth=3)
+    params = {k: v for k, v in variables["params"].items() if k != "blocks_3"}
+    _, cut_state = jit_apply(cut)({"params": params}, images, r=schedule[:3], mutable="intermediates")
+    want = tome_jax.token_features(cut_state["intermediates"], block=-1)
+    for block in (2, -2):
+        got = tome_jax.token_features(intermediates, block)
+        np.testing.assert_allclose(np.asarray(got.tokens), np.asarray(want.tokens), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got.size), np.asarray(want.size))
+        np.testing.assert_array_equal(np.asarray(got.source), np.asarray(want.source))
+
+    # The final tokens are the last block's after the final norm (none with fc_norm).
+    last, final = tome_jax.token_features(intermediates, -1), tome_jax.token_features(intermediates)
+    norm = variables["params"].get("norm")
+    want = np.asarray(last.tokens) if norm is None else layer_norm(np.asarray(last.tokens, np.float64), norm)
+    np.testing.assert_allclose(np.asarray(final.tokens), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(final.size), np.asarray(last.size))
+    np.testing.assert_array_equal(np.asarray(final.source), np.asarray(last.source))
+
+
+def test_features_refuse_what_they_cannot_read():
+    """Checked while tracing, as under `jax.jit`: `jax.eval_shape` runs nothing."""
+    model = tome_jax.ViT(**SMALL)
+    images = images_for(SMALL)
+    variables = random_variables(model, images)
+    logits = jax.eval_shape(functools.partial(model.apply, r=2), variables, images)
+    assert logits.shape == (2, SMALL["num_classes"])  # without the collection: logits alone
+    apply = functools.partial(model.apply, r=2, mutable="intermediates")
+    intermediates = jax.eval_shape(apply, variables, images)[1]["intermediates"]
+    patches = lambda model: jax.eval_shape(functools.partial(tome_jax.patch_features, model), intermediates)  # noqa: E731
+    assert patches(model).shape == (2, 4, 4, SMALL["width"])
+    with pytest.raises(ValueError, match=r"no blocks in these intermediates: pass state\['intermediates'\]"):
+        tome_jax.token_features({"intermediates": intermediates})
+    with pytest.raises(ValueError, match="block 3 is out of range for a ViT of 3 blocks"):
+        tome_jax.token_features(intermediates, block=3)
+    with pytest.raises(ValueError, match="trace 17 input tokens, but the model has 5"):
+        patches(model.clone(img_size=8))
 
 
 def test_r_is_chosen_per_call_and_compiles_once_per_schedule():

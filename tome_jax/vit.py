@@ -13,6 +13,8 @@ token sequence and merge it the same way.
     model = create_model("vit_base_patch16_224")
     variables = model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
     logits = model.apply(variables, images, r=(16, -1))   # any r, same parameters
+    logits, state = model.apply(variables, images, r=8, mutable="intermediates")
+    tokens = tome_jax.token_features(state["intermediates"]).tokens  # features, sizes, sources
 """
 
 from __future__ import annotations
@@ -27,21 +29,6 @@ import jax.numpy as jnp
 
 from tome_jax import dtem, merge, schedules
 from tome_jax.attention import Attention, layer_norm, proportional_attention
-
-
-class MergeState(NamedTuple):
-    """What the merges left behind at the end of the encoder.
-
-    Attributes:
-      tokens: [batch, tokens, width] final tokens (after the final norm).
-      size: [batch, tokens] input tokens (patches and prefix tokens) each holds.
-      source: [batch, input_tokens] the final token holding each input token, or
-        None when not traced (`merge.source_matrix` gives the official matrix).
-    """
-
-    tokens: jax.Array
-    size: jax.Array
-    source: jax.Array | None
 
 
 class SoftMergeSettings(NamedTuple):
@@ -240,7 +227,7 @@ class Block(nn.Module):
         train: bool = False,
         soft_merge: SoftMergeSettings | None = None,
         n: int = 0,
-    ) -> tuple[jax.Array, jax.Array, merge.MergePlan | None]:
+    ) -> tuple[jax.Array, jax.Array]:
         """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int; the
         first `num_prefix_tokens` tokens (class, distillation, registers) never merge.
 
@@ -249,9 +236,10 @@ class Block(nn.Module):
         merge is DTEM's soft merge over the first `n` tokens, which keeps the
         sequence length and fades merged tokens to size 0.
 
-        Returns x [batch, tokens - r', dim], size [batch, tokens - r'] and the
-        merge plan (None when nothing was hard-merged), r' being r after the clamp
-        (0 for a soft merge, which removes no token).
+        Returns x [batch, tokens - r', dim] and size [batch, tokens - r'], r' being
+        r after the clamp (0 for a soft merge, which removes no token). With the
+        "intermediates" collection mutable, also records x, size and where each
+        input token went (`_sow_intermediates`).
         """
         norm = lambda name: layer_norm(name, self.dtype, self.param_dtype, self.norm_eps)  # noqa: E731
         attn = Attention(
@@ -274,7 +262,7 @@ class Block(nn.Module):
             )(jax.lax.stop_gradient(h))
         x = self._residual(x, y, "1", train)
 
-        plan = None
+        plan, tokens_in = None, x.shape[1]
         r = merge.clamp_r(r, x.shape[1], num_prefix_tokens)
         if soft_merge is not None:
             soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
@@ -295,7 +283,24 @@ class Block(nn.Module):
             name="mlp",
         )
         x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
-        return x, size, plan
+        if self.is_mutable_collection("intermediates"):
+            self._sow_intermediates(x, size, plan, tokens_in, soft=soft_merge is not None)
+        return x, size
+
+    def _sow_intermediates(self, x, size, plan, tokens_in: int, *, soft: bool):
+        """Records the block's output for downstream models (`tome_jax.features`).
+
+        The `plan` (a `merge.MergePlan`, the identity when nothing merged) says where
+        each input token went. It is left out where no plan says so: after a soft
+        merge, which keeps every token, and after a reduction that removed tokens
+        without returning a plan.
+        """
+        self.sow("intermediates", "tokens", x)
+        self.sow("intermediates", "size", size)
+        if plan is None and not soft and x.shape[1] == tokens_in:
+            plan = merge.identity_plan(x.shape[0], tokens_in)
+        if plan is not None:
+            self.sow("intermediates", "plan", plan)
 
 
 class ViT(nn.Module):
@@ -438,15 +443,13 @@ class ViT(nn.Module):
                 f"tubelet_size {self.tubelet_size}"
             )
 
-    def _soft_merge_settings(self, soft: bool, trace_source: bool) -> SoftMergeSettings | None:
+    def _soft_merge_settings(self, soft: bool) -> SoftMergeSettings | None:
         if not soft:
             return None
         if not self.dtem:
             raise ValueError("soft_merge needs a DTEM model (dtem=True)")
         if self.num_prefix_tokens != 1 or not self.class_token:
             raise ValueError("DTEM's soft merge expects exactly one prefix token, a class token")
-        if trace_source:
-            raise ValueError("source tracking needs hard merges; the soft merge keeps every token")
         return self.dtem_soft_merge
 
     def _check_input(self, shape: tuple[int, ...]):
@@ -566,11 +569,17 @@ class ViT(nn.Module):
         r: schedules.RSpec = 0,
         train: bool = False,
         prop_attn: bool = True,
-        trace_source: bool = False,
-        return_state: bool = False,
         soft_merge: bool | None = None,
-    ):
+    ) -> jax.Array:
         """Classifies images (or videos), merging tokens in every block.
+
+        Applied with `mutable="intermediates"` it returns `(logits, {"intermediates":
+        ...})`, what downstream models take (Flax's `sow`: a tuple, one entry per
+        call): under `blocks_i` the block's output `tokens` [batch, tokens_i, width]
+        (before any norm), their `size` [batch, tokens_i] and the merge `plan` (left
+        out after DTEM's soft merge); at the top the final `tokens` (after the final
+        norm, as timm's `forward_features`) and `size`. `tome_jax.token_features`
+        and `tome_jax.patch_features` read them. Otherwise nothing is recorded.
 
         Args:
           images: [batch, height, width, in_chans], or [batch, num_frames, height,
@@ -580,30 +589,25 @@ class ViT(nn.Module):
           train: enables stochastic depth (needs a 'dropout' rng).
           prop_attn: proportional attention (on for supervised models and for
             training with merging; off for off-the-shelf MAE models).
-          trace_source: record which final token holds each input token.
-          return_state: also return a `MergeState`.
           soft_merge: DTEM's differentiable soft merge instead of the hard one;
             None means "when training a DTEM model" (its inference is hard).
 
         Returns:
-          logits [batch, num_classes] (pooled features when num_classes == 0),
-          and the `MergeState` when `return_state`.
+          logits [batch, num_classes] (pooled features [batch, width] when
+          num_classes == 0).
         """
         self._validate()
         schedule = schedules.parse_r(self.depth, r)
         x = self._embed(images)
         batch, tokens, _ = x.shape
         size = jnp.ones((batch, tokens), jnp.float32)
-        source = merge.initial_source(batch, tokens) if trace_source else None
-        soft = self._soft_merge_settings(
-            (train and self.dtem) if soft_merge is None else soft_merge, trace_source
-        )
+        soft = self._soft_merge_settings((train and self.dtem) if soft_merge is None else soft_merge)
         # The soft merge keeps every token; block i lets the first participants[i] take part.
         participants = schedules.tokens_per_layer(tokens, schedule, protected=1)
 
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i, block_r in enumerate(schedule):
-            x, size, plan = Block(
+            x, size = Block(
                 self.num_heads,
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=self.qkv_bias,
@@ -631,19 +635,16 @@ class ViT(nn.Module):
                 soft_merge=soft,
                 n=participants[i],
             )
-            if plan is not None and source is not None:
-                source = merge.merge_source(plan, source)
 
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = self._norm("norm")(x)
+        self.sow("intermediates", "tokens", x)
+        self.sow("intermediates", "size", size)
         pooled = self._pool(x, size)
         if use_fc_norm:
             pooled = self._norm("fc_norm")(pooled)
-        logits = self._head(pooled)
-        if return_state:
-            return logits, MergeState(tokens=x, size=size, source=source)
-        return logits
+        return self._head(pooled)
 
 
 def _check_divisible(image_hw, patch_hw):
