@@ -193,7 +193,7 @@ def test_each_example_is_evaluated_on_exactly_one_process(small_cifar):
         return len(batches), np.concatenate([b["labels"][b["mask"]] for b in batches])
 
     count, everything = labels(0, 1)
-    assert len(everything) == 27
+    assert (count, len(everything)) == (4, 27)
     shares = [labels(i, 3) for i in range(3)]  # 9 examples each: 2 batches, the second mostly padding
     assert [n for n, _ in shares] == [2, 2, 2]
     np.testing.assert_array_equal(np.concatenate([share for _, share in shares]), everything)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +42,7 @@ def one_step_loss(mesh, config, batch):
     return float(metrics["loss"]), float(metrics2["loss"]), jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
     assert jax.device_count() == 8, "conftest asks for 8 host devices"
     config = tiny_config("bundled_cifar10", mixup_alpha=0.8, cutmix_alpha=1.0)
@@ -62,8 +64,7 @@ def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
     for name, (loss1, loss2, other) in results.items():
         assert abs(loss1 - first) < 1e-5, name
         assert abs(loss2 - second) < 1e-5, name  # the update agrees too
-        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(other)):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+        chex.assert_trees_all_close(other, params, rtol=1e-7, atol=1e-5, custom_message=name)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -85,6 +86,7 @@ def test_a_few_steps_with_merging_lower_the_loss(dtype):
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_step_times_are_compared_side_by_side(small_cifar):
     config = tiny_config(f"folder:{small_cifar}")
     rows = train_lib.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
@@ -132,6 +134,7 @@ def final_params(workdir):
     return step, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path):
     dataset = f"folder:{small_cifar}"
     steps = 120  # long beside the first checkpoint (step 4), so the kill lands mid-run
@@ -158,14 +161,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
     (step_a, params_a), (step_b, params_b) = final_params(straight), final_params(killed)
     assert step_a == step_b == steps
-    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(params_b, params_a, rtol=1e-6, atol=1e-7)
 
     # eval.py's --config.params_from reads the same parameters, on one device.
     model, _, _ = evaluate.load_model(tiny_config("unused"))
     restored = evaluate.trained_params(str(straight), "latest", model)
-    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(restored)):
-        np.testing.assert_array_equal(a, np.asarray(b))
+    chex.assert_trees_all_equal(restored, params_a)
     dtem_model, _, _ = evaluate.load_model(tiny_config("unused", model_overrides={**TINY, "dtem": True}))
     with pytest.raises(ValueError, match="method=dtem"):
         evaluate.trained_params(str(straight), "best", dtem_model)
