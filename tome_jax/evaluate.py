@@ -159,18 +159,33 @@ def preprocess_for(config, model: ViT, source: str):
     )
 
 
+def check_num_classes(model: ViT, dataset, name: str) -> None:
+    """The model's head must have one output per class of the dataset."""
+    classes = len(data.class_names(dataset))
+    if classes != model.num_classes:
+        raise ValueError(
+            f"{name} has {classes} classes but the model's head has {model.num_classes} outputs; "
+            f"use a model with a {classes}-class head, or a dataset of the model's {model.num_classes} classes"
+        )
+
+
 def run(config) -> list[dict[str, Any]]:
     """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir."""
     r_values = schedules.parse_r_values(config.r)
     model, params, source = load_model(config)
-    dataset = data.builder(config.dataset, config.data_dir)
+    dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
+    check_num_classes(model, dataset, config.dataset)
     preprocess = preprocess_for(config, model, source)
-    available = data.num_examples(dataset, config.split)
-    count = min(available, config.limit) if config.limit else available
+    count = data.num_examples(dataset, config.split, config.limit)
+    if count == 0:
+        raise ValueError(f"split {config.split!r} of {config.dataset} has no examples")
     num_batches = -(-count // config.batch_size)
+    skipped = data.SkippedExamples()
 
     def make_batches():
-        return data.eval_batches(dataset, config.split, preprocess, config.batch_size, limit=config.limit)
+        return data.eval_batches(
+            dataset, config.split, preprocess, config.batch_size, limit=config.limit, on_skip=skipped
+        )
 
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
     if params is None:
@@ -200,8 +215,11 @@ def run(config) -> list[dict[str, Any]]:
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "title": f"{pathlib.Path(config.model).name} on {config.dataset}/{config.split} ({count} images)",
+        "skipped": skipped.names,  # undecodable images, counted out of every row
     }
     print(report.format_table(rows))
     report.write_results(rows, config.workdir, meta)
+    if skipped.names:
+        print(f"skipped {len(skipped.names)} undecodable image(s), counted out: {', '.join(skipped.names)}")
     print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
     return rows

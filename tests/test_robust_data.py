@@ -1,0 +1,228 @@
+"""Runs that survive bad input: undecodable images, both folder layouts, TFDS
+download, r checked before anything loads, one-line mistakes, non-finite logits."""
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import tome_jax
+from tome_jax import cli, data, evaluate, report, schedules
+from tome_jax.configs import eval_cifar10
+from tome_jax.data import augment
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog", "fox")
+PER_CLASS = 3
+SIZE = 8
+
+
+def pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def write_images(directory: pathlib.Path, first_seed: int, per_class: int = PER_CLASS) -> dict[str, np.ndarray]:
+    """PNGs (lossless, so every decoder agrees with PIL) of random pixels, by path."""
+    written = {}
+    for label, name in enumerate(CLASSES):
+        (directory / name).mkdir(parents=True)
+        for i in range(per_class):
+            path = directory / name / f"{i}.png"
+            Image.fromarray(pixels(first_seed + 10 * label + i)).save(path)
+            written[str(path)] = (pixels(first_seed + 10 * label + i), label)
+    return written
+
+
+def write_bad_images(directory: pathlib.Path) -> list[str]:
+    """A truncated JPEG, an empty file and random bytes named like an image."""
+    jpeg = io.BytesIO()
+    Image.fromarray(pixels(99)).save(jpeg, "JPEG")
+    bad = {
+        directory / "cat" / "truncated.jpg": jpeg.getvalue()[:200],
+        directory / "dog" / "empty.jpg": b"",
+        directory / "fox" / "noise.png": np.random.default_rng(0).bytes(300),
+    }
+    for path, content in bad.items():
+        path.write_bytes(content)
+    return sorted(str(path) for path in bad)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """root/<split>/<class>/<image>: clean "train", and "test" with three bad files."""
+    train = write_images(tmp_path / "train", 0)
+    test = write_images(tmp_path / "test", 100)
+    return tmp_path, train, test, write_bad_images(tmp_path / "test")
+
+
+PLAIN = data.Preprocess(size=(SIZE, SIZE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+# ---------------------------------------------------------------- 1. bad data
+
+
+def test_evaluation_counts_undecodable_images_out_and_names_them(folder):
+    root, _, test, bad = folder
+    skipped = []
+    batches = list(data.eval_batches(data.builder(f"folder:{root}"), "test", PLAIN, 4, on_skip=skipped.extend))
+    assert len(batches) == 3  # 12 files in batches of 4: the count is the files', bad ones padded
+    assert sorted(skipped) == bad
+    images = np.concatenate([b["images"][b["mask"]] for b in batches])
+    labels = np.concatenate([b["labels"][b["mask"]] for b in batches])
+    assert len(images) == len(test) == 9
+    # Every kept row is one good file, decoded as PIL decodes it, with its label.
+    expected = {(pixels.tobytes(), label) for pixels, label in test.values()}
+    got = {(np.round(image * 255).astype(np.uint8).tobytes(), label) for image, label in zip(images, labels)}
+    assert got == expected
+
+
+def test_training_replaces_undecodable_images_in_their_batch_and_resumes_the_same(folder):
+    root, _, test, bad = folder
+    dataset = data.builder(f"folder:{root}")
+    augmentation = augment.TrainAugment(  # the identity: rows are the files' pixels
+        size=(SIZE, SIZE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop="padded", padding=0, hflip=False,
+        rand_augment_layers=0, erasing_prob=0.0,
+    )
+
+    def batches(start_step, count, skipped):
+        it = data.train_batches(dataset, "test", augmentation, 4, seed=1, start_step=start_step, on_skip=skipped.extend)
+        return [next(it) for _ in range(count)]
+
+    skipped = []
+    run = batches(0, 6, skipped)  # two epochs of three steps
+    assert sorted(set(skipped)) == bad and len(skipped) == 2 * len(bad)
+    good = {pixels.tobytes() for pixels, _ in test.values()}
+    for batch in run:
+        assert batch["images"].shape == (4, SIZE, SIZE, 3)
+        rows = {np.round(image * 255).astype(np.uint8).tobytes() for image in batch["images"]}
+        assert rows <= good  # a bad file's row holds another example of the batch
+    resumed = batches(4, 2, [])
+    for a, b in zip(run[4:], resumed):
+        np.testing.assert_array_equal(a["images"], b["images"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def test_a_folder_lists_as_tfds_image_folder_does(folder):
+    """The same order and labels as tfds.ImageFolder, the reference for this layout."""
+    import tensorflow_datasets as tfds
+
+    root, *_ = folder
+    ours = data.builder(f"folder:{root}")
+    reference = tfds.ImageFolder(str(root))
+    assert list(ours.class_names) == reference.info.features["label"].names
+    for split in ("train", "test"):
+        ds = reference.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        expected = [(ex["image/filename"].decode(), int(ex["label"])) for ex in ds.as_numpy_iterator()]
+        assert list(ours.splits[split]) == expected
+
+
+def test_a_folder_of_class_folders_is_the_one_split_all(tmp_path):
+    written = write_images(tmp_path / "flat", 0)
+    dataset = data.builder(f"folder:{tmp_path / 'flat'}")
+    assert data.split_names(dataset) == ["all"] and list(dataset.class_names) == list(CLASSES)
+    assert {path: label for path, label in dataset.splits["all"]} == {p: l for p, (_, l) in written.items()}
+    with pytest.raises(ValueError, match=r"split 'test' not in .* it has \['all'\]"):
+        data.num_examples(dataset, "test")
+    (tmp_path / "flat" / "nested" / "inner").mkdir(parents=True)
+    with pytest.raises(ValueError, match="mixes layouts: nested/ holds folders"):
+        data.builder(f"folder:{tmp_path / 'flat'}")
+
+
+def test_a_dataset_whose_classes_do_not_fit_the_head_is_an_error(folder):
+    root, *_ = folder
+    model = tome_jax.ViT(img_size=SIZE, patch_size=4, width=16, depth=1, num_heads=2, num_classes=10)
+    with pytest.raises(ValueError, match=r"has 3 classes but the model's head has 10 outputs"):
+        evaluate.check_num_classes(model, data.builder(f"folder:{root}"), "my_data")
+
+
+def test_a_missing_tfds_dataset_is_prepared_and_a_corrupt_record_is_named(tmp_path):
+    """A local TFDS builder (nothing from the network), one of its records not an image."""
+    import tensorflow_datasets as tfds
+
+    class TinyNoisyImages(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+        def _split_generators(self, dl_manager):
+            return {"test": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(5):
+                png = io.BytesIO()
+                Image.fromarray(pixels(i)).save(png, "PNG")
+                yield i, {"image": io.BytesIO(png.getvalue() if i != 3 else b"no image"), "label": i % 3}
+
+    with pytest.raises(FileNotFoundError, match="not prepared in .* download=True"):
+        data.builder("tiny_noisy_images", str(tmp_path), download=False)
+    dataset = data.builder("tiny_noisy_images", str(tmp_path))
+    assert dataset.is_prepared() and data.num_examples(dataset, "test") == 5
+    skipped = []
+    (batch,) = data.eval_batches(dataset, "test", PLAIN, 8, on_skip=skipped.extend)
+    assert batch["mask"].sum() == 4
+    # The name is the record's tfds_id (file and index): that record is the corrupt one.
+    records = dataset.as_dataset(
+        split="test", decoders={"image": tfds.decode.SkipDecoding()}, read_config=tfds.ReadConfig(add_tfds_id=True)
+    )
+    named = {ex["tfds_id"].decode(): ex["image"] for ex in records.as_numpy_iterator()}
+    assert len(skipped) == 1 and named[skipped[0]] == b"no image"
+
+
+def tiny_eval_config(root, workdir, **changes):
+    config = eval_cifar10.get_config()
+    config.model = "vit_tiny_patch4_32"
+    config.pretrained = False
+    config.model_overrides = dict(width=16, depth=2, num_heads=2, patch_size=4, img_size=SIZE, num_classes=3)
+    config.dataset = f"folder:{root}"
+    config.batch_size = 4
+    config.timing_runs = 1
+    config.workdir = str(workdir)
+    config.update(changes)
+    return config
+
+
+def test_eval_writes_the_names_of_skipped_images_to_sweep_json(folder, tmp_path):
+    root, _, _, bad = folder
+    rows = evaluate.run(tiny_eval_config(root, tmp_path / "out", r="0, 1"))
+    written = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert sorted(written["meta"]["skipped"]) == bad
+    assert [row["count"] for row in rows] == [9, 9]
+
+
+@pytest.mark.slow
+def test_training_records_skipped_images_in_metrics_jsonl(tmp_path):
+    import tiny_train_config
+    from tome_jax import train_lib
+
+    write_images(tmp_path / "data" / "train", 0, per_class=7)  # with 3 bad: 24 files, 3 batches of 8
+    write_images(tmp_path / "data" / "test", 100)
+    bad = write_bad_images(tmp_path / "data" / "train") + write_bad_images(tmp_path / "data" / "test")
+    config = tiny_train_config.get_config()
+    config.update(dataset=f"folder:{tmp_path / 'data'}", batch_size=8, eval_batch_size=8, num_steps=3,
+                  eval_every=3, checkpoint_every=3, r="1", eval_r="1", mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # fmt: skip
+    config.model_overrides = dict(width=16, depth=2, num_heads=2, patch_size=4, img_size=SIZE, num_classes=3)
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [name for record in records for name in record.get("data/skipped", [])]
+    assert sorted(skipped) == sorted(bad)  # each once, at the step that met it
+    assert all(set(record) == {"step", "data/skipped"} for record in records if "data/skipped" in record)
+
+
+@pytest.mark.parametrize("batch_size", [0, -4])
+def test_batch_sizes_below_one_are_named(folder, batch_size):
+    root, *_ = folder
+    dataset = data.builder(f"folder:{root}")
+    with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {batch_size}"):
+        next(data.eval_batches(dataset, "test", PLAIN, batch_size))
+    with pytest.raises(ValueError, match=f"global batch size must be a positive int, got {batch_size}"):
+        data.steps_per_epoch(dataset, "train", batch_size)
