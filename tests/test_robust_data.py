@@ -226,3 +226,65 @@ def test_batch_sizes_below_one_are_named(folder, batch_size):
         next(data.eval_batches(dataset, "test", PLAIN, batch_size))
     with pytest.raises(ValueError, match=f"global batch size must be a positive int, got {batch_size}"):
         data.steps_per_epoch(dataset, "train", batch_size)
+
+
+# ---------------------------------------------------------------- 2. r checked first, rows kept
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("banana", "r value 'banana' in 'banana' is not a number"),
+        ("0, 2, -3", "r value '-3' in '0, 2, -3': r must be >= 0, got -3"),
+        ("4, (8, 2)", r"r value '\(8, 2\)' in '4, \(8, 2\)': inflection must be a number in \[-1, 1\]"),
+        ("[4, -1]", r"r\[1\] must be >= 0"),
+        ("2.5", "r value '2.5' .* expected an int"),
+        ("1] + [2", r"cannot parse r values '1\] \+ \[2'"),
+    ],
+)
+def test_r_mistakes_quote_what_was_typed(text, message):
+    with pytest.raises(ValueError, match=message) as error:
+        schedules.parse_r_values(text)
+    assert "<ast." not in str(error.value)
+
+
+def test_a_clamped_r_says_what_it_was_clamped_to():
+    # 64 patches and a class token: each layer merges at most half its 64, 48, ... patches.
+    line = schedules.describe_r(1000, 65, 12, 1)
+    assert line.startswith("r=1000: 65 tokens -> 2; clamped to [32, 16, 8, 4, 2, 1, 0, 0, 0, 0, 0, 0] per layer")
+    assert schedules.describe_r(2, 65, 3, 1) == "r=2: 65 tokens -> 59; [2, 2, 2] per layer"
+
+
+def test_eval_checks_every_r_before_loading_the_model_or_data(tmp_path):
+    """Neither the model file nor the data exist: only r can be the error."""
+    config = tiny_eval_config(tmp_path / "no_data", tmp_path, r="0, 4, -3")
+    config.model, config.pretrained = str(tmp_path / "missing.safetensors"), True
+    with pytest.raises(ValueError, match="r value '-3'"):
+        evaluate.run(config)
+    config = tiny_eval_config(tmp_path / "no_data", tmp_path, r="0, [1, 1, 1]")  # 3 layers for a 2-layer model
+    with pytest.raises(ValueError, match=r"r=\[1, 1, 1\] does not fit the model: r lists 3 layers"):
+        evaluate.run(config)
+
+
+def test_a_failing_sweep_keeps_the_rows_it_finished(tmp_path):
+    model = tome_jax.ViT(img_size=SIZE, patch_size=4, width=16, depth=2, num_heads=2, num_classes=3)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    batch = {"images": np.ones((2, SIZE, SIZE, 3), np.float32), "labels": np.zeros(2, np.int32), "mask": np.ones(2, bool)}
+    calls = []
+
+    def make_batches():
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("the disk went away")
+        return [batch]
+
+    def write(rows):
+        report.write_results(rows, tmp_path, {"title": "t"})
+
+    with pytest.raises(OSError):
+        evaluate.sweep(model, variables, [0, 1], make_batches, timing_images=[jnp.asarray(batch["images"])],
+                       runs=1, on_row=write)  # fmt: skip
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [row["r"] for row in rows] == ["0"] and rows[0]["count"] == 2
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.json", "sweep.png"]

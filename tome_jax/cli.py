@@ -152,10 +152,13 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
     from tome_jax import data, evaluate, schedules, vis
     from tome_jax.convert import from_timm
 
+    r_values = schedules.parse_r_values(args.r)
     args.mean = args.mean or data.CIFAR10_MEAN
     args.std = args.std or data.CIFAR10_STD
     source = evaluate.resolve_source(args.model)
     model, variables = from_timm(source)
+    for r_value in r_values:
+        print(schedules.describe_r(r_value, model.num_tokens, model.depth, model.num_prefix_tokens))
     # The options carry the preprocessing fields of an eval.py config.
     preprocess = evaluate.preprocess_for(args, model, source)
     count = args.offset + args.images
@@ -164,12 +167,7 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
     images = batch["images"][batch["mask"]][args.offset :]
     # Shown as the model saw them: the same crop, normalisation undone.
     display = np.clip(images * np.asarray(preprocess.std) + np.asarray(preprocess.mean), 0.0, 1.0)
-    r_values = schedules.parse_r_values(args.r)
     vis.save_png(vis.visualize(model, variables, images, display, r_values, scale=args.scale), args.output)
-    for r_value in r_values:
-        schedule = schedules.parse_r(model.depth, r_value)
-        left = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)[-1]
-        print(f"r={schedules.r_label(r_value)}: {model.num_tokens} tokens -> {left}")
     print(f"wrote {args.output}")
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import pathlib
 from typing import Any, Callable, Iterable, Sequence
 
@@ -65,10 +63,13 @@ def sweep(
     prop_attn: bool = True,
     runs: int = 5,
     num_batches: int | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per r: accuracy, images/s, GFLOPs per image, tokens left at the head.
 
     `make_batches()` yields eval batches of the same shape as `timing_images[i]`.
+    `on_row(rows)` gets the rows so far after each one (to write them as they come,
+    so a failure keeps every finished row).
     """
     rows = []
     for r in tqdm(r_values, desc="r sweep", unit="r"):
@@ -81,9 +82,11 @@ def sweep(
         row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
         row.update(throughput(predict, variables, timing_images, runs=runs))
         rows.append(row)
-    baseline = next((row for row in rows if row["tokens_left"] == model.num_tokens), None)
-    for row in rows:
-        row["speedup"] = row["images_per_s"] / baseline["images_per_s"] if baseline else None
+        baseline = next((done for done in rows if done["tokens_left"] == model.num_tokens), None)
+        for done in rows:
+            done["speedup"] = done["images_per_s"] / baseline["images_per_s"] if baseline else None
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -170,9 +173,17 @@ def check_num_classes(model: ViT, dataset, name: str) -> None:
 
 
 def run(config) -> list[dict[str, Any]]:
-    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir."""
+    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir
+    (after every row, so a failure keeps the finished ones)."""
+    # Mistakes in r or the batch size fail here, before anything loads.
     r_values = schedules.parse_r_values(config.r)
+    data.check_batch_size(config.batch_size)
     model, params, source = load_model(config)
+    for r in r_values:
+        try:
+            print(schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"r={schedules.r_label(r)} does not fit the model: {error}") from None
     dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     check_num_classes(model, dataset, config.dataset)
     preprocess = preprocess_for(config, model, source)
@@ -189,23 +200,13 @@ def run(config) -> list[dict[str, Any]]:
 
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
     if params is None:
-        params = model.init(jax.random.key(0), timing_images[0][:1])["params"]
+        params = jax.jit(model.init)(jax.random.key(0), timing_images[0][:1])["params"]
     variables = jax.device_put({"params": params})
     for r, target in budget.config_targets(
         model, variables, config, batch_size=config.batch_size, images=timing_images
     ):
-        print(f"{target}: r = {schedules.r_label(r)}")
+        print(f"{target}: {schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens)}")
         r_values.append(r)
-    rows = sweep(
-        model,
-        variables,
-        r_values,
-        make_batches,
-        timing_images=timing_images,
-        prop_attn=config.prop_attn,
-        runs=config.timing_runs,
-        num_batches=num_batches,
-    )
     meta = {
         "model": config.model,
         "dataset": config.dataset,
@@ -217,8 +218,18 @@ def run(config) -> list[dict[str, Any]]:
         "title": f"{pathlib.Path(config.model).name} on {config.dataset}/{config.split} ({count} images)",
         "skipped": skipped.names,  # undecodable images, counted out of every row
     }
+    rows = sweep(
+        model,
+        variables,
+        r_values,
+        make_batches,
+        timing_images=timing_images,
+        prop_attn=config.prop_attn,
+        runs=config.timing_runs,
+        num_batches=num_batches,
+        on_row=lambda rows: report.write_results(rows, config.workdir, meta),
+    )
     print(report.format_table(rows))
-    report.write_results(rows, config.workdir, meta)
     if skipped.names:
         print(f"skipped {len(skipped.names)} undecodable image(s), counted out: {', '.join(skipped.names)}")
     print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
