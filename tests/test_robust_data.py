@@ -288,3 +288,75 @@ def test_a_failing_sweep_keeps_the_rows_it_finished(tmp_path):
     assert [row["r"] for row in rows] == ["0"] and rows[0]["count"] == 2
     assert (tmp_path / "sweep.csv").read_text().count("\n") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.json", "sweep.png"]
+
+
+# ---------------------------------------------------------------- 5. one line per mistake
+
+
+def test_channels_first_and_empty_batches_are_named():
+    model = tome_jax.ViT(img_size=32, patch_size=4, width=16, depth=1, num_heads=2, num_classes=3)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match=r"got \(2, 3, 32, 32\): channels first; transpose to NHWC: x.transpose\(0, 2, 3, 1\)"):
+        model.apply(variables, jnp.zeros((2, 3, 32, 32)))
+    with pytest.raises(ValueError, match="an empty batch"):
+        model.apply(variables, jnp.zeros((0, 32, 32, 3)))
+
+
+def test_truncated_and_foreign_checkpoints_name_their_path(tmp_path):
+    from safetensors.numpy import save_file
+
+    model = tome_jax.ViT(img_size=SIZE, patch_size=4, width=16, depth=1, num_heads=2, num_classes=3)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    whole = tmp_path / "whole.safetensors"
+    save_file(tome_jax.to_timm_state_dict(model, variables), whole, metadata={"config": '{"num_heads": 2}'})
+    tome_jax.from_timm(whole)  # the intact file reads
+    broken = {
+        "truncated.safetensors": whole.read_bytes()[:-100],
+        "foreign.safetensors": b"\x00" * 64,
+        "foreign.npz": b"PK not really a zip",
+        "truncated.pth": b"PK\x03\x04" + b"\x00" * 40,
+    }
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{tmp_path / name}.* is not a readable"):
+            tome_jax.from_timm(tmp_path / name)
+
+
+def test_a_timm_name_without_timm_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'tome_jax\[torch\]'"):
+        tome_jax.from_timm("vit_tiny_patch16_224")
+
+
+def test_the_commands_print_mistakes_as_one_line(monkeypatch, capsys):
+    from ml_collections import ConfigDict
+
+    with pytest.raises(SystemExit) as exit_:
+        cli._run(lambda: schedules.parse_r_values("banana"), traceback=False)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("error: r value 'banana'")
+    with pytest.raises(ValueError):
+        cli._run(lambda: schedules.parse_r_values("banana"), traceback=True)
+    # ml_collections' own error for an unknown key, with its suggestion.
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--config.bach_size=4"])
+    with pytest.raises(AttributeError) as error:
+        ConfigDict({"batch_size": 1}).bach_size  # noqa: B018
+    assert cli._unknown_key(error.value) == (
+        "--config.bach_size: the config has no key 'bach_size'; did you mean \"batch_size\" instead of \"bach_size\"?"
+    )
+
+
+@pytest.mark.slow
+def test_eval_py_mistakes_end_with_one_line_and_status_2():
+    """As a user sees them: the whole command (imports TensorFlow and JAX, so slow)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HF_HUB_OFFLINE": "1"}
+    for args, message in [
+        (["--config.bach_size=4"], 'did you mean "batch_size"'),
+        (["--config.r=0, 2, -3"], "r value '-3'"),
+        (["--config.model=vit_tiny_patch16_224"], "error: "),  # timm (after TensorFlow) loads, no crash
+    ]:
+        done = subprocess.run([sys.executable, "eval.py", *args], cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == 2, done.stderr
+        error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+        assert len(error_lines) == 1 and message in error_lines[0], done.stderr
+        assert "Traceback" not in done.stderr

@@ -29,7 +29,7 @@ from __future__ import annotations
 from tome_jax.convert.infer import infer_config
 from tome_jax.convert.names import to_timm_state_dict
 from tome_jax.convert.params import params_from_timm, save_metric_layers, with_metric_layers
-from tome_jax.convert.readers import is_timm_name, read_source
+from tome_jax.convert.readers import import_timm, is_timm_name, read_source
 from tome_jax.convert.resample import INFLATIONS, resample_pos_embed
 from tome_jax.vit import ViT
 
@@ -104,6 +104,7 @@ def pretrained_data_config(source) -> dict | None:
     `crop_pct`, `interpolation` and `crop_mode`, as `timm.data.resolve_data_config`.
     """
     if is_timm_name(source):
+        import_timm(source)
         import timm.data
         import timm.models
 
