@@ -218,16 +218,6 @@ def test_training_records_skipped_images_in_metrics_jsonl(tmp_path):
     assert all(set(record) == {"step", "data/skipped"} for record in records if "data/skipped" in record)
 
 
-@pytest.mark.parametrize("batch_size", [0, -4])
-def test_batch_sizes_below_one_are_named(folder, batch_size):
-    root, *_ = folder
-    dataset = data.builder(f"folder:{root}")
-    with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {batch_size}"):
-        next(data.eval_batches(dataset, "test", PLAIN, batch_size))
-    with pytest.raises(ValueError, match=f"global batch size must be a positive int, got {batch_size}"):
-        data.steps_per_epoch(dataset, "train", batch_size)
-
-
 # ---------------------------------------------------------------- 2. r checked first, rows kept
 
 
@@ -302,6 +292,16 @@ def test_channels_first_and_empty_batches_are_named():
         model.apply(variables, jnp.zeros((0, 32, 32, 3)))
 
 
+@pytest.mark.parametrize("batch_size", [0, -4])
+def test_batch_sizes_below_one_are_named(folder, batch_size):
+    root, *_ = folder
+    dataset = data.builder(f"folder:{root}")
+    with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {batch_size}"):
+        next(data.eval_batches(dataset, "test", PLAIN, batch_size))
+    with pytest.raises(ValueError, match=f"global batch size must be a positive int, got {batch_size}"):
+        data.steps_per_epoch(dataset, "train", batch_size)
+
+
 def test_truncated_and_foreign_checkpoints_name_their_path(tmp_path):
     from safetensors.numpy import save_file
 
@@ -360,3 +360,26 @@ def test_eval_py_mistakes_end_with_one_line_and_status_2():
         error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert len(error_lines) == 1 and message in error_lines[0], done.stderr
         assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- 6. non-finite logits
+
+
+def test_non_finite_logits_are_counted_on_valid_rows_only():
+    logits = np.zeros((4, 3), np.float32)
+    logits[0, 1] = np.nan
+    logits[2, 0] = np.inf
+    logits[3, 2] = np.nan  # padding: not counted
+    mask = np.array([True, True, True, False])
+    counts = evaluate._correct_counts(logits, np.zeros(4, np.int32), mask)
+    assert int(counts[3]) == 2
+
+
+def test_a_model_with_nan_weights_fails_its_sweep_naming_r():
+    model = tome_jax.ViT(img_size=SIZE, patch_size=4, width=16, depth=2, num_heads=2, num_classes=3)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    variables = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), variables)
+    batch = {"images": np.ones((3, SIZE, SIZE, 3), np.float32), "labels": np.zeros(3, np.int32),
+             "mask": np.array([True, True, False])}  # fmt: skip
+    with pytest.raises(ValueError, match=r"^r=1: 2 of 2 images gave non-finite logits"):
+        evaluate.sweep(model, variables, [1], lambda: [batch], timing_images=[jnp.asarray(batch["images"])], runs=1)

@@ -21,11 +21,12 @@ from tome_jax.vit import ViT, create_model
 
 @jax.jit
 def _correct_counts(logits, labels, mask):
-    """Top-1 and top-5 hits over the valid rows of one batch."""
+    """Top-1 hits, top-5 hits, valid rows and valid rows with a non-finite logit, over one batch."""
     k = min(5, logits.shape[-1])
     top = jax.lax.top_k(logits, k)[1]
     hits = top == labels[:, None]
-    return jnp.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum()])
+    nonfinite = ~jnp.isfinite(logits).all(-1) & mask
+    return jnp.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum(), nonfinite.sum()])
 
 
 def accuracy(
@@ -37,20 +38,27 @@ def accuracy(
     total: int | None = None,
     put: Callable[[dict], dict] | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.py).
+    """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.eval_batches).
 
     `put` turns a host batch into the arrays `predict` expects (e.g. global arrays
-    split over a device mesh); counts stay on device until the end.
+    split over a device mesh); counts stay on device until the end. Any non-finite
+    logit (NaN or inf: broken parameters, an overflow) is an error, never an accuracy;
+    `progress` names the progress bar and the error.
     """
-    counts = jnp.zeros(3, jnp.int32)
+    counts = jnp.zeros(4, jnp.int32)
     for batch in tqdm(batches, desc=progress, total=total, disable=progress is None, leave=False):
         batch = put(batch) if put else batch
         logits = predict(variables, batch["images"])
         counts = counts + _correct_counts(logits, batch["labels"], batch["mask"])
-    top1, top5, count = (int(c) for c in jax.device_get(counts))
+    top1, top5, count, nonfinite = (int(c) for c in jax.device_get(counts))
     if count == 0:
         raise ValueError("no examples were evaluated")
-    return {"top1": top1 / count, "top5": top5 / count, "count": count}
+    if nonfinite:
+        raise ValueError(
+            f"{progress + ': ' if progress else ''}{nonfinite} of {count} images gave non-finite logits "
+            "(NaN or inf): the parameters hold NaN/inf, or the computation overflows"
+        )
+    return {"top1": top1 / count, "top5": top5 / count, "count": count, "nonfinite": nonfinite}
 
 
 def sweep(
