@@ -1,5 +1,6 @@
 """DTEM in the ViT: metric layers, soft merge in training, modular training, saving alone."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,8 +147,7 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
     assert path.stat().st_size < 700_000  # the metric layers only, not the 21 MB ViT
     loaded_model, loaded = tome_jax.from_timm(base, metric_layers=path)
     assert loaded_model.dtem and loaded_model.metric_dim == 64
-    for (name, a), b in zip(flat(noisy["params"]).items(), flat(loaded["params"]).values()):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    chex.assert_trees_all_equal(loaded, noisy)
     with pytest.raises(ValueError, match="already has metric layers"):
         tome_jax.from_timm(tome_jax.to_timm_state_dict(model, noisy), metric_layers=path)
     with pytest.raises(ValueError, match="has no DTEM metric layers"):
@@ -164,11 +164,13 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
         model, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=dtem_dim)
         logits = model.apply(variables, images, r=(8, -1))
         np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, err_msg=str(dtem_dim))
+    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
+    assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
+    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)
     # Without a qkv bias (the bias starts at zero) and with several heads.
-    from timm.models.vision_transformer import VisionTransformer
-
-    no_bias = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                                qkv_bias=False, num_classes=10).eval()
+    timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="a timm module: pip install -e '.[torch]'")
+    no_bias = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                         qkv_bias=False, num_classes=10).eval()
     (plain, plain_variables), (learned, learned_variables) = (
         tome_jax.from_timm(no_bias, **dtem) for dtem in ({}, {"dtem": True})
     )
@@ -176,6 +178,3 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
         np.asarray(learned.apply(learned_variables, images, r=3)),
         np.asarray(plain.apply(plain_variables, images, r=3)), atol=1e-5,
     )
-    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
-    assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
-    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)

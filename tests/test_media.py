@@ -3,14 +3,15 @@ inflated to video and summed to one channel."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 import tome_jax
 from tome_jax import schedules, vis
+from tome_jax.convert.names import flat_params, param_shapes
 from test_vit import jit_apply, plain_vit, random_variables
 
 TINY = dict(num_classes=5, img_size=16, patch_size=4, width=24, depth=2, num_heads=3)
@@ -171,7 +172,7 @@ def test_video_checkpoints_round_trip_in_videomaes_layout():
         tome_jax.from_timm(state)
     loaded, loaded_variables = convert(state, num_frames=4)
     assert (loaded.num_frames, loaded.tubelet_size, loaded.token_grid) == (4, 2, (2, 4, 4))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded_variables, variables)
+    chex.assert_trees_all_equal(loaded_variables, variables)
 
 
 @pytest.mark.parametrize(
@@ -199,10 +200,6 @@ def test_conversion_and_drawing_refuse_what_they_cannot_do():
         vis.visualize(model, None, inputs_for(model), np.zeros((2, 16, 16, 3)), 2)
 
 
-def param_shapes(model):
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *model.input_shape)))["params"]
-
-
 def test_named_media_configs():
     image = tome_jax.create_model("vit_base_patch16_224", class_token=False, global_pool="avg", num_classes=400)
     video = tome_jax.create_model("video_vit_base_patch16_tubelet2_16x224")
@@ -210,7 +207,7 @@ def test_named_media_configs():
     assert (video.token_grid, video.num_tokens, video.input_shape) == ((8, 14, 14), 1568, (16, 224, 224, 3))
     assert (audio.token_grid, audio.num_tokens, audio.input_shape) == ((8, 64), 513, (128, 1024, 1))
     image, video, audio = (
-        {"/".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(param_shapes(m)).items()}
+        {"/".join(path): leaf.shape for path, leaf in flat_params(param_shapes(m)).items()}
         for m in (image, video, audio)
     )
     # The video ViT has the image ViT's parameters but for tubelet kernels and space-time positions.

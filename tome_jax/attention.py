@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 
-def layer_norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-    """LayerNorm with timm's ViT epsilon (1e-6)."""
-    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+def layer_norm(name: str, dtype: Any, param_dtype: Any, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm, by default with timm's ViT epsilon (1e-6; CLIP's is 1e-5)."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def size_bias(size: jax.Array) -> jax.Array:
@@ -108,6 +108,7 @@ class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = True
     qk_norm: bool = False
+    norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str | None = None
@@ -131,8 +132,8 @@ class Attention(nn.Module):
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.qk_norm:
-            query = layer_norm("q_norm", self.dtype, self.param_dtype)(query)
-            key = layer_norm("k_norm", self.dtype, self.param_dtype)(key)
+            query = layer_norm("q_norm", self.dtype, self.param_dtype, self.norm_eps)(query)
+            key = layer_norm("k_norm", self.dtype, self.param_dtype, self.norm_eps)(key)
         out = proportional_attention(query, key, value, size, implementation=self.implementation)
         out = dense(dim, "proj")(out.reshape(batch, tokens, dim))
         return out, key.mean(axis=2)
