@@ -8,6 +8,11 @@
 `python eval.py` and `python train.py` in the repository run the first two.
 Configs are ml_collections files; the defaults ship in `tome_jax/configs/`
 (the repository's `configs/`), and every key can be overridden on the command line.
+
+A mistake (an unknown config key, a bad value, a missing or unreadable file, an
+extra not installed: the library's ValueError, TypeError, OSError and ImportError)
+ends a command with one line, `error: ...`, and exit status 2; `--traceback` shows
+the whole traceback instead.
 """
 
 from __future__ import annotations
@@ -15,17 +20,65 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+MISTAKES = (ValueError, TypeError, OSError, ImportError)
+
+
+def _fail(message) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _run(job: Callable[[], Any], traceback: bool) -> Any:
+    """Runs a command's job, a mistake as one line (see the module docstring)."""
+    try:
+        return job()
+    except MISTAKES as error:
+        if traceback:
+            raise
+        _fail(error)
+
+
+def _triton_before_tensorflow() -> None:
+    """Loads triton (under torch, so under timm) now if it is installed: it and
+    TensorFlow both register LLVM options, and triton loaded after TensorFlow kills
+    the process (a segfault), e.g. on a timm model name. Configs load TensorFlow."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 
 def _config_flag(default: str, help_text: str):
+    """The --config flag; ml_collections applies the --config.KEY overrides here."""
+    from absl import flags
     from ml_collections import config_flags
 
-    return config_flags.DEFINE_config_file("config", str(CONFIGS / default), help_text)
+    _triton_before_tensorflow()
+
+    flags.DEFINE_bool("traceback", False, "On an error, show the whole traceback instead of one line.")
+    try:
+        return config_flags.DEFINE_config_file("config", str(CONFIGS / default), help_text)
+    except (AttributeError, KeyError) as error:  # an override names no key of the config
+        if "--traceback" in sys.argv:
+            raise
+        _fail(_unknown_key(error))
+
+
+def _unknown_key(error: Exception) -> str:
+    """ml_collections' unknown-key error (a KeyError, maybe inside an AttributeError),
+    whose text is the key and a did-you-mean line, as one line naming the flag."""
+    inner = error.args[0] if error.args and isinstance(error.args[0], KeyError) else error
+    key, _, hint = str(inner.args[0] if inner.args else inner).partition("\n")
+    key = key.strip("'\"")
+    overrides = [arg.split("=")[0] for arg in sys.argv if arg.startswith("--config.")]
+    flag = next((o for o in overrides if key in o.split(".")), "--config")
+    hint = f"; {hint[0].lower()}{hint[1:]}" if hint else " (the config file defines every key it takes)"
+    return f"{flag}: the config has no key {key!r}{hint}"
 
 
 def _quiet_logs() -> None:
@@ -50,11 +103,13 @@ def eval_main() -> None:
     config = _config_flag("eval_cifar10.py", "Evaluation config (an ml_collections file).")
 
     def main(argv):
+        from absl import flags
+
         _no_positional(argv)
         _quiet_logs()
         from tome_jax import evaluate
 
-        evaluate.run(config.value)
+        _run(lambda: evaluate.run(config.value), flags.FLAGS.traceback)
 
     app.run(main)
 
@@ -72,28 +127,38 @@ def train_main() -> None:
     )
     rounds = flags.DEFINE_integer("rounds", 10, "Timed rounds for --step_time_r.")
 
+    def step_times():
+        from tome_jax import schedules, train_lib
+
+        r_values = [schedules.r_label(r) for r in schedules.parse_r_values(step_time_r.value)]
+        rows = train_lib.compare_step_times(config.value, r_values, rounds.value)
+        print("| r | step time (s) | images/s | speed-up over the first r |\n|---|---|---|---|")
+        for row in rows:
+            print(
+                f"| {row['r']} | {row['step_time_s']:.3f} | {row['images_per_s']:.1f} "
+                f"| {row['speedup']:.2f}x |"
+            )
+
     def main(argv):
         _no_positional(argv)
         _quiet_logs()
-        from tome_jax import checkpoints, schedules, train_lib
+        from tome_jax import train_lib
 
         if step_time_r.value:
-            r_values = [schedules.r_label(r) for r in schedules.parse_r_values(step_time_r.value)]
-            rows = train_lib.compare_step_times(config.value, r_values, rounds.value)
-            print("| r | step time (s) | images/s | speed-up over the first r |\n|---|---|---|---|")
-            for row in rows:
-                print(
-                    f"| {row['r']} | {row['step_time_s']:.3f} | {row['images_per_s']:.1f} "
-                    f"| {row['speedup']:.2f}x |"
-                )
+            _run(step_times, flags.FLAGS.traceback)
             return
         if not workdir.value:
             raise app.UsageError("--workdir is required for training")
-        try:
-            train_lib.train_and_evaluate(config.value, workdir.value)
-        except (train_lib.NonFiniteError, checkpoints.CheckpointError, checkpoints.CheckpointMismatchError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            train_lib.exit_now(1)
+        def train():
+            try:
+                return train_lib.train_and_evaluate(config.value, workdir.value)
+            except train_lib.NonFiniteError as error:  # the run diverged: no mistake in the input
+                if flags.FLAGS.traceback:
+                    raise
+                print(f"error: {error}", file=sys.stderr)
+                train_lib.exit_now(1)  # at once: tf.data's teardown takes tens of seconds
+
+        _run(train, flags.FLAGS.traceback)
 
     app.run(main)
 
@@ -110,7 +175,7 @@ def bench_main() -> None:
         from tome_jax import bench
 
         bench.select_platform(device.value)
-        bench.run(config.value, device.value)
+        _run(lambda: bench.run(config.value, device.value), flags.FLAGS.traceback)
 
     app.run(main)
 
@@ -145,6 +210,7 @@ def _vis_parser() -> argparse.ArgumentParser:
     parser.add_argument("--std", type=float, nargs=3, help="default: CIFAR-10's")
     parser.add_argument("--crop-pct", type=float, default=1.0)
     parser.add_argument("--interpolation", default="bicubic")
+    parser.add_argument("--traceback", action="store_true", help="on an error, the whole traceback")
     return parser
 
 
@@ -154,13 +220,21 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.images < 1 or args.offset < 0:
         parser.error(f"--images must be >= 1 and --offset >= 0, got {args.images} and {args.offset}")
+    _triton_before_tensorflow()
+    _run(lambda: _visualize(args), args.traceback)
+
+
+def _visualize(args: argparse.Namespace) -> None:
     from tome_jax import data, evaluate, schedules, vis
     from tome_jax.convert import from_timm
 
+    r_values = schedules.parse_r_values(args.r)
     args.mean = args.mean or data.CIFAR10_MEAN
     args.std = args.std or data.CIFAR10_STD
     source = evaluate.resolve_source(args.model)
     model, variables = from_timm(source)
+    for r_value in r_values:
+        print(schedules.describe_r(r_value, model.num_tokens, model.depth, model.num_prefix_tokens))
     # The options carry the preprocessing fields of an eval.py config.
     preprocess = evaluate.preprocess_for(args, model, source)
     count = args.offset + args.images
@@ -169,12 +243,7 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
     images = batch["images"][batch["mask"]][args.offset :]
     # Shown as the model saw them: the same crop, normalisation undone.
     display = np.clip(images * np.asarray(preprocess.std) + np.asarray(preprocess.mean), 0.0, 1.0)
-    r_values = schedules.parse_r_values(args.r)
     vis.save_png(vis.visualize(model, variables, images, display, r_values, scale=args.scale), args.output)
-    for r_value in r_values:
-        schedule = schedules.parse_r(model.depth, r_value)
-        left = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)[-1]
-        print(f"r={schedules.r_label(r_value)}: {model.num_tokens} tokens -> {left}")
     print(f"wrote {args.output}")
 
 

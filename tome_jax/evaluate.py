@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import pathlib
 from typing import Any, Callable, Iterable, Sequence
@@ -25,11 +23,12 @@ from tome_jax.vit import ViT, create_model
 
 @jax.jit
 def _correct_counts(logits, labels, mask):
-    """Top-1 and top-5 hits over the valid rows of one batch."""
+    """Top-1 hits, top-5 hits, valid rows and valid rows with a non-finite logit, over one batch."""
     k = min(5, logits.shape[-1])
     top = jax.lax.top_k(logits, k)[1]
     hits = top == labels[:, None]
-    return jnp.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum()])
+    nonfinite = ~jnp.isfinite(logits).all(-1) & mask
+    return jnp.stack([(hits[:, 0] & mask).sum(), (hits.any(-1) & mask).sum(), mask.sum(), nonfinite.sum()])
 
 
 def accuracy(
@@ -41,13 +40,15 @@ def accuracy(
     total: int | None = None,
     put: Callable[[dict], dict] | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.py).
+    """Top-1/top-5 over padded batches (`images`, `labels`, `mask`, see data.eval_batches).
 
     `put` turns a host batch into the arrays `predict` expects (e.g. global arrays
     split over a device mesh); counts stay on device until the end. Without `put`,
-    on several processes, each passes its own share and the counts are summed.
+    on several processes, each passes its own share and the counts are summed. Any
+    non-finite logit (NaN or inf: broken parameters, an overflow) is an error, never
+    an accuracy; `progress` names the progress bar and the error.
     """
-    counts = jnp.zeros(3, jnp.int32)
+    counts = jnp.zeros(4, jnp.int32)
     for batch in tqdm(batches, desc=progress, total=total, disable=progress is None, leave=False):
         batch = put(batch) if put else batch
         logits = predict(variables, batch["images"])
@@ -55,10 +56,15 @@ def accuracy(
     counts = jax.device_get(counts)
     if put is None and jax.process_count() > 1:
         counts = multihost_utils.process_allgather(counts).sum(0)
-    top1, top5, count = (int(c) for c in counts)
+    top1, top5, count, nonfinite = (int(c) for c in counts)
     if count == 0:
         raise ValueError("no examples were evaluated")
-    return {"top1": top1 / count, "top5": top5 / count, "count": count}
+    if nonfinite:
+        raise ValueError(
+            f"{progress + ': ' if progress else ''}{nonfinite} of {count} images gave non-finite logits "
+            "(NaN or inf): the parameters hold NaN/inf, or the computation overflows"
+        )
+    return {"top1": top1 / count, "top5": top5 / count, "count": count, "nonfinite": nonfinite}
 
 
 def sweep(
@@ -71,10 +77,13 @@ def sweep(
     prop_attn: bool = True,
     runs: int = 5,
     num_batches: int | None = None,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per r: accuracy, images/s, GFLOPs per image, tokens left at the head.
 
     `make_batches()` yields eval batches of the same shape as `timing_images[i]`.
+    `on_row(rows)` gets the rows so far after each one (to write them as they come,
+    so a failure keeps every finished row).
     """
     rows = []
     for r in tqdm(r_values, desc="r sweep", unit="r"):
@@ -87,9 +96,11 @@ def sweep(
         row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
         row.update(throughput(predict, variables, timing_images, runs=runs))
         rows.append(row)
-    baseline = next((row for row in rows if row["tokens_left"] == model.num_tokens), None)
-    for row in rows:
-        row["speedup"] = row["images_per_s"] / baseline["images_per_s"] if baseline else None
+        baseline = next((done for done in rows if done["tokens_left"] == model.num_tokens), None)
+        for done in rows:
+            done["speedup"] = done["images_per_s"] / baseline["images_per_s"] if baseline else None
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -204,53 +215,67 @@ def preprocess_for(config, model: ViT, source: str):
     )
 
 
+def check_num_classes(model: ViT, dataset, name: str) -> None:
+    """The model's head must have one output per class of the dataset."""
+    classes = len(data.class_names(dataset))
+    if classes != model.num_classes:
+        raise ValueError(
+            f"{name} has {classes} classes but the model's head has {model.num_classes} outputs; "
+            f"use a model with a {classes}-class head, or a dataset of the model's {model.num_classes} classes"
+        )
+
+
 def run(config) -> list[dict[str, Any]]:
-    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir.
+    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir
+    (after every row, so a failure keeps the finished ones).
 
     On several processes (`maybe_initialize_distributed`) each evaluates its share
     of the split on its own devices in batches of `batch_size`; top-1 and top-5
     count every example once, images/s and GFLOPs are each process's own, and
     process 0 prints and writes the results.
     """
+    # Mistakes in r or the batch size fail here, before anything loads.
+    r_values = schedules.parse_r_values(config.r)
+    data.check_batch_size(config.batch_size)
     maybe_initialize_distributed(config)
     process_index, process_count = jax.process_index(), jax.process_count()
-    r_values = schedules.parse_r_values(config.r)
+    is_main = process_index == 0
     model, params, source = load_model(config)
-    dataset = data.builder(config.dataset, config.data_dir)
+    for r in r_values:
+        try:
+            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"r={schedules.r_label(r)} does not fit the model: {error}") from None
+        if is_main:
+            print(described)
+    dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
+    check_num_classes(model, dataset, config.dataset)
     preprocess = preprocess_for(config, model, source)
-    available = data.num_examples(dataset, config.split)
-    count = min(available, config.limit) if config.limit else available
+    count = data.num_examples(dataset, config.split, config.limit)
+    if count == 0:
+        raise ValueError(f"split {config.split!r} of {config.dataset} has no examples")
     per_process = -(-count // process_count)
     num_batches = -(-per_process // config.batch_size)
+    skipped = data.SkippedExamples()
 
     def make_batches():
         return data.eval_batches(
-            dataset, config.split, preprocess, config.batch_size, limit=config.limit,
+            dataset, config.split, preprocess, config.batch_size, limit=config.limit, on_skip=skipped,
             process_index=process_index, process_count=process_count,
         )
 
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
     if params is None:
-        params = model.init(jax.random.key(0), timing_images[0][:1])["params"]
+        params = jax.jit(model.init)(jax.random.key(0), timing_images[0][:1])["params"]
     variables = jax.device_put({"params": params})
     for r, target in budget.config_targets(
         model, variables, config, batch_size=config.batch_size, images=timing_images
     ):
         # A speed-up target is measured on each process: all take process 0's choice.
         r = schedules.parse_r_value(text_of_process_zero(schedules.r_label(r)))
-        if process_index == 0:
-            print(f"{target}: r = {schedules.r_label(r)}")
+        if is_main:
+            print(f"{target}: {schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens)}")
         r_values.append(r)
-    rows = sweep(
-        model,
-        variables,
-        r_values,
-        make_batches,
-        timing_images=timing_images,
-        prop_attn=config.prop_attn,
-        runs=config.timing_runs,
-        num_batches=num_batches,
-    )
     meta = {
         "model": config.model,
         "dataset": config.dataset,
@@ -260,9 +285,22 @@ def run(config) -> list[dict[str, Any]]:
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "title": f"{pathlib.Path(config.model).name} on {config.dataset}/{config.split} ({count} images)",
+        "skipped": skipped.names,  # undecodable images, counted out of every row
     }
-    if process_index == 0:
+    rows = sweep(
+        model,
+        variables,
+        r_values,
+        make_batches,
+        timing_images=timing_images,
+        prop_attn=config.prop_attn,
+        runs=config.timing_runs,
+        num_batches=num_batches,
+        on_row=lambda rows: report.write_results(rows, config.workdir, meta) if is_main else None,
+    )
+    if is_main:
         print(report.format_table(rows))
-        report.write_results(rows, config.workdir, meta)
+        if skipped.names:
+            print(f"skipped {len(skipped.names)} undecodable image(s), counted out: {', '.join(skipped.names)}")
         print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
     return rows

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import pathlib
 from typing import Any, Sequence
 
@@ -28,15 +30,32 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMN
 
 
 def write_results(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, meta: dict) -> None:
-    """sweep.json (rows + meta), sweep.csv and sweep.png (top-1 vs images/s)."""
+    """sweep.json (rows + meta), sweep.csv and sweep.png (top-1 vs images/s).
+
+    Each file is replaced whole (written aside, then renamed), so rewriting them
+    after every row never leaves a half-written table behind.
+    """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1))
-    with open(out / "sweep.csv", "w", newline="") as f:
+    with _replacing(out / "sweep.json") as path:
+        path.write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1))
+    with _replacing(out / "sweep.csv") as path, open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_tradeoff(rows, out / "sweep.png", title=meta.get("title", ""))
+    with _replacing(out / "sweep.png") as path:
+        plot_tradeoff(rows, path, title=meta.get("title", ""))
+
+
+@contextlib.contextmanager
+def _replacing(path: pathlib.Path):
+    """A temporary path beside `path` to write; renamed over `path` on success."""
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def plot_tradeoff(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:

@@ -177,16 +177,52 @@ def _is_pair(r) -> bool:
     return isinstance(r, tuple) and len(r) == 2
 
 
+R_SYNTAX = 'ints, (r, inflection) pairs or per-layer lists, separated by commas, e.g. "0, 8, (16, -1), [4, 4, 2]"'
+
+
 def parse_r_values(text: str) -> list[RSpec]:
-    """"0, 4, (8, -1), [4, 4, 2]" -> [0, 4, (8, -1), [4, 4, 2]] (one entry per sweep row)."""
+    """"0, 4, (8, -1), [4, 4, 2]" -> [0, 4, (8, -1), [4, 4, 2]] (one entry per sweep row).
+
+    Each value is checked as far as it can be without a model (form, signs,
+    inflection range; `parse_r` checks the depth): errors quote what was typed.
+    """
+    source = f"[{text}]"
     try:
-        values = ast.literal_eval(f"[{text}]")
-    except (ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot parse r values {text!r}: {e}") from None
-    for value in values:
-        if not isinstance(value, (int, tuple, list)) or isinstance(value, bool):
-            raise ValueError(f"r value {value!r} in {text!r} is not an int, (r, inflection) or list")
+        listed = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        listed = None
+    if not isinstance(listed, ast.List):
+        raise ValueError(f"cannot parse r values {text!r}: expected {R_SYNTAX}")
+    values = []
+    for node in listed.elts:
+        typed = ast.get_source_segment(source, node)
+        try:
+            value = ast.literal_eval(node)
+        except ValueError:  # a name, call or other non-literal
+            raise ValueError(f"r value {typed!r} in {text!r} is not a number; expected {R_SYNTAX}") from None
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+                raise TypeError(f"expected an int, an (r, inflection) pair or a list of ints, got {value!r}")
+            # Any depth that holds the value: signs, types and the inflection.
+            parse_r(len(value) if isinstance(value, (tuple, list)) and not _is_pair(value) else 1, value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"r value {typed!r} in {text!r}: {error}") from None
+        values.append(value)
     return values
+
+
+def describe_r(r: RSpec, tokens: int, num_layers: int, protected: int = 0) -> str:
+    """One line on what `r` does to a model: the tokens left and the per-layer
+    schedule it runs, saying so when the clamp cut it, e.g.
+    `r=1000: 65 tokens -> 2; clamped to [32, 16, 8, 4, 2, 1, 0, ...] per layer (...)`.
+    """
+    schedule = parse_r(num_layers, r)
+    effective = effective_schedule(tokens, schedule, protected)
+    line = f"r={r_label(r)}: {tokens} tokens -> {tokens - sum(effective)}; "
+    if effective == schedule:
+        return line + f"{list(effective)} per layer"
+    unprotected = "unprotected " if protected else ""
+    return line + f"clamped to {list(effective)} per layer (a layer merges at most half of its {unprotected}tokens)"
 
 
 def parse_r_value(text: str) -> RSpec:

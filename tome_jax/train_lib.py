@@ -269,19 +269,21 @@ class MetricWriter:
                 self._tf = tf
                 self._summary = tf.summary.create_file_writer(str(path / "tensorboard"))
 
-    def write(self, step: int, metrics: dict[str, float], prefix: str) -> None:
+    def write(self, step: int, metrics: dict[str, float | list[str]], prefix: str) -> None:
+        """One record; numbers are floats, lists (e.g. names of skipped images) kept."""
         if not self.enabled:
             return
-        record = {"step": step, **{f"{prefix}/{k}": float(v) for k, v in metrics.items()}}
+        values = {f"{prefix}/{k}": v if isinstance(v, list) else float(v) for k, v in metrics.items()}
+        record = {"step": step, **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._summary is not None:
             with self._summary.as_default(step=step):
                 for key, value in record.items():
-                    if key != "step":
+                    if key != "step" and isinstance(value, float):
                         self._tf.summary.scalar(key, value)
             self._summary.flush()
-        text = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         print(f"step {step}: {text}", flush=True)
 
     def close(self):
@@ -332,7 +334,7 @@ def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[st
     """
     mesh = make_mesh(config.fsdp)
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
-    dataset = data.builder(config.dataset, config.data_dir)
+    dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     batch = next(data.train_batches(
         dataset, config.train_split, train_augment(config, model.image_hw), config.batch_size,
         seed=config.seed, limit=config.train_limit, shuffle_buffer=config.shuffle_buffer,
@@ -451,10 +453,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = make_mesh(config.fsdp)
     workdir = pathlib.Path(workdir)
 
-    train_data = data.builder(config.dataset, config.data_dir)
+    train_data = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     steps_per_epoch = data.steps_per_epoch(train_data, config.train_split, config.batch_size, config.train_limit)
+    data.check_batch_size(config.eval_batch_size // process_count, "eval_batch_size per process")
     total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps)
+    evaluate.check_num_classes(model, train_data, config.dataset)
     rng = jax.random.key(config.seed)
     state, shardings = create_state(model, tx, mesh, rng=rng, params=params)
 
@@ -472,6 +476,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if is_main:
         drop_metrics_after(workdir / "metrics.jsonl", start_step)
 
+    writer = MetricWriter(workdir, enabled=is_main)
+    # Undecodable images, each logged once and recorded at the step whose batch
+    # (or evaluation) met it: the data iterators call this inside next().
+    skipped = data.SkippedExamples(lambda names: writer.write(step, {"skipped": names}, "data"))
     train_iter = data.train_batches(
         train_data,
         config.train_split,
@@ -482,6 +490,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         limit=config.train_limit,
         shuffle_buffer=config.shuffle_buffer,
         rows=process_rows(mesh, config.batch_size),
+        on_skip=skipped,
     )
     train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
     predict = make_predict(model, schedules.parse_r_value(config.eval_r), mesh, shardings.params)
@@ -489,13 +498,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         size=model.image_hw, mean=tuple(config.mean), std=tuple(config.std),
         crop_pct=config.eval_crop_pct, interpolation=config.interpolation,
     )
-    writer = MetricWriter(workdir, enabled=is_main)
     preemption = Preemption()
 
     def run_eval():
         batches = data.eval_batches(
             train_data, config.eval_split, eval_preprocess, config.eval_batch_size // process_count,
             limit=config.eval_limit, process_index=process_index, process_count=process_count,
+            on_skip=skipped,
         )
         return evaluate.accuracy(predict, state.params, batches, put=lambda b: global_batch(b, mesh))
 

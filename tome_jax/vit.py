@@ -460,6 +460,14 @@ class ViT(nn.Module):
             layout = "videos must be [batch, frames, height, width, channels]"
         if len(shape) != len(self.input_shape) + 1:
             raise ValueError(f"{layout}, got {tuple(shape)}")
+        if shape[0] == 0:
+            raise ValueError(f"an empty batch: inputs of shape {tuple(shape)}; pass at least one")
+        if shape[-1] != self.in_chans and shape[1] == self.in_chans:
+            order = (0, *range(2, len(shape)), 1)
+            last = "NHWC" if self.num_frames is None else "NTHWC"
+            raise ValueError(
+                f"{layout}, got {tuple(shape)}: channels first; transpose to {last}: x.transpose{order}"
+            )
         *frames, height, width, channels = shape[1:]
         _check_divisible((height, width), pair(self.patch_size))
         if (height, width) != self.image_hw:

@@ -29,8 +29,11 @@ def get_config():
     config.target_speedup = ml_collections.config_dict.placeholder(float)
     config.prop_attn = True  # proportional attention (off for off-the-shelf MAE models)
 
-    config.dataset = "bundled_cifar10"  # TFDS name, "folder:/path", or "bundled_cifar10"
+    # A TFDS name, "folder:/path" (root/<split>/<class>/<image>, or root/<class>/<image>
+    # as the one split "all"), or "bundled_cifar10".
+    config.dataset = "bundled_cifar10"
     config.data_dir = ml_collections.config_dict.placeholder(str)
+    config.download = True  # a TFDS dataset missing from data_dir: download and prepare it
     config.split = "test"
     config.limit = ml_collections.config_dict.placeholder(int)  # first N examples only
     config.batch_size = 500

@@ -26,8 +26,9 @@ def get_config():
     config.eval_r = "(8, -1)"  # while evaluating
     config.trainable = ""  # regex of parameter paths to train; "" trains all
 
-    config.dataset = "bundled_cifar10"
+    config.dataset = "bundled_cifar10"  # as in eval_cifar10.py
     config.data_dir = ml_collections.config_dict.placeholder(str)
+    config.download = True  # a TFDS dataset missing from data_dir: download and prepare it
     config.train_split = "train"
     config.eval_split = "test"
     config.train_limit = ml_collections.config_dict.placeholder(int)

@@ -35,7 +35,7 @@ import pathlib
 from tome_jax.convert.infer import infer_config
 from tome_jax.convert.names import to_timm_state_dict
 from tome_jax.convert.params import params_from_timm, save_metric_layers, with_metric_layers
-from tome_jax.convert.readers import is_timm_name, read_source, safetensors_metadata
+from tome_jax.convert.readers import import_timm, is_timm_name, read_source, safetensors_metadata
 from tome_jax.convert.resample import INFLATIONS, resample_pos_embed
 from tome_jax.vit import ViT
 
@@ -130,6 +130,7 @@ def pretrained_data_config(source) -> dict | None:
             raise ValueError(f"{path}: the pretrained_cfg metadata needs 'mean' and 'std', got {sorted(cfg)}")
         return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DATA_CONFIG_KEYS}
     if is_timm_name(source):
+        import_timm(source)
         import timm.data
         import timm.models
 

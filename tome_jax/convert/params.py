@@ -6,7 +6,6 @@ a plain timm checkpoint start as ToMe's metric.
 
 from __future__ import annotations
 
-import pathlib
 import re
 
 import jax
@@ -16,6 +15,7 @@ from flax import traverse_util
 
 from tome_jax.convert.layouts import Checkpoint
 from tome_jax.convert.names import flat_params, param_shapes, timm_axes, timm_key, to_timm_state_dict
+from tome_jax.convert.readers import read_safetensors
 from tome_jax.convert.resample import fit_patch_embed, fit_pos_embed
 from tome_jax.vit import ViT
 
@@ -105,9 +105,7 @@ def _describe(model: ViT) -> str:
 
 def with_metric_layers(checkpoint: Checkpoint, path) -> Checkpoint:
     """Adds DTEM metric layers saved by `save_metric_layers` to a base checkpoint."""
-    from safetensors.numpy import load_file
-
-    layers = load_file(pathlib.Path(path))
+    layers, _ = read_safetensors(path)
     foreign = sorted(k for k in layers if not re.fullmatch(r"blocks\.\d+\.metric\.(weight|bias)", k))
     if foreign:
         raise ValueError(f"{path} should hold DTEM metric layers only, but also holds {foreign[:5]}")

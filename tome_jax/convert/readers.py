@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import pickle
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -77,27 +78,56 @@ def _config_hints(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in _CONFIG_HINTS if k in config}
 
 
+def _unreadable(path: pathlib.Path, kind: str, error: Exception) -> ValueError:
+    return ValueError(f"{path} is not a readable {kind} file (truncated, or another format): {error}")
+
+
 def safetensors_metadata(path) -> dict[str, str]:
-    """A `.safetensors` file's metadata (string keys and values), read without its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as handle:
-        return handle.metadata() or {}
-
-
-def _read_safetensors(path: pathlib.Path) -> Checkpoint:
-    from safetensors.numpy import load_file
+    """A `.safetensors` file's metadata (string keys and values), read without its
+    tensors; an unreadable file is a ValueError naming it."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        arrays = load_file(path)
+        with safe_open(path, framework="numpy") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise _unreadable(pathlib.Path(path), "safetensors", error) from None
+
+
+def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A .safetensors file's arrays and metadata; an unreadable file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = pathlib.Path(path)
+    metadata = safetensors_metadata(path)
+    try:
+        return load_file(path), metadata
     except KeyError as error:  # a dtype NumPy lacks, e.g. BF16
         raise ValueError(
             f"{path}: safetensors cannot read dtype {error} into NumPy; load it with "
             "safetensors.torch and pass the state dict to from_timm"
         ) from None
-    metadata = safetensors_metadata(path)
-    hints = _config_hints(json.loads(metadata["config"])) if "config" in metadata else {}
-    return to_timm_layout(arrays, hints)
+    except (SafetensorError, OSError) as error:
+        raise _unreadable(path, "safetensors", error) from None
+
+
+def _read_safetensors(path: pathlib.Path) -> Checkpoint:
+    arrays, metadata = read_safetensors(path)
+    try:
+        config = json.loads(metadata["config"]) if "config" in metadata else {}
+    except ValueError as error:
+        raise _unreadable(path, "safetensors", f"its config metadata is not JSON ({error})") from None
+    return to_timm_layout(arrays, _config_hints(config))
+
+
+def _read_npz(path: pathlib.Path) -> Checkpoint:
+    try:
+        with np.load(path) as npz:
+            arrays = dict(npz)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # ValueError: not a zip
+        raise _unreadable(path, ".npz", error) from None
+    return to_timm_layout(arrays, {})
 
 
 def _read_torch(path: pathlib.Path) -> Checkpoint:
@@ -105,15 +135,18 @@ def _read_torch(path: pathlib.Path) -> Checkpoint:
         import torch
     except ImportError:
         raise ImportError(
-            f"reading {path.name} needs torch (pip install torch); .safetensors and .npz do not"
+            f"reading {path.name} needs torch: pip install 'tome_jax[torch]' (.safetensors and .npz do not)"
         ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # objects beyond tensors and containers
+    except pickle.UnpicklingError as error:  # objects beyond tensors and containers, or no pickle
+        reason = next((line for line in str(error).splitlines() if "Unpickler error" in line), str(error))
         raise ValueError(
-            f"{path}: torch.load(weights_only=True) refused it ({error}). If you trust the "
-            "file, load it yourself and pass the state dict to from_timm"
+            f"{path}: torch.load(weights_only=True) refused it ({reason.strip()}). If it is a "
+            "checkpoint you trust, load it yourself and pass the state dict to from_timm"
         ) from None
+    except (OSError, RuntimeError, EOFError) as error:  # RuntimeError: a broken zip archive
+        raise _unreadable(path, "torch", error) from None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return to_timm_layout(_state_dict_arrays(state), {})
@@ -124,8 +157,7 @@ def _read_file(path: pathlib.Path) -> Checkpoint:
     if suffix == ".safetensors":
         return _read_safetensors(path)
     if suffix == ".npz":
-        with np.load(path) as npz:
-            return to_timm_layout(dict(npz), {})
+        return _read_npz(path)
     if suffix in _TORCH_SUFFIXES:
         return _read_torch(path)
     raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; expected {_FILE_SUFFIXES}")
@@ -236,13 +268,25 @@ def is_timm_name(source) -> bool:
     return os.sep not in source and not source.lower().endswith(_FILE_SUFFIXES)
 
 
+def import_timm(source: str):
+    """timm, or an ImportError that says how to install it."""
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(
+            f"{source!r} is a timm model name, which needs timm and torch: pip install 'tome_jax[torch]'"
+        ) from None
+    return timm
+
+
 def read_source(source, pretrained: bool | None) -> Checkpoint:
     """Any source `from_timm` takes (see there) -> its arrays in timm's layout, with hints."""
     if pretrained is not None and not is_timm_name(source):
         raise TypeError("pretrained= only applies to a timm model name")
     if is_timm_name(source):
-        import timm
-
+        timm = import_timm(source)
+        if not timm.is_model(source):
+            raise ValueError(f"{source!r} is neither a checkpoint file nor a timm model name")
         model = timm.create_model(source, pretrained=True if pretrained is None else pretrained)
         return _read_module(model.eval())
     if isinstance(source, (str, os.PathLike)):
