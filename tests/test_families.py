@@ -86,16 +86,32 @@ def test_unpacked_swiglu_with_its_norm_equals_timm():
 
 
 def test_a_size_the_patches_do_not_divide_reads_as_timm_computes_it():
-    """timm's So400m/14 at 384 px ignores the last 6 pixels: tome_jax's model is the
-    378-px one, fed the image's top-left 378 x 378 (here 64 px in 14-px patches: 56)."""
+    """timm's So400m/14 at 384 px reads 27 x 27 patches and ignores the last 6 pixels;
+    so does tome_jax's (here 64 px in 14 px patches: 4 x 4, 8 pixels ignored)."""
     module = randomised(timm.create_model(
         "vit_base_patch16_siglip_224", pretrained=False, depth=2, embed_dim=128, num_heads=2, patch_size=14, img_size=64
     ))
     model, variables = from_timm(module)
-    assert model.img_size == (56, 56)
+    assert (model.img_size, model.grid_size) == ((64, 64), (4, 4))
     images = images_for(64, 64)
-    got = tome_jax_logits(model, variables, images[:, :, :56, :56])
-    assert relative_diff(got, torch_logits(module, images)) < 1e-4
+    assert relative_diff(tome_jax_logits(model, variables, images), torch_logits(module, images)) < 1e-4
+    want = torch_tome.tome_forward(module, images, 4).numpy()
+    assert relative_diff(tome_jax_logits(model, variables, images, r=4), want) < 1e-3
+
+
+@pytest.mark.slow
+def test_so400m_at_384_px_equals_timm():
+    """The registry's `vit_so400m_patch14_siglip_384` is timm's (27 x 27 = 729 patches of
+    the 384 px image), at reduced depth."""
+    name = "vit_so400m_patch14_siglip_384"
+    module = randomised(timm.create_model(name, pretrained=False, depth=1))
+    model, variables = from_timm(module)
+    assert described(model) == described(create_model(name, depth=1))
+    assert model.num_tokens == 729
+    images = images_for(384, 384)
+    assert relative_diff(tome_jax_logits(model, variables, images), torch_logits(module, images)) < 1e-4
+    want = torch_tome.tome_forward(module, images, 8).numpy()
+    assert relative_diff(tome_jax_logits(model, variables, images, r=8), want) < 1e-3
 
 
 # --- checkpoint files ----------------------------------------------------------------
