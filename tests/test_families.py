@@ -288,3 +288,40 @@ def test_pretrained_data_config_of_each_family(tmp_path):
     cfg = dict(mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation="bilinear", hf_hub_id="x")
     save_file(state, path, metadata={"pretrained_cfg": json.dumps(cfg)})
     assert pretrained_data_config(path) == dict(mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, interpolation="bilinear")
+
+
+# --- eval.py and tome-jax-vis by timm name -------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_takes_a_family_by_name_with_its_preprocessing(tmp_path):
+    """Random weights (pretrained=False), SigLIP's mean and std from timm's pretrained
+    config; a feature model without a head is refused in one line that says what to pass."""
+    from configs import eval_cifar10
+
+    from tome_jax import data, evaluate
+
+    config = eval_cifar10.get_config()
+    config.model, config.pretrained, config.preprocess = "vit_base_patch16_siglip_224", False, "timm"
+    config.update(r="0, 1", limit=4, batch_size=4, timing_runs=1, workdir=str(tmp_path))
+    config.model_overrides.update(depth=1, img_size=32)
+    with pytest.raises(ValueError, match="num_classes=0.*--config.model_overrides.num_classes=10"):
+        evaluate.run(config)
+    config.model_overrides.num_classes = 10
+    model, _, source = evaluate.load_model(config)
+    preprocess = evaluate.preprocess_for(config, model, source)
+    assert (preprocess.mean, preprocess.std, preprocess.size) == ((0.5,) * 3, (0.5,) * 3, (32, 32))
+    rows = evaluate.run(config)
+    assert [row["r"] for row in rows] == ["0", "1"] and all(row["count"] == 4 for row in rows)
+    assert rows[1]["tokens_left"] == 3  # 2 x 2 patches, no class token, one merge
+    assert data.class_names(data.builder("bundled_cifar10"))  # the head's 10 classes
+
+
+@pytest.mark.slow
+def test_vis_draws_a_family_by_name_with_random_weights(tmp_path, capsys):
+    from tome_jax import cli
+
+    out = tmp_path / "merges.png"
+    cli.vis_main([str(out), "--model", "vit_base_patch16_siglip_224", "--random-weights", "--preprocess", "timm",
+                  "--images", "1", "--r", "8"])
+    assert out.exists() and "r=8: 196 tokens -> 100" in capsys.readouterr().out

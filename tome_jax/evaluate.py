@@ -159,11 +159,29 @@ def preprocess_for(config, model: ViT, source: str):
     )
 
 
+def check_num_classes(model: ViT, dataset, name: str) -> None:
+    """The model's head must have one output per class of the dataset. eval.py scores
+    class logits, so a feature model (num_classes=0: SigLIP, DINOv2) needs a head."""
+    classes = len(data.class_names(dataset))
+    if model.num_classes == 0:
+        raise ValueError(
+            f"the model gives features (num_classes=0: SigLIP, DINOv2), not the class logits eval.py scores on "
+            f"{name}: add a {classes}-class head, --config.model_overrides.num_classes={classes}, with its trained "
+            "weights (--config.params_from=a train.py workdir), or evaluate a classifier checkpoint"
+        )
+    if classes != model.num_classes:
+        raise ValueError(
+            f"{name} has {classes} classes but the model's head has {model.num_classes} outputs; "
+            f"use a model with a {classes}-class head, or a dataset of the model's {model.num_classes} classes"
+        )
+
+
 def run(config) -> list[dict[str, Any]]:
     """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir."""
     r_values = schedules.parse_r_values(config.r)
     model, params, source = load_model(config)
     dataset = data.builder(config.dataset, config.data_dir)
+    check_num_classes(model, dataset, config.dataset)
     preprocess = preprocess_for(config, model, source)
     available = data.num_examples(dataset, config.split)
     count = min(available, config.limit) if config.limit else available
