@@ -50,8 +50,13 @@ def described(model):
     return {a: pair(v) if a.endswith("_size") else v for a, v in values.items()}
 
 
+# Over 20 s on 2 shared cores (the ViT-B towers at 224 px); the file tests below keep a
+# quick CLIP and SigLIP check, the DINOv2 cases here are quick.
+SLOW_FAMILIES = ("clip_quickgelu", "clip", "siglip", "so400m_siglip")
+
+
 @pytest.mark.parametrize(
-    "family", [pytest.param(f, marks=pytest.mark.slow) if f == "so400m_siglip" else f for f in FAMILIES]
+    "family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f for f in FAMILIES]
 )
 def test_family_equals_timm_at_r0_and_the_reference_when_merging(family):
     name, timm_kwargs, overrides = FAMILIES[family]
@@ -165,7 +170,7 @@ def openai_clip_state(seed=0):
 
 @pytest.mark.parametrize("act_layer,name", [
     ("quick_gelu", "vit_base_patch16_clip_quickgelu_224"),  # OpenAI CLIP
-    ("gelu", "vit_base_patch16_clip_224"),                   # OpenCLIP
+    pytest.param("gelu", "vit_base_patch16_clip_224", marks=pytest.mark.slow),  # OpenCLIP
 ])
 def test_openai_clip_state_dict_reads_as_timms_converter_reads_it(act_layer, name):
     state = openai_clip_state()
@@ -248,6 +253,7 @@ def small_state(name, **kwargs):
     return module, {k: v.numpy() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_timm_files_say_what_their_tensors_cannot(tmp_path):
     """Activation and LayerNorm epsilon from the `config` metadata or overrides;
     registers, their position embeddings, SwiGLU and attention pooling from the tensors."""
