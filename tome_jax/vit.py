@@ -320,6 +320,10 @@ class ViT(nn.Module):
     these prefix tokens never merge. Pooling ("avg", "map") reads the patch tokens,
     weighting each by the patches it holds.
 
+    `img_size` need not be a multiple of `patch_size`: the grid is `img_size //
+    patch_size` and the pixels past the last whole patch are dropped, as timm's
+    strided patch convolution drops them.
+
     `in_chans` is the input's channels (1 for spectrograms [batch, freq, time, 1]).
     `num_frames` makes it a video ViT (VideoMAE's tubelet embedding): inputs are
     [batch, num_frames, height, width, in_chans], cut into tubelets of
