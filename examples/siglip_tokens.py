@@ -10,8 +10,6 @@ use as ToMe's blocks do, as a log(size) bias in its attention to those tokens.
     model = tome_jax.ViT(**SO400M_384)
     tokens, size = vision_tokens(model, variables, images, r=16)  # [b, 297, 1152], [b, 297]
 
-(`images` cropped to 378 px, see `SO400M_384`.)
-
 PaliGemma takes the tower's last output after its final norm (`block=None`);
 LLaVA takes the output of the block before last, without the norm, and drops
 the class token (`block=-2`).
@@ -31,13 +29,11 @@ from tome_jax import schedules
 
 # So400m/14 at 384 px as timm's `vit_so400m_patch14_siglip_384`, but pooled by
 # average instead of SigLIP's attention-pooling head (its tokens are the same).
-# timm's patch convolution reads the top-left 27 x 14 = 378 pixels of a 384 px
-# image and skips the last 6 rows and columns; this ViT takes images that are a
-# multiple of the patch, so it is given that crop, `images[:, :378, :378]`.
-# With SigLIP in the registry this is one line:
-#     model = tome_jax.create_model("vit_so400m_patch14_siglip_384", num_classes=0)
+# Its 14 px patches read the top-left 27 x 14 = 378 pixels of the 384 px image, as
+# timm's do. With SigLIP's own head this is
+#     model = tome_jax.create_model("vit_so400m_patch14_siglip_384")
 SO400M_384 = dict(
-    img_size=378,
+    img_size=384,
     patch_size=14,
     width=1152,
     depth=27,

@@ -50,8 +50,13 @@ def described(model):
     return {a: pair(v) if a.endswith("_size") else v for a, v in values.items()}
 
 
+# Over 20 s on 2 shared cores (the ViT-B towers at 224 px); the file tests below keep a
+# quick CLIP and SigLIP check, the DINOv2 cases here are quick.
+SLOW_FAMILIES = ("clip_quickgelu", "clip", "siglip", "so400m_siglip")
+
+
 @pytest.mark.parametrize(
-    "family", [pytest.param(f, marks=pytest.mark.slow) if f == "so400m_siglip" else f for f in FAMILIES]
+    "family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f for f in FAMILIES]
 )
 def test_family_equals_timm_at_r0_and_the_reference_when_merging(family):
     name, timm_kwargs, overrides = FAMILIES[family]
@@ -86,16 +91,32 @@ def test_unpacked_swiglu_with_its_norm_equals_timm():
 
 
 def test_a_size_the_patches_do_not_divide_reads_as_timm_computes_it():
-    """timm's So400m/14 at 384 px ignores the last 6 pixels: tome_jax's model is the
-    378-px one, fed the image's top-left 378 x 378 (here 64 px in 14-px patches: 56)."""
+    """timm's So400m/14 at 384 px reads 27 x 27 patches and ignores the last 6 pixels;
+    so does tome_jax's (here 64 px in 14 px patches: 4 x 4, 8 pixels ignored)."""
     module = randomised(timm.create_model(
         "vit_base_patch16_siglip_224", pretrained=False, depth=2, embed_dim=128, num_heads=2, patch_size=14, img_size=64
     ))
     model, variables = from_timm(module)
-    assert model.img_size == (56, 56)
+    assert (model.img_size, model.grid_size) == ((64, 64), (4, 4))
     images = images_for(64, 64)
-    got = tome_jax_logits(model, variables, images[:, :, :56, :56])
-    assert relative_diff(got, torch_logits(module, images)) < 1e-4
+    assert relative_diff(tome_jax_logits(model, variables, images), torch_logits(module, images)) < 1e-4
+    want = torch_tome.tome_forward(module, images, 4).numpy()
+    assert relative_diff(tome_jax_logits(model, variables, images, r=4), want) < 1e-3
+
+
+@pytest.mark.slow
+def test_so400m_at_384_px_equals_timm():
+    """The registry's `vit_so400m_patch14_siglip_384` is timm's (27 x 27 = 729 patches of
+    the 384 px image), at reduced depth."""
+    name = "vit_so400m_patch14_siglip_384"
+    module = randomised(timm.create_model(name, pretrained=False, depth=1))
+    model, variables = from_timm(module)
+    assert described(model) == described(create_model(name, depth=1))
+    assert model.num_tokens == 729
+    images = images_for(384, 384)
+    assert relative_diff(tome_jax_logits(model, variables, images), torch_logits(module, images)) < 1e-4
+    want = torch_tome.tome_forward(module, images, 8).numpy()
+    assert relative_diff(tome_jax_logits(model, variables, images, r=8), want) < 1e-3
 
 
 # --- checkpoint files ----------------------------------------------------------------
@@ -149,7 +170,7 @@ def openai_clip_state(seed=0):
 
 @pytest.mark.parametrize("act_layer,name", [
     ("quick_gelu", "vit_base_patch16_clip_quickgelu_224"),  # OpenAI CLIP
-    ("gelu", "vit_base_patch16_clip_224"),                   # OpenCLIP
+    pytest.param("gelu", "vit_base_patch16_clip_224", marks=pytest.mark.slow),  # OpenCLIP
 ])
 def test_openai_clip_state_dict_reads_as_timms_converter_reads_it(act_layer, name):
     state = openai_clip_state()
@@ -232,6 +253,7 @@ def small_state(name, **kwargs):
     return module, {k: v.numpy() for k, v in module.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_timm_files_say_what_their_tensors_cannot(tmp_path):
     """Activation and LayerNorm epsilon from the `config` metadata or overrides;
     registers, their position embeddings, SwiGLU and attention pooling from the tensors."""
@@ -272,3 +294,39 @@ def test_pretrained_data_config_of_each_family(tmp_path):
     cfg = dict(mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation="bilinear", hf_hub_id="x")
     save_file(state, path, metadata={"pretrained_cfg": json.dumps(cfg)})
     assert pretrained_data_config(path) == dict(mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, interpolation="bilinear")
+
+
+# --- eval.py and tome-jax-vis by timm name -------------------------------------------
+
+
+@pytest.mark.slow
+def test_eval_takes_a_family_by_name_with_its_preprocessing(tmp_path):
+    """Random weights (pretrained=False), SigLIP's mean and std from timm's pretrained
+    config; a feature model without a head is refused in one line that says what to pass."""
+    from configs import eval_cifar10
+
+    from tome_jax import evaluate
+
+    config = eval_cifar10.get_config()
+    config.model, config.pretrained, config.preprocess = "vit_base_patch16_siglip_224", False, "timm"
+    config.update(r="0, 1", limit=4, batch_size=4, timing_runs=1, workdir=str(tmp_path))
+    config.model_overrides.update(depth=1, img_size=32)
+    with pytest.raises(ValueError, match="num_classes=0.*--config.model_overrides.num_classes=10"):
+        evaluate.run(config)
+    config.model_overrides.num_classes = 10
+    model, _, source = evaluate.load_model(config)
+    preprocess = evaluate.preprocess_for(config, model, source)
+    assert (preprocess.mean, preprocess.std, preprocess.size) == ((0.5,) * 3, (0.5,) * 3, (32, 32))
+    rows = evaluate.run(config)
+    assert [row["r"] for row in rows] == ["0", "1"] and all(row["count"] == 4 for row in rows)
+    assert rows[1]["tokens_left"] == 3  # 2 x 2 patches, no class token, one merge
+
+
+@pytest.mark.slow
+def test_vis_draws_a_family_by_name_with_random_weights(tmp_path, capsys):
+    from tome_jax import cli
+
+    out = tmp_path / "merges.png"
+    cli.vis_main([str(out), "--model", "vit_base_patch16_siglip_224", "--random-weights", "--preprocess", "timm",
+                  "--images", "1", "--r", "8"])
+    assert out.exists() and "r=8: 196 tokens -> 100" in capsys.readouterr().out

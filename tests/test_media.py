@@ -182,7 +182,7 @@ def test_video_checkpoints_round_trip_in_videomaes_layout():
     [
         (VIDEO, (1, 16, 16, 3), r"videos must be \[batch, frames, height, width, channels\]"),
         (VIDEO, (1, 2, 16, 16, 3), "videos of 2 frames, but the model's num_frames is 4"),
-        (VIDEO, (1, 4, 18, 16, 3), r"image size \(18, 16\) is not divisible by patch size \(4, 4\)"),
+        (VIDEO, (1, 4, 18, 16, 3), r"image size \(18, 16\) differs from the model's img_size \(16, 16\)"),
         (dict(VIDEO, num_frames=5), (1, 5, 16, 16, 3), "num_frames 5 is not a positive multiple of tubelet_size 2"),
         (dict(TINY, tubelet_size=2), (1, 16, 16, 3), "tubelet_size needs num_frames"),
         (AUDIO, (1, 8, 32, 3), "inputs have 3 channels, the model's in_chans is 1"),

@@ -146,3 +146,15 @@ def test_command_draws_a_checkpoint_on_bundled_images(tmp_path, capsys):
     originals, _ = data.images_for_display(data.builder("bundled_cifar10"), "test", 2)
     np.testing.assert_array_equal(picture[:tile, tile + gap :], vis.upscale(originals[1], 8))
     assert "r=(8, -1): 65 tokens -> 49" in capsys.readouterr().out
+
+
+def test_visualize_shows_the_pixels_the_patches_cover():
+    """18 x 18 px in 4 px patches: the model reads the top-left 16 x 16, and so does the picture."""
+    model = tome_jax.ViT(num_classes=0, img_size=18, patch_size=4, width=24, depth=1, num_heads=3)
+    display = np.random.default_rng(0).integers(0, 256, (1, 18, 18, 3)).astype(np.uint8)
+    images = jnp.asarray(display / 255.0, jnp.float32)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
+    out = vis.visualize(model, variables, images, display, 0, scale=1)
+    assert out.shape == (2 * 16 + 2, 16, 3)
+    np.testing.assert_array_equal(out[:16], display[0, :16, :16] / 255.0)
+    np.testing.assert_array_equal(out[18:], vis.merge_visualization(display[0, :16, :16], np.arange(17), (4, 4)))

@@ -350,12 +350,25 @@ def test_bfloat16_compute_tracks_float32():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0.1, atol=0.3)
 
 
+def test_pixels_past_the_last_whole_patch_are_dropped():
+    """As a strided convolution drops them: 18 x 19 px in 4 px patches is the 16 x 16
+    model on the top-left 16 x 16 pixels (timm's So400m/14 at 384 px reads 378)."""
+    uneven = tome_jax.ViT(**{**SMALL, "img_size": (18, 19)})
+    assert uneven.grid_size == (4, 4) and uneven.num_tokens == 17
+    images = images_for({"img_size": (18, 19)})
+    variables = random_variables(uneven, images)
+    for r in (0, 2):
+        got = jit_apply(uneven)(variables, images, r=r)
+        want = jit_apply(tome_jax.ViT(**SMALL))(variables, images[:, :16, :16], r=r)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "overrides,shape,message",
     [
-        ({}, (1, 18, 16, 3), r"image size \(18, 16\) is not divisible by patch size \(4, 4\)"),
+        ({}, (1, 18, 16, 3), r"image size \(18, 16\) differs from the model's img_size \(16, 16\)"),
         ({}, (1, 20, 20, 3), r"image size \(20, 20\) differs from the model's img_size \(16, 16\)"),
-        (dict(img_size=18), (1, 18, 18, 3), r"image size \(18, 18\) is not divisible by patch size"),
+        (dict(img_size=3), (1, 3, 3, 3), r"image size \(3, 3\) is smaller than one patch \(4, 4\)"),
         (dict(class_token=False), (1, 16, 16, 3), "global_pool='token' needs a class token"),
         (dict(class_token=False, distill_token=True, global_pool="avg"), (1, 16, 16, 3), "distillation token needs a class token"),
         (dict(global_pool="max"), (1, 16, 16, 3), "global_pool must be 'token', 'avg' or 'map'"),
@@ -398,6 +411,7 @@ TIMM_PARAM_COUNTS = {
     "vit_base_patch16_clip_224": 86_568_424,
     "vit_base_patch16_siglip_224": 92_884_224,
     "vit_so400m_patch14_siglip_224": 427_680_704,
+    "vit_so400m_patch14_siglip_384": 428_225_600,
     "vit_small_patch14_reg4_dinov2": 22_057_344,
     "vit_giant_patch14_dinov2": 1_136_479_232,
 }

@@ -4,6 +4,7 @@
     tome-jax-bench --config configs/bench_cpu.py --config.models=vit_small_patch16_224 \
         --config.batch_sizes=8,16 --config.r="0, 16, (16, -1)" --config.dtypes=float32,bfloat16
     tome-jax-bench --config configs/bench_cpu.py --device=gpu
+    tome-jax-bench --config configs/bench_families.py   # CLIP, SigLIP, DINOv2 towers by timm name
 
 For every model, batch size and dtype, one interleaved timing loop
 (`measure.interleaved_times`) runs, call by call, tome_jax at each `r`, the same

@@ -193,6 +193,11 @@ def _vis_parser() -> argparse.ArgumentParser:
         help="anything tome_jax.from_timm reads: a checkpoint file (relative paths may be "
         "relative to the repository) or a timm model name (downloads its weights)",
     )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="for a timm model name: its architecture with random weights, nothing downloaded",
+    )
     parser.add_argument("--dataset", default="bundled_cifar10", help="a tome_jax.data dataset name")
     parser.add_argument("--data-dir", help="TFDS data directory")
     parser.add_argument("--split", default="test")
@@ -225,14 +230,21 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
+    import jax
+
     from tome_jax import data, evaluate, schedules, vis
     from tome_jax.convert import from_timm
+    from tome_jax.vit import create_model
 
     r_values = schedules.parse_r_values(args.r)
     args.mean = args.mean or data.CIFAR10_MEAN
     args.std = args.std or data.CIFAR10_STD
     source = evaluate.resolve_source(args.model)
-    model, variables = from_timm(source)
+    if args.random_weights:
+        model = create_model(source)
+        variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, *model.input_shape), np.float32))
+    else:
+        model, variables = from_timm(source)
     for r_value in r_values:
         print(schedules.describe_r(r_value, model.num_tokens, model.depth, model.num_prefix_tokens))
     # The options carry the preprocessing fields of an eval.py config.

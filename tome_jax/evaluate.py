@@ -216,8 +216,15 @@ def preprocess_for(config, model: ViT, source: str):
 
 
 def check_num_classes(model: ViT, dataset, name: str) -> None:
-    """The model's head must have one output per class of the dataset."""
+    """The model's head must have one output per class of the dataset. eval.py scores
+    class logits, so a feature model (num_classes=0: SigLIP, DINOv2) needs a head."""
     classes = len(data.class_names(dataset))
+    if model.num_classes == 0:
+        raise ValueError(
+            f"the model gives features (num_classes=0: SigLIP, DINOv2), not the class logits eval.py scores on "
+            f"{name}: add a {classes}-class head, --config.model_overrides.num_classes={classes}, with its trained "
+            "weights (--config.params_from=a train.py workdir), or evaluate a classifier checkpoint"
+        )
     if classes != model.num_classes:
         raise ValueError(
             f"{name} has {classes} classes but the model's head has {model.num_classes} outputs; "

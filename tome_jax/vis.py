@@ -277,7 +277,8 @@ def visualize(
       variables: its variables.
       images: [n, height, width, 3] model inputs (normalised, at the model's size).
       display_images: [n, H, W, 3] the same images for display, uint8 or float
-        in [0, 1], any size (e.g. unnormalised originals).
+        in [0, 1], any size (e.g. unnormalised originals); where the patches do
+        not divide the model's image size, the part they cover is shown.
       scale: integer display upscale; None: `display_scale` (8x for 32x32).
 
     Returns:
@@ -289,6 +290,11 @@ def visualize(
     display = np.stack([as_float_image(image) for image in display_images])
     if len(display) != len(images):
         raise ValueError(f"{len(images)} model images but {len(display)} display images")
+    # Pixels past the model's last whole patch are not read (timm's So400m/14 reads
+    # 378 of 384): the pictures show the part the patches cover.
+    height, width = display.shape[1:3]
+    (h, w), (gh, gw), (ph, pw) = model.image_hw, model.grid_size, model.patch_kernel
+    display = display[:, : round(height * gh * ph / h), : round(width * gw * pw / w)]
     if scale is None:
         scale = display_scale(*display.shape[1:3])
     display = upscale(display, scale)

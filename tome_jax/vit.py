@@ -62,12 +62,15 @@ def pair(value) -> tuple[int, ...]:
 
 
 def _patchify(inputs: jax.Array, kernel: tuple[int, ...]) -> jax.Array:
-    """[batch, *spatial, channels] -> [batch, *grid, *kernel, channels], grid = spatial / kernel.
+    """[batch, *spatial, channels] -> [batch, *grid, *kernel, channels], grid = floor(spatial / kernel).
 
     Each patch's pixels end up contiguous, in the order of a convolution kernel.
+    Pixels past the last whole patch are dropped, as a strided convolution drops
+    them (timm's So400m/14 at 384 px reads 27 x 14 = 378 of them).
     """
     batch, *spatial, channels = inputs.shape
     grid = [extent // k for extent, k in zip(spatial, kernel)]
+    inputs = inputs[(slice(None), *(slice(g * k) for g, k in zip(grid, kernel)))]
     split = inputs.reshape(batch, *[d for dims in zip(grid, kernel) for d in dims], channels)
     axes = len(kernel)
     grid_axes, kernel_axes = range(1, 2 * axes, 2), range(2, 2 * axes + 1, 2)
@@ -317,6 +320,10 @@ class ViT(nn.Module):
     these prefix tokens never merge. Pooling ("avg", "map") reads the patch tokens,
     weighting each by the patches it holds.
 
+    `img_size` need not be a multiple of `patch_size`: the grid is `img_size //
+    patch_size` and the pixels past the last whole patch are dropped, as timm's
+    strided patch convolution drops them.
+
     `in_chans` is the input's channels (1 for spectrograms [batch, freq, time, 1]).
     `num_frames` makes it a video ViT (VideoMAE's tubelet embedding): inputs are
     [batch, num_frames, height, width, in_chans], cut into tubelets of
@@ -369,8 +376,11 @@ class ViT(nn.Module):
 
     @property
     def grid_size(self) -> tuple[int, int]:
+        """The patch grid, (height // patch, width // patch): the pixels past the
+        last whole patch are dropped, as timm's strided patch convolution drops them."""
         (h, w), (ph, pw) = pair(self.img_size), pair(self.patch_size)
-        _check_divisible((h, w), (ph, pw))
+        if h < ph or w < pw:
+            raise ValueError(f"image size {(h, w)} is smaller than one patch {(ph, pw)}")
         return h // ph, w // pw
 
     @property
@@ -412,6 +422,7 @@ class ViT(nn.Module):
         return self.dtem_dim or (head_dim if self.width < 1024 else 2 * head_dim)
 
     def _validate(self):
+        self.grid_size  # an image smaller than one patch is an error
         if self.distill_token and not self.class_token:
             raise ValueError("a distillation token needs a class token")
         if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
@@ -469,7 +480,6 @@ class ViT(nn.Module):
                 f"{layout}, got {tuple(shape)}: channels first; transpose to {last}: x.transpose{order}"
             )
         *frames, height, width, channels = shape[1:]
-        _check_divisible((height, width), pair(self.patch_size))
         if (height, width) != self.image_hw:
             raise ValueError(
                 f"image size {(height, width)} differs from the model's img_size "
@@ -655,13 +665,6 @@ class ViT(nn.Module):
         return self._head(pooled)
 
 
-def _check_divisible(image_hw, patch_hw):
-    if any(s % p for s, p in zip(image_hw, patch_hw)):
-        raise ValueError(
-            f"image size {tuple(image_hw)} is not divisible by patch size {tuple(patch_hw)}"
-        )
-
-
 # timm architecture names -> ViT attributes. Pretrained tags (".augreg_in21k", ...)
 # select weights, not architecture, and are stripped by `create_model`.
 _TI, _S, _B = dict(width=192, num_heads=3), dict(width=384, num_heads=6), dict(width=768, num_heads=12)
@@ -726,6 +729,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_base_patch16_siglip_384": dict(**_B, patch_size=16, img_size=384, **_SIGLIP),
     "vit_so400m_patch14_siglip_224": dict(patch_size=14, **_SO400M),
     "vit_so400m_patch14_siglip_378": dict(patch_size=14, img_size=378, **_SO400M),
+    # 384 px in 14 px patches: 27 x 27 patches, the last 6 pixel rows and columns unread.
+    "vit_so400m_patch14_siglip_384": dict(patch_size=14, img_size=384, **_SO400M),
     "vit_so400m_patch16_siglip_256": dict(patch_size=16, img_size=256, act_layer="gelu_tanh", **_SO400M),
     "vit_small_patch14_dinov2": dict(**_S, **_DINOV2),
     "vit_base_patch14_dinov2": dict(**_B, **_DINOV2),

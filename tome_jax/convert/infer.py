@@ -148,9 +148,8 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
     reg_tokens = _required(arrays, "reg_token", 3).shape[1] if has("reg_token") else 0
     prefix = int(class_token) + int(distill_token) + reg_tokens
     pos_len = _required(arrays, "pos_embed", 3).shape[1]
-    grid, no_embed_class = _position_grid(
-        pos_len, prefix, patch, checkpoint.hints.get("img_size"), overrides.get("img_size"), steps
-    )
+    stated = checkpoint.hints.get("img_size")
+    grid, no_embed_class = _position_grid(pos_len, prefix, patch, stated, overrides.get("img_size"), steps)
     fc_norm = has("fc_norm.weight")
     if has("attn_pool.latent"):
         global_pool = "map"
@@ -160,7 +159,9 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
     mlp_layer, hidden = _mlp_layer(arrays)
     config = dict(
         num_classes=_required(arrays, "head.weight", 2).shape[0] if has("head.weight") else 0,
-        img_size=tuple(g * p for g, p in zip(grid, patch)),
+        # The stated size may leave pixels past the last whole patch (timm's
+        # So400m/14 at 384 px), which the model then drops as timm does.
+        img_size=pair(stated) if stated is not None else tuple(g * p for g, p in zip(grid, patch)),
         patch_size=tuple(patch),
         in_chans=in_chans,
         **video,
