@@ -41,7 +41,7 @@ class RChoice(NamedTuple):
 
 
 def gflops_per_image(
-    model: ViT, variables, r: schedules.RSpec, *, batch_size: int = 1, prop_attn: bool = True
+    model: ViT, variables, r: schedules.RSpec, *, batch_size: int = 1, prop_attn: bool | None = None
 ) -> float:
     """XLA's FLOP count of one forward, per image, without compiling.
 
@@ -95,7 +95,7 @@ def choose_r(
     inflections: Sequence[float] = (0.0, -1.0),
     images: Sequence[jax.Array] | None = None,
     timing_runs: int = 5,
-    prop_attn: bool = True,
+    prop_attn: bool | None = None,
 ) -> RChoice:
     """The schedule with the fewest merged tokens that meets one target.
 
@@ -170,6 +170,9 @@ def config_targets(
     for key in ("target_gflops", "target_speedup"):
         target = config.get(key)
         if target is not None:
-            choice = choose_r(model, variables, batch_size=batch_size, images=images, **{key: target})
+            choice = choose_r(
+                model, variables, batch_size=batch_size, images=images,
+                prop_attn=config.get("prop_attn"), **{key: target},
+            )
             chosen.append((choice.r, f"{key}={target}"))
     return chosen

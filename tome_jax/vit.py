@@ -13,15 +13,15 @@ token sequence and merge it the same way.
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tome_jax import dtem, merge, schedules
+from tome_jax import dtem, merge, reduce, schedules
 from tome_jax.attention import Attention, layer_norm
 
 
@@ -47,23 +47,6 @@ class SoftMergeSettings(NamedTuple):
     tau1: float = 0.1
     tau2: float = 0.1
     drop_residue: bool = False
-
-
-# How a block removes its `r` tokens between attention and MLP:
-# `(x [batch, tokens, width], size [batch, tokens], metric [batch, tokens, channels],
-# r, *, num_prefix_tokens) -> (x, size, plan or None)`, `r` already clamped and > 0;
-# the first `num_prefix_tokens` tokens (class, distillation) must stay first, unmerged.
-# The plan (a `merge.MergePlan`) lets source tracking follow the tokens.
-TokenReduction = Callable[..., tuple[jax.Array, jax.Array, "merge.MergePlan | None"]]
-
-
-def tome_reduction(x, size, metric, r: int, *, num_prefix_tokens: int, implementation: str | None = None):
-    """ToMe's step: bipartite soft matching on `metric`, then the size-weighted merge."""
-    plan = merge.bipartite_soft_merge(
-        metric, r, class_token=num_prefix_tokens >= 1, distill_token=num_prefix_tokens >= 2
-    )
-    x, size = merge.merge_wavg(plan, x, size, implementation=implementation)
-    return x, size, plan
 
 
 def pair(value) -> tuple[int, ...]:
@@ -121,7 +104,12 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with ToMe between attention and MLP."""
+    """Pre-norm transformer block with a token-reduction step (ToMe's by default).
+
+    The step runs where its method says (`reduce.POSITIONS`): between attention
+    and MLP (ToMe), on the block's input (MCTF) or on its output (DCT). The
+    attention weights are materialised only for a method that reads them.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -134,7 +122,7 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
     merge_implementation: str | None = None
-    reduction: TokenReduction | None = None
+    reduction: reduce.Reduction | None = None
 
     def _residual(self, x, branch, name, train):
         if self.layer_scale_init is not None:
@@ -142,6 +130,16 @@ class Block(nn.Module):
         # Stochastic depth: drop the whole branch per example.
         branch = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(branch, deterministic=not train)
         return x + branch
+
+    def _method(self) -> reduce.Reduction:
+        method = reduce.ToMe() if self.reduction is None else self.reduction
+        if not isinstance(method, reduce.Reduction):
+            raise TypeError(
+                f"reduction must be a tome_jax.reduce method (e.g. reduce.PiToMe()), got {method!r}"
+            )
+        if method.position not in reduce.POSITIONS:
+            raise ValueError(f"{type(method).__name__}.position must be one of {reduce.POSITIONS}")
+        return method
 
     @nn.compact
     def __call__(
@@ -152,12 +150,18 @@ class Block(nn.Module):
         r: int,
         class_token: bool,
         distill_token: bool,
-        prop_attn: bool,
+        prop_attn: bool | None,
+        layer: int = 0,
+        num_layers: int = 1,
         train: bool = False,
         soft_merge: SoftMergeSettings | None = None,
         n: int = 0,
     ) -> tuple[jax.Array, jax.Array, merge.MergePlan | None]:
         """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int.
+
+        `prop_attn` None means the reduction method's default. `layer` and
+        `num_layers` (this block's index, the model's depth) are handed to the
+        method, which may act differently by depth (ToFu, PiToMe).
 
         With `metric_dim`, merging uses DTEM's decoupled embedding of the block's
         normalised input instead of the keys; with `soft_merge` (DTEM training) the
@@ -165,10 +169,13 @@ class Block(nn.Module):
         sequence length and fades merged tokens to size 0.
 
         Returns x [batch, tokens - r', dim], size [batch, tokens - r'] and the
-        merge plan (None when nothing was hard-merged), r' being r after the clamp
-        (0 for a soft merge, which removes no token).
+        reduction's plan (None when nothing was hard-merged, or for a method that
+        mixes tokens), r' being r after the clamp (0 for a soft merge, which
+        removes no token).
         """
-        norm = lambda name: layer_norm(name, self.dtype, self.param_dtype)  # noqa: E731
+        method = self._method()
+        prop_attn = method.prop_attn if prop_attn is None else prop_attn
+        norm1 = layer_norm("norm1", self.dtype, self.param_dtype)
         attn = Attention(
             self.num_heads,
             qkv_bias=self.qkv_bias,
@@ -178,8 +185,33 @@ class Block(nn.Module):
             implementation=self.attn_implementation,
             name="attn",
         )
-        h = norm("norm1")(x)
-        y, metric = attn(h, size if prop_attn else None)
+        num_prefix_tokens = int(class_token) + int(distill_token)
+        r = merge.clamp_r(r, x.shape[1], num_prefix_tokens)
+        position = method.position if soft_merge is None and r > 0 else None
+        rng = self.make_rng("reduction") if method.needs_rng and self.has_rng("reduction") else None
+        step = functools.partial(
+            reduce.Step,
+            r=r,
+            num_prefix_tokens=num_prefix_tokens,
+            layer=layer,
+            num_layers=num_layers,
+            rng=rng,
+            implementation=self.merge_implementation,
+        )
+
+        plan = weights = None
+        if position == reduce.BEFORE_ATTENTION:
+            metric = None
+            if method.needs_weights:  # the map of the unreduced tokens; the output goes unused
+                _, metric, weights = attn(norm1(x), size if prop_attn else None, return_weights=True)
+            x, size, plan, weights = method(step(x, size, metric, weights=weights))
+        h = norm1(x)
+        if weights is not None:  # the method's own attention map (MCTF's one-step-ahead attention)
+            y, metric = attn(h, weights=weights)
+        elif position == reduce.AFTER_ATTENTION and method.needs_weights:
+            y, metric, weights = attn(h, size if prop_attn else None, return_weights=True)
+        else:
+            y, metric = attn(h, size if prop_attn else None)
         if self.metric_dim is not None:
             # The decoupled embedding reads a detached input: learning how to merge
             # never moves the ViT's own features through this path.
@@ -188,21 +220,16 @@ class Block(nn.Module):
             )(jax.lax.stop_gradient(h))
         x = self._residual(x, y, "1", train)
 
-        plan = None
-        r = merge.clamp_r(r, x.shape[1], int(class_token) + int(distill_token))
         if soft_merge is not None:
             soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
             x, size = soft.x, soft.size
-        elif r > 0:
-            reduction = self.reduction or functools.partial(
-                tome_reduction, implementation=self.merge_implementation
-            )
-            x, size, plan = reduction(
-                x, size, metric, r, num_prefix_tokens=int(class_token) + int(distill_token)
-            )
+        elif position == reduce.AFTER_ATTENTION:
+            x, size, plan, _ = method(step(x, size, metric, weights=weights))
 
         mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")
-        x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
+        x = self._residual(x, mlp(layer_norm("norm2", self.dtype, self.param_dtype)(x)), "2", train)
+        if position == reduce.AFTER_MLP:
+            x, size, plan, _ = method(step(x, size, metric))
         return x, size, plan
 
 
@@ -250,8 +277,8 @@ class ViT(nn.Module):
     attn_implementation: str | None = None
     # How merge plans are applied (see `merge.merge_sum`); None: the backend's default.
     merge_implementation: str | None = None
-    # What each block does with its r (see `TokenReduction`); None: ToMe's merge.
-    reduction: TokenReduction | None = None
+    # How each block removes its r tokens (a `tome_jax.reduce` method); None: ToMe.
+    reduction: reduce.Reduction | None = None
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -428,7 +455,7 @@ class ViT(nn.Module):
         *,
         r: schedules.RSpec = 0,
         train: bool = False,
-        prop_attn: bool = True,
+        prop_attn: bool | None = None,
         trace_source: bool = False,
         return_state: bool = False,
         soft_merge: bool | None = None,
@@ -442,7 +469,8 @@ class ViT(nn.Module):
             static (a new `r` is a new compilation, the parameters are the same).
           train: enables stochastic depth (needs a 'dropout' rng).
           prop_attn: proportional attention (on for supervised models and for
-            training with merging; off for off-the-shelf MAE models).
+            training with merging; off for off-the-shelf MAE models); None: the
+            reduction method's default (on for ToMe).
           trace_source: record which final token holds each input token.
           return_state: also return a `MergeState`.
           soft_merge: DTEM's differentiable soft merge instead of the hard one;
@@ -457,6 +485,8 @@ class ViT(nn.Module):
         x = self._embed(images)
         batch, tokens, _ = x.shape
         size = jnp.ones((batch, tokens), jnp.float32)
+        if trace_source:
+            reduce.check_tracks_sources(self.reduction)
         source = merge.initial_source(batch, tokens) if trace_source else None
         soft = self._soft_merge_settings(
             (train and self.dtem) if soft_merge is None else soft_merge, trace_source
@@ -487,6 +517,8 @@ class ViT(nn.Module):
                 class_token=self.class_token,
                 distill_token=self.distill_token,
                 prop_attn=prop_attn,
+                layer=i,
+                num_layers=self.depth,
                 train=train,
                 soft_merge=soft,
                 n=participants[i],
