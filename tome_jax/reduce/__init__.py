@@ -1,6 +1,6 @@
 """Token-reduction methods: each a frozen dataclass of its settings, usable as `ViT(reduction=...)`.
 
-    model = tome_jax.create_model("deit_small_patch16_224", reduction=reduce.ToMe())
+    model = tome_jax.create_model("deit_small_patch16_224", reduction=reduce.PiToMe(margin=0.5))
     logits = model.apply(variables, images, r=8)
 
 `METHODS` maps the command-line names (`--config.method=`) to the classes;
@@ -23,10 +23,15 @@ from tome_jax.reduce.base import (
     check_tracks_sources,
     class_attention,
 )
+from tome_jax.reduce.dct import DCT
+from tome_jax.reduce.mctf import MCTF
+from tome_jax.reduce.pitome import PiToMe
+from tome_jax.reduce.prune import EViT, RandomDrop
+from tome_jax.reduce.tofu import ToFu
 from tome_jax.reduce.tome import ToMe
 
 METHODS: dict[str, type[Reduction]] = {
-    method.name: method for method in (ToMe,)
+    method.name: method for method in (ToMe, PiToMe, MCTF, ToFu, DCT, EViT, RandomDrop)
 }
 
 
@@ -55,11 +60,17 @@ __all__ = [
     "AFTER_ATTENTION",
     "AFTER_MLP",
     "BEFORE_ATTENTION",
+    "DCT",
+    "EViT",
+    "MCTF",
     "METHODS",
+    "PiToMe",
     "POSITIONS",
+    "RandomDrop",
     "Reduced",
     "Reduction",
     "Step",
+    "ToFu",
     "ToMe",
     "check_tracks_sources",
     "class_attention",
