@@ -232,6 +232,19 @@ def test_methods_are_hashable_settings():
     assert "tome" not in settings and "dct" not in settings  # nothing to set beyond r
 
 
+def test_eval_config_selects_the_method_and_its_settings():
+    evaluate = pytest.importorskip("tome_jax.evaluate")
+    from tome_jax.configs import eval_cifar10
+
+    config = eval_cifar10.get_config()
+    assert evaluate.reduction_from_config(config) == reduce.ToMe()
+    config.method = "pitome"
+    config.pitome.margin = 0.6
+    assert evaluate.reduction_from_config(config) == reduce.PiToMe(margin=0.6)
+    config.method = "dct"
+    assert evaluate.reduction_from_config(config) == reduce.DCT()
+
+
 def test_plans_that_prune_and_merge_apply_alike_in_every_merge_implementation():
     # Token 0 alone, 2 joins 1, 3 and 5 are pruned, 6 joins 4 (DiffRate prunes and merges in one step).
     dest = jnp.array([[0, 1, 1, -1, 2, -1, 2], [2, -1, 0, 0, 1, 1, -1]])

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from flax import traverse_util
 
-from tome_jax import budget, data, report, schedules
+from tome_jax import budget, data, reduce, report, schedules
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import from_timm, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
@@ -62,7 +62,7 @@ def sweep(
     make_batches: Callable[[], Iterable[dict[str, np.ndarray]]],
     *,
     timing_images: Sequence[jax.Array],
-    prop_attn: bool = True,
+    prop_attn: bool | None = None,
     runs: int = 5,
     num_batches: int | None = None,
 ) -> list[dict[str, Any]]:
@@ -101,18 +101,18 @@ def load_model(config) -> tuple[ViT, Any, str]:
     `config.pretrained`: load `config.model` (timm name or checkpoint file) through
     `from_timm`; else build the registry architecture of that name and return None
     parameters, to be initialised by Flax (no torch or timm needed).
-    Optional keys: `method` ("tome", or "dtem" for DTEM metric layers),
-    `metric_layers` (a file of DTEM metric layers to add), `params_from` (a
-    train.py workdir whose checkpoint replaces the parameters) and `params_step`
-    ("best", "latest" or a step).
+    Optional keys: `method` ("tome"; "dtem" for DTEM metric layers; or another
+    `tome_jax.reduce.METHODS` name, whose settings are `config[method]`, see
+    `reduction_from_config`), `metric_layers` (a file of DTEM metric layers to
+    add), `params_from` (a train.py workdir whose checkpoint replaces the
+    parameters) and `params_step` ("best", "latest" or a step).
     """
     source = resolve_source(config.model)
     overrides = dict(config.model_overrides)
-    method = config.get("method", "tome")
-    if method not in ("tome", "dtem"):
-        raise ValueError(f"config.method must be 'tome' or 'dtem', got {method!r}")
-    if method == "dtem":
+    if config.get("method", "tome") == "dtem":
         overrides["dtem"] = True
+    else:
+        overrides["reduction"] = reduction_from_config(config)
     if not config.pretrained:
         model, params = create_model(source, **overrides), None
     else:
@@ -122,6 +122,18 @@ def load_model(config) -> tuple[ViT, Any, str]:
     if config.get("params_from"):
         params = trained_params(config.params_from, config.get("params_step", "best"), model)
     return model, params, source
+
+
+def reduction_from_config(config) -> reduce.Reduction:
+    """The token-reduction method `config.method` names ("tome" when absent).
+
+    Its settings come from `config[method]` when the config has that entry
+    (e.g. `--config.pitome.margin=0.5`); settings it leaves out keep the
+    method's defaults.
+    """
+    method = config.get("method", "tome")
+    settings = config.get(method) if method in reduce.METHODS else None
+    return reduce.create(method, **(settings.to_dict() if settings is not None else {}))
 
 
 def trained_params(workdir: str, step, model: ViT):

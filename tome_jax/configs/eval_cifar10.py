@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from tome_jax import data
+from tome_jax import data, reduce
 
 
 def get_config():
@@ -16,7 +16,12 @@ def get_config():
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
     config.pretrained = True  # False: the registry architecture of that name, random init
     config.model_overrides = ml_collections.ConfigDict()  # ViT attributes, e.g. img_size
-    config.method = "tome"  # "tome": merge on attention keys; "dtem": on DTEM metric layers
+    # How blocks remove tokens: "tome" (merge on attention keys), "dtem" (ToMe on DTEM
+    # metric layers), or another tome_jax.reduce method: "pitome", "mctf", "tofu", "dct",
+    # "evit", "random_drop"; its settings are config.<method> (e.g. --config.pitome.margin=0.5).
+    config.method = "tome"
+    for method, settings in reduce.default_settings().items():
+        config[method] = ml_collections.ConfigDict(settings)
     config.metric_layers = ""  # DTEM metric layers saved alone (train.py's metric_layers.safetensors)
     config.params_from = ""  # a train.py workdir: evaluate its checkpoint's parameters
     config.params_step = "best"  # "best" (eval top-1), "latest", or a step number
@@ -27,7 +32,9 @@ def get_config():
     # this many GFLOPs per image, or at least this speed-up over r = 0 measured here.
     config.target_gflops = ml_collections.config_dict.placeholder(float)
     config.target_speedup = ml_collections.config_dict.placeholder(float)
-    config.prop_attn = True  # proportional attention (off for off-the-shelf MAE models)
+    # Proportional attention (off for off-the-shelf MAE models); None: the method's
+    # default, as its authors run it (on for ToMe and MCTF).
+    config.prop_attn = ml_collections.config_dict.placeholder(bool)
 
     config.dataset = "bundled_cifar10"  # TFDS name, "folder:/path", or "bundled_cifar10"
     config.data_dir = ml_collections.config_dict.placeholder(str)
