@@ -6,7 +6,7 @@ tokens between attention and MLP with the pure functions of `tome_jax.merge`:
 
     y, metric = attend(qkv(norm1(x)), size, heads) # token_ops.py: metric = keys' head-mean
     x = x + proj(y)
-    plan = merge.bipartite_soft_merge(metric, r, class_token=class_token)
+    plan = merge.bipartite_soft_merge(metric, r, num_prefix_tokens=int(class_token))
     x, size = merge.merge_wavg(plan, x, size)      # size: input tokens each token holds
     x = x + mlp(norm2(x))
 
@@ -36,7 +36,7 @@ class Block(nn.Module):
         qkv = nn.Dense(3 * width, name="qkv")(nn.LayerNorm(name="norm1")(x))
         y, metric = attend(qkv, size, self.num_heads)
         x = x + nn.Dense(width, name="proj")(y)
-        plan = merge.bipartite_soft_merge(metric, r, class_token=class_token)
+        plan = merge.bipartite_soft_merge(metric, r, num_prefix_tokens=int(class_token))
         x, size = merge.merge_wavg(plan, x, size)
         hidden = nn.Dense(int(width * self.mlp_ratio), name="fc1")(nn.LayerNorm(name="norm2")(x))
         hidden = nn.gelu(hidden)

@@ -31,7 +31,7 @@ class Block(nnx.Module):
         """x [batch, tokens, width], size [batch, tokens] -> x, size with r fewer tokens, plan."""
         y, metric = attend(self.qkv(self.norm1(x)), size, self.num_heads)
         x = x + self.proj(y)
-        plan = merge.bipartite_soft_merge(metric, r, class_token=class_token)
+        plan = merge.bipartite_soft_merge(metric, r, num_prefix_tokens=int(class_token))
         x, size = merge.merge_wavg(plan, x, size)
         return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x)))), size, plan
 

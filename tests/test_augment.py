@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-import timm.data.mixup
-import torch
 from PIL import Image
-from timm.data import auto_augment
 
 from tome_jax import data
 from tome_jax.data import augment, mixing
 
+# timm is the reference (its RandAugment ops on PIL, its Mixup); without the torch extra
+# the tests that compare against it skip and the rest run.
+NEEDS_TIMM = "timm is the reference: pip install -e '.[torch]'"
 FILL = (124, 116, 104)  # timm's RandAugment fill for the ImageNet mean
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -74,6 +74,7 @@ def apply_op(name, image, arg, fill=FILL):
 
 def timm_op(name, image, arg, resample=Image.BILINEAR):
     """timm's op (PIL) on a uint8 array -> uint8 array."""
+    auto_augment = pytest.importorskip("timm.data.auto_augment", reason=NEEDS_TIMM)
     args = () if arg is None else (arg,)
     out = auto_augment.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=FILL, resample=resample)
     return np.asarray(out)
@@ -131,12 +132,14 @@ def test_posterize_extremes():
 
 
 def test_op_sets_are_timms():
+    auto_augment = pytest.importorskip("timm.data.auto_augment", reason=NEEDS_TIMM)
     assert augment.RAND_AUGMENT_NAMES == tuple(auto_augment._RAND_TRANSFORMS)
     assert augment.RAND_AUGMENT_INCREASING_NAMES == tuple(auto_augment._RAND_INCREASING_TRANSFORMS)
 
 
 @pytest.mark.parametrize("negate", [False, True])
 def test_magnitude_mappings_equal_timms(negate, monkeypatch):
+    auto_augment = pytest.importorskip("timm.data.auto_augment", reason=NEEDS_TIMM)
     monkeypatch.setattr(auto_augment, "_randomly_negate", (lambda v: -v) if negate else (lambda v: v))
     levels = [*range(11), 0.37, 2.5, 4.5, 8.99, 9.61]
     for name, op in augment.RAND_AUGMENT_OPS.items():
@@ -452,9 +455,11 @@ def random_batch(batch=8, height=32, width=24, num_classes=10, seed=0):
 
 
 def test_one_hot_smoothed_is_timms():
+    torch = pytest.importorskip("torch", reason=NEEDS_TIMM)
+    timm_mixup = pytest.importorskip("timm.data.mixup", reason=NEEDS_TIMM)
     labels = np.array([0, 3, 9, 3])
     for smoothing in (0.0, 0.1, 0.5):
-        expected = timm.data.mixup.mixup_target(torch.tensor(labels), 10, 1.0, smoothing).numpy()
+        expected = timm_mixup.mixup_target(torch.tensor(labels), 10, 1.0, smoothing).numpy()
         # optax.smooth_labels adds in float32 where timm adds in float64: 1 ulp apart.
         np.testing.assert_allclose(mixing.one_hot_smoothed(jnp.asarray(labels), 10, smoothing), expected, rtol=1e-7)
     with pytest.raises(ValueError):
@@ -476,12 +481,14 @@ class ForcedNumpy:
 @pytest.mark.parametrize("use_cutmix", [False, True])
 @pytest.mark.parametrize("lam, centre", [(0.3137, (0, 0)), (0.72, (31, 5)), (0.05, (12, 20)), (0.97, (17, 23))])
 def test_mix_batch_equals_timm_mixup(use_cutmix, lam, centre, monkeypatch):
+    torch = pytest.importorskip("torch", reason=NEEDS_TIMM)
+    timm_mixup = pytest.importorskip("timm.data.mixup", reason=NEEDS_TIMM)
     images, labels = random_batch()
     lam = float(np.float32(lam))
     # timm draws: apply (rand < prob), cutmix switch (rand < switch_prob), Beta, box centre row then column.
     forced = ForcedNumpy([0.0, 0.0 if use_cutmix else 0.99], lam, list(centre))
-    monkeypatch.setattr(timm.data.mixup, "np", forced)
-    mixer = timm.data.mixup.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    monkeypatch.setattr(timm_mixup, "np", forced)
+    mixer = timm_mixup.Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
     timm_images, timm_targets = mixer(torch.tensor(images).permute(0, 3, 1, 2), torch.tensor(labels))
     params = mixing.MixParams(jnp.float32(lam), jnp.asarray(use_cutmix), jnp.asarray(centre, jnp.int32))
     ours, targets = mixing.mix_batch(jnp.asarray(images), jnp.asarray(labels), params, 10, 0.1)

@@ -16,8 +16,9 @@ from test_vit import SMALL
 REPO = data.REPO
 
 
+@pytest.mark.slow
 def test_benchmark_command_writes_every_column(tmp_path):
-    pytest.importorskip("timm")
+    pytest.importorskip("timm", reason="the PyTorch columns need the torch extra: pip install -e '.[torch]'")
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "tome_jax", "bench", "--config", "tests/tiny_bench_config.py",

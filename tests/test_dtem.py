@@ -7,14 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 
 import tome_jax
-import torch_dtem as ref
 from tome_jax import dtem, merge, schedules
-
-torch.set_num_threads(1)
 
 
 def random_inputs(seed, batch, tokens, metric_kind="normal", channels=5, feat=4):
@@ -159,6 +155,10 @@ REFERENCE_CASES = [  # batch, tokens, n, r, k2, tau1, tau2
 
 def reference_merge(metric, x, size, weights, r, n, k2, tau1, tau2):
     """Per example, float64: outputs, assignment and `token_loss` gradients."""
+    import torch
+    import torch_dtem as ref
+
+    torch.set_num_threads(1)  # tiny tensors, one example at a time
     outputs = []
     for b in range(x.shape[0]):
         inputs = [torch.tensor(a[b], dtype=torch.float64, requires_grad=True) for a in (x, size, metric)]
@@ -180,6 +180,7 @@ def relative_error(got, want):
 
 @pytest.mark.parametrize("batch,tokens,n,r,k2,tau1,tau2", REFERENCE_CASES)
 def test_agrees_with_torch_reference(batch, tokens, n, r, k2, tau1, tau2):
+    pytest.importorskip("torch", reason="the DTEM reference is PyTorch: pip install -e '.[torch]'")
     metric, x, size = random_inputs(tokens * 7 + r, batch, tokens)
     weights = np.random.default_rng(r).normal(size=(5, 2)).astype(np.float32)
     settings_ = dict(r=r, n=n, k2=k2, tau1=tau1, tau2=tau2)

@@ -1,5 +1,6 @@
 """DTEM in the ViT: metric layers, soft merge in training, modular training, saving alone."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,15 +36,19 @@ def test_soft_merge_in_training_keeps_shapes_and_size_hard_merge_at_inference():
     model = tome_jax.ViT(**SMALL)
     images = random_images()
     variables = model.init(jax.random.key(0), images)
-    apply = jax.jit(model.apply, static_argnames=("r", "train", "return_state", "soft_merge"))
-    _, soft = apply(variables, images, r=(3, -1), train=True, return_state=True)
-    assert soft.tokens.shape == (4, 17, 48)  # the soft merge removes no token
-    np.testing.assert_allclose(np.asarray(soft.size.sum(1)), 17.0, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(soft.size[:, 0]), 1.0)  # class token untouched
-    sizes = np.asarray(soft.size)
+    apply = jax.jit(model.apply, static_argnames=("r", "train", "mutable", "soft_merge"))
+    _, state = apply(variables, images, r=(3, -1), train=True, mutable="intermediates")
+    tokens, sizes = (np.asarray(state["intermediates"][name][0]) for name in ("tokens", "size"))
+    assert tokens.shape == (4, 17, 48)  # the soft merge removes no token
+    np.testing.assert_allclose(sizes.sum(1), 17.0, rtol=1e-5)
+    np.testing.assert_allclose(sizes[:, 0], 1.0)  # class token untouched
     assert ((sizes < 0.5).sum(1) >= 1).all() and (sizes.max(1) > 1.5).all(), "mass moved from A to B"
-    _, hard = apply(variables, images, r=(3, -1), train=False, return_state=True)
+    with pytest.raises(ValueError, match="block 0 recorded no merge plan"):
+        tome_jax.token_features(state["intermediates"])  # soft merges cannot be traced back
+    _, state = apply(variables, images, r=(3, -1), train=False, mutable="intermediates")
+    hard = tome_jax.token_features(state["intermediates"])
     assert hard.tokens.shape[1] < 17  # inference merges for real, on the learned metric
+    np.testing.assert_array_equal(np.asarray(hard.size.sum(1)), 17.0)
     with pytest.raises(ValueError, match="soft_merge needs a DTEM model"):
         tome_jax.ViT(**{**SMALL, "dtem": False}).apply(
             variables, images, r=2, soft_merge=True
@@ -61,7 +66,8 @@ def test_metric_layers_read_a_detached_input():
             {"params": params}, images, r=0, capture_intermediates=lambda m, _: m.name == "metric",
             mutable=["intermediates"],
         )
-        return sum(out.sum() for out in jax.tree_util.tree_leaves(state["intermediates"]))
+        metric_outputs = [out for name, out in flat(state["intermediates"]).items() if "/metric/" in name]
+        return sum(out[0].sum() for out in metric_outputs)
 
     grads = flat(jax.jit(jax.grad(metric_sum))(params))
     for name, grad in grads.items():
@@ -146,8 +152,7 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
     assert path.stat().st_size < 700_000  # the metric layers only, not the 21 MB ViT
     loaded_model, loaded = tome_jax.from_timm(base, metric_layers=path)
     assert loaded_model.dtem and loaded_model.metric_dim == 64
-    for (name, a), b in zip(flat(noisy["params"]).items(), flat(loaded["params"]).values()):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    chex.assert_trees_all_equal(loaded, noisy)
     with pytest.raises(ValueError, match="already has metric layers"):
         tome_jax.from_timm(tome_jax.to_timm_state_dict(model, noisy), metric_layers=path)
     with pytest.raises(ValueError, match="has no DTEM metric layers"):
@@ -164,11 +169,13 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
         model, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=dtem_dim)
         logits = model.apply(variables, images, r=(8, -1))
         np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, err_msg=str(dtem_dim))
+    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
+    assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
+    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)
     # Without a qkv bias (the bias starts at zero) and with several heads.
-    from timm.models.vision_transformer import VisionTransformer
-
-    no_bias = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
-                                qkv_bias=False, num_classes=10).eval()
+    timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="a timm module: pip install -e '.[torch]'")
+    no_bias = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                         qkv_bias=False, num_classes=10).eval()
     (plain, plain_variables), (learned, learned_variables) = (
         tome_jax.from_timm(no_bias, **dtem) for dtem in ({}, {"dtem": True})
     )
@@ -176,6 +183,3 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
         np.asarray(learned.apply(learned_variables, images, r=3)),
         np.asarray(plain.apply(plain_variables, images, r=3)), atol=1e-5,
     )
-    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
-    assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
-    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)

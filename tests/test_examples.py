@@ -1,4 +1,6 @@
-"""The composition examples: Linen and NNX encoders with ToMe, and dense outputs by unmerging."""
+"""The examples: Linen and NNX encoders with ToMe, dense outputs by unmerging, and features
+for downstream models (SigLIP tokens for a language model, DINOv2 patch features)."""
+
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from examples import dense_output, linen_encoder, nnx_encoder
+import tome_jax
+from examples import dense_output, dinov2_patches, linen_encoder, nnx_encoder, siglip_tokens
+from test_vit import random_variables
 from tome_jax import merge, schedules
 
 TINY = dict(width=16, depth=2, num_heads=2)
@@ -76,3 +80,72 @@ def test_frame_tagger_gives_each_frame_the_logits_of_the_token_holding_it():
     holder_logits = jnp.take_along_axis(merged_logits, source[..., None], axis=1)
     np.testing.assert_array_equal(dense, holder_logits)
     np.testing.assert_allclose(logits, holder_logits[:, 1:], rtol=1e-5, atol=1e-6)
+
+
+# The examples' architectures, narrow and shallow so that they run in seconds; the
+# SigLIP tower keeps its 27 x 27 = 729 tokens.
+TINY_SIGLIP = dict(siglip_tokens.SO400M_384, width=16, depth=2, num_heads=2)
+TINY_DINOV2 = dict(dinov2_patches.DINOV2_S14, img_size=112, width=16, depth=2, num_heads=2)
+
+
+def run_example(config, example, r, blocks):
+    """The example's output for each of `blocks`, and the model's intermediates at `r`,
+    from a random model of `config`, in one compilation."""
+    model = tome_jax.ViT(**config)
+    images = jax.random.normal(jax.random.key(0), (2, *model.input_shape))
+    variables = random_variables(model, images)
+
+    @jax.jit
+    def run(variables, images):
+        _, state = model.apply(variables, images, r=r, mutable="intermediates")
+        return state["intermediates"], [example(model, variables, images, r, block) for block in blocks]
+
+    return run(variables, images)
+
+
+def holders(intermediates, block):
+    """[batch, input_tokens]: the token of block `block`'s output holding each input token,
+    found by unmerging token indices through the plans, last first (not from sources)."""
+    plans = [intermediates[f"blocks_{i}"]["plan"][0] for i in range(block + 1)]
+    index = jnp.broadcast_to(jnp.arange(plans[-1].tokens_out), plans[-1].kept.shape)
+    for plan in reversed(plans):
+        index = merge.unmerge(plan, index)
+    return np.asarray(index)
+
+
+def test_siglip_tokens_follow_tokens_per_layer_and_carry_their_sizes():
+    r = 16
+    assert siglip_tokens.token_count(tome_jax.ViT(**siglip_tokens.SO400M_384), r) == 297  # 27 blocks
+    model = tome_jax.ViT(**TINY_SIGLIP)
+    intermediates, outputs = run_example(TINY_SIGLIP, siglip_tokens.vision_tokens, r, (None, -2))
+    counts = schedules.tokens_per_layer(729, (r, r))  # 729, 713, 697
+    for block, index, (tokens, size) in zip((None, -2), (1, 0), outputs):
+        n = siglip_tokens.token_count(model, r, block)
+        assert n == counts[index + 1] and tokens.shape == (2, n, 16) and size.shape == (2, n)
+        # Sizes (summed by the merges) count the patches each token holds (traced by plans).
+        held = np.stack([np.bincount(h, minlength=n) for h in holders(intermediates, index)])
+        np.testing.assert_array_equal(held, np.asarray(size))
+    # Average pooling with fc_norm leaves the final tokens un-normed: the last block's.
+    final, last = tome_jax.token_features(intermediates), tome_jax.token_features(intermediates, -1)
+    for got, want in zip(final, last):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    siglip_tokens.main(TINY_SIGLIP, r_values=(r,))
+
+
+def test_dinov2_patch_features_give_each_patch_its_token():
+    r = 8
+    intermediates, outputs = run_example(TINY_DINOV2, dinov2_patches.dense_features, r, (None, 0))
+    counts = schedules.tokens_per_layer(65, (r, r), 1)  # 65, 57, 49
+    for block, index, features in zip((None, 0), (1, 0), outputs):
+        tokens = np.asarray(tome_jax.token_features(intermediates, block).tokens)
+        holder = holders(intermediates, index)[:, 1:]  # the class token left out
+        want = np.stack([tokens[b, holder[b]] for b in range(2)]).reshape(2, 8, 8, 16)
+        np.testing.assert_array_equal(np.asarray(features), want)
+        assert tokens.shape[1] == counts[index + 1]
+        distinct = [len(np.unique(f.reshape(64, 16), axis=0)) for f in np.asarray(features)]
+        assert distinct == [counts[index + 1] - 1] * 2
+    # At r = 0 the patch features are the model's own patch tokens (main runs r = 0 too).
+    intermediates, (features,) = run_example(TINY_DINOV2, dinov2_patches.dense_features, 0, (None,))
+    final = np.asarray(tome_jax.token_features(intermediates).tokens)
+    np.testing.assert_array_equal(np.asarray(features), final[:, 1:].reshape(2, 8, 8, 16))
+    dinov2_patches.main(TINY_DINOV2, r_values=(0, r))

@@ -3,14 +3,15 @@ inflated to video and summed to one channel."""
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 import tome_jax
 from tome_jax import schedules, vis
+from tome_jax.convert.names import flat_params, param_shapes
 from test_vit import jit_apply, plain_vit, random_variables
 
 TINY = dict(num_classes=5, img_size=16, patch_size=4, width=24, depth=2, num_heads=3)
@@ -58,10 +59,11 @@ def test_video_vit_is_the_image_vit_over_space_time_tokens(variant):
     got = jit_apply(model)(variables, videos, r=0)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
     # Merging sees the same flat sequence: same groups, same logits.
-    got, state = jit_apply(model)(variables, videos, r=(5, -1), trace_source=True, return_state=True)
-    want, twin_state = jit_apply(twin)(twin_variables, images, r=(5, -1), trace_source=True, return_state=True)
+    got, state = jit_apply(model)(variables, videos, r=(5, -1), mutable="intermediates")
+    want, twin_state = jit_apply(twin)(twin_variables, images, r=(5, -1), mutable="intermediates")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(state.source), np.asarray(twin_state.source))
+    source, twin_source = (tome_jax.token_features(s["intermediates"]).source for s in (state, twin_state))
+    np.testing.assert_array_equal(np.asarray(source), np.asarray(twin_source))
 
 
 @pytest.mark.parametrize("variant", sorted(MEDIA))
@@ -71,17 +73,18 @@ def test_merging_counts_tokens_and_protects_the_class_token(variant):
     variables = random_variables(model, inputs)
     assert model.num_tokens == math.prod(model.token_grid) + model.num_prefix_tokens
     for r in ((6, -1), (5,)):  # (5,): per layer, padded to [5, 0]
-        logits, state = jit_apply(model)(variables, inputs, r=r, trace_source=True, return_state=True)
+        logits, state = jit_apply(model)(variables, inputs, r=r, mutable="intermediates")
+        final = tome_jax.token_features(state["intermediates"])
         tokens = schedules.tokens_per_layer(model.num_tokens, schedules.parse_r(model.depth, r), model.num_prefix_tokens)
         assert logits.shape == (2, 5) and np.isfinite(np.asarray(logits)).all()
-        assert state.tokens.shape == (2, tokens[-1], model.width)
-        np.testing.assert_array_equal(np.asarray(state.size.sum(1)), model.num_tokens)
-        source = np.asarray(state.source)
+        assert final.tokens.shape == (2, tokens[-1], model.width)
+        np.testing.assert_array_equal(np.asarray(final.size.sum(1)), model.num_tokens)
+        source = np.asarray(final.source)
         counts = np.stack([np.bincount(s, minlength=tokens[-1]) for s in source])
-        np.testing.assert_array_equal(counts, np.asarray(state.size))
+        np.testing.assert_array_equal(counts, np.asarray(final.size))
         if model.class_token:
             np.testing.assert_array_equal(source[:, 0], 0)
-            np.testing.assert_array_equal(np.asarray(state.size[:, 0]), 1)
+            np.testing.assert_array_equal(np.asarray(final.size[:, 0]), 1)
 
 
 @pytest.mark.parametrize("variant", ["video_gap", "audio"])
@@ -171,7 +174,7 @@ def test_video_checkpoints_round_trip_in_videomaes_layout():
         tome_jax.from_timm(state)
     loaded, loaded_variables = convert(state, num_frames=4)
     assert (loaded.num_frames, loaded.tubelet_size, loaded.token_grid) == (4, 2, (2, 4, 4))
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded_variables, variables)
+    chex.assert_trees_all_equal(loaded_variables, variables)
 
 
 @pytest.mark.parametrize(
@@ -199,10 +202,6 @@ def test_conversion_and_drawing_refuse_what_they_cannot_do():
         vis.visualize(model, None, inputs_for(model), np.zeros((2, 16, 16, 3)), 2)
 
 
-def param_shapes(model):
-    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *model.input_shape)))["params"]
-
-
 def test_named_media_configs():
     image = tome_jax.create_model("vit_base_patch16_224", class_token=False, global_pool="avg", num_classes=400)
     video = tome_jax.create_model("video_vit_base_patch16_tubelet2_16x224")
@@ -210,7 +209,7 @@ def test_named_media_configs():
     assert (video.token_grid, video.num_tokens, video.input_shape) == ((8, 14, 14), 1568, (16, 224, 224, 3))
     assert (audio.token_grid, audio.num_tokens, audio.input_shape) == ((8, 64), 513, (128, 1024, 1))
     image, video, audio = (
-        {"/".join(path): leaf.shape for path, leaf in traverse_util.flatten_dict(param_shapes(m)).items()}
+        {"/".join(path): leaf.shape for path, leaf in flat_params(param_shapes(m)).items()}
         for m in (image, video, audio)
     )
     # The video ViT has the image ViT's parameters but for tubelet kernels and space-time positions.

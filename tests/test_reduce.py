@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 
 import torch_reduce as ref  # noqa: E402
 from test_vit import SMALL, images_for, random_variables  # noqa: E402
-from tome_jax import ViT, from_timm, merge, reduce, schedules  # noqa: E402
+from tome_jax import ViT, from_timm, merge, reduce, schedules, token_features  # noqa: E402
 
 # A timm ViT-Ti/16 (or DeiT-Ti distilled) at 96 px with 4 blocks: 36 patches. This
 # schedule leaves 27, 21, 17 and 14 tokens (with one prefix token), so every method
@@ -24,10 +24,11 @@ IMAGE_SIZE = 96
 
 
 @functools.cache
-def timm_model(name):
+def timm_model(name, reg_tokens=0):
     """Random weights with noise on every parameter (timm's init leaves cls tokens near zero)."""
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, depth=4, img_size=IMAGE_SIZE)
+    extra = dict(reg_tokens=reg_tokens) if reg_tokens else {}
+    model = timm.create_model(name, pretrained=False, depth=4, img_size=IMAGE_SIZE, **extra)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -36,17 +37,16 @@ def timm_model(name):
 
 
 @functools.cache
-def converted(name):
-    return from_timm(timm_model(name))
+def converted(name, reg_tokens=0):
+    return from_timm(timm_model(name, reg_tokens))
 
 
 def torch_images(batch=3):
     return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
 
 
-def random_drop_draws(name, batch, seed=0):
+def random_drop_draws(model, batch, seed=0):
     """The draws tome_jax's RandomDrop makes without an rng, for the reference: layer -> [batch, tokens - prefix]."""
-    model, _ = converted(name)
     counts = schedules.tokens_per_layer(model.num_tokens, SCHEDULE, model.num_prefix_tokens)
 
     def draws(layer):
@@ -83,26 +83,33 @@ CASES = {
 DISTILLED = ["pitome", "tofu_merging_from_layer_2", "evit", "mctf", "dct", "random_drop"]
 
 
-def check_against_reference(name, case):
+def outputs(model, variables, images, r, **kwargs):
+    """Logits and the final tokens, sizes and sources (None for a method that mixes tokens)."""
+    logits, state = model.apply(variables, images, r=r, mutable="intermediates", **kwargs)
+    intermediates = state["intermediates"]
+    if not model.reduction.tracks_sources:
+        return logits, intermediates["tokens"][-1], intermediates["size"][-1], None
+    return logits, *token_features(intermediates)
+
+
+def check_against_reference(name, case, reg_tokens=0):
     method, ref_method, settings = CASES[case]
-    model, variables = converted(name)
+    model, variables = converted(name, reg_tokens)
     model = model.clone(reduction=method)
     images = torch_images()
     if ref_method == "random_drop":
-        settings = dict(draws=random_drop_draws(name, images.shape[0]))
-    want, want_source = ref.forward(timm_model(name), images, SCHEDULE, ref_method, **settings)
-    apply = jax.jit(
-        functools.partial(model.apply, r=SCHEDULE, trace_source=method.tracks_sources, return_state=True)
-    )
-    logits, state = apply(variables, images.permute(0, 2, 3, 1).numpy())
+        settings = dict(draws=random_drop_draws(model, images.shape[0]))
+    want, want_source = ref.forward(timm_model(name, reg_tokens), images, SCHEDULE, ref_method, **settings)
+    run = jax.jit(functools.partial(outputs, model, r=SCHEDULE))
+    logits, tokens_out, _, source = run(variables, images.permute(0, 2, 3, 1).numpy())
     got, want = np.asarray(logits), want.numpy()
     difference = np.abs(got - want).max() / np.abs(want).max()
     assert difference < 1e-4, f"logits differ by {difference:.2e} of their largest"
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
     if method.tracks_sources:  # every layer's decisions, composed
-        np.testing.assert_array_equal(np.asarray(state.source), ref.as_numpy(want_source))
+        np.testing.assert_array_equal(np.asarray(source), ref.as_numpy(want_source))
     tokens = schedules.tokens_per_layer(model.num_tokens, SCHEDULE, model.num_prefix_tokens)
-    assert state.tokens.shape[1] == tokens[-1]
+    assert tokens_out.shape[1] == tokens[-1]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -116,6 +123,12 @@ def test_matches_reference_with_distillation_token(case):
     check_against_reference("deit_tiny_distilled_patch16_224", case)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DISTILLED)
+def test_matches_reference_with_register_tokens(case):
+    check_against_reference("vit_tiny_patch16_224", case, reg_tokens=3)
+
+
 # --- Every method on a tiny Flax ViT ---------------------------------------------------------
 
 METHODS = {name: method() for name, method in reduce.METHODS.items()}
@@ -123,8 +136,8 @@ TINY = {**SMALL, "img_size": 24}  # 36 patches, 3 blocks: PiToMe's two matchings
 
 
 @functools.cache
-def tiny(distill_token=False):
-    cfg = {**TINY, "distill_token": distill_token}
+def tiny(**prefix):
+    cfg = {**TINY, **prefix}
     model = ViT(**cfg)
     images = images_for(cfg, batch=3)
     return model, random_variables(model, images), images
@@ -139,27 +152,28 @@ def conserves_size(method):
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_shapes_sizes_sources_and_vmap(name):
-    model, variables, images = tiny(distill_token=True)
+    # A class token and two registers: prefix tokens in both A (0, 2) and B (1) of the split.
+    model, variables, images = tiny(reg_tokens=2)
     method = METHODS[name]
     model = model.clone(reduction=method)
     r = (6, -1)
+    prefix = model.num_prefix_tokens
 
     def run(x):
-        logits, state = model.apply(variables, x, r=r, trace_source=method.tracks_sources, return_state=True)
-        return logits, state.tokens, state.size, state.source
+        return outputs(model, variables, x, r)
 
     logits, tokens_out, size, source = jax.jit(run)(images)
     schedule = schedules.parse_r(model.depth, r)
-    tokens = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
+    tokens = schedules.tokens_per_layer(model.num_tokens, schedule, prefix)
     assert tokens_out.shape == (3, tokens[-1], TINY["width"])
     assert np.isfinite(np.asarray(logits)).all()
     size = np.asarray(size)
-    np.testing.assert_array_equal(size[:, :2], 1)  # the prefix tokens, untouched
+    np.testing.assert_array_equal(size[:, :prefix], 1)  # the prefix tokens, untouched
     if conserves_size(method):
         np.testing.assert_allclose(size.sum(1), model.num_tokens, rtol=1e-6)
     if method.tracks_sources:
         source = np.asarray(source)
-        np.testing.assert_array_equal(source[:, :2], [[0, 1]] * 3)
+        np.testing.assert_array_equal(source[:, :prefix], [list(range(prefix))] * 3)
         for example, example_size in zip(source, size):  # each token's size counts the patches it holds
             np.testing.assert_array_equal(np.bincount(example[example >= 0], minlength=tokens[-1]), example_size)
     if name != "random_drop":  # its draws depend on the batch (one key, a draw per example), by design
@@ -197,8 +211,7 @@ def test_prop_attn_defaults_to_the_method_and_can_be_overridden():
 def test_random_drop_draws_from_the_callers_rng():
     model, variables, images = tiny()
     model = model.clone(reduction=reduce.RandomDrop())
-    run = jax.jit(lambda key: model.apply(variables, images, r=5, trace_source=True, return_state=True,
-                                          rngs={"reduction": key})[1].source)  # fmt: skip
+    run = jax.jit(lambda key: outputs(model, variables, images, 5, rngs={"reduction": key})[3])
     first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
     assert (np.asarray(first) != np.asarray(other)).any()
@@ -207,8 +220,11 @@ def test_random_drop_draws_from_the_callers_rng():
 def test_dct_has_no_sources():
     model, variables, images = tiny()
     model = model.clone(reduction=reduce.DCT())
+    _, state = model.apply(variables, images, r=2, mutable="intermediates")
+    with pytest.raises(ValueError, match="block 0 recorded no merge plan"):
+        token_features(state["intermediates"])
     with pytest.raises(ValueError, match="DCT mixes tokens"):
-        model.apply(variables, images, r=2, trace_source=True)
+        reduce.check_tracks_sources(model.reduction)
 
 
 def test_bad_methods_say_what_to_do():

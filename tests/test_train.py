@@ -9,16 +9,16 @@ import sys
 import tarfile
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import tiny_train_config
-from tome_jax import checkpoints, evaluate, train_lib
+from tome_jax import checkpoints, data, evaluate, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 TINY = tiny_train_config.TINY
 
 
@@ -27,7 +27,7 @@ def small_cifar(tmp_path_factory) -> pathlib.Path:
     """A real but small image folder: 24 train and 8 test JPEGs per CIFAR-10 class."""
     root = tmp_path_factory.mktemp("cifar_small")
     wanted = {"train": 24, "test": 8}
-    with tarfile.open(SHARED / "data" / "cifar10-jpg.tar.gz") as archive:
+    with tarfile.open(data.BUNDLED_CIFAR10) as archive:
         for member in archive:
             parts = member.name.split("/")
             if member.isfile() and len(parts) == 3 and int(parts[2][:4]) < wanted[parts[0]]:
@@ -56,6 +56,7 @@ def one_step_loss(mesh, config, batch):
     return float(metrics["loss"]), float(metrics2["loss"]), jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
     assert jax.device_count() == 8, "conftest asks for 8 host devices"
     config = tiny_config("bundled_cifar10", mixup_alpha=0.8, cutmix_alpha=1.0)
@@ -77,8 +78,7 @@ def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
     for name, (loss1, loss2, other) in results.items():
         assert abs(loss1 - first) < 1e-5, name
         assert abs(loss2 - second) < 1e-5, name  # the update agrees too
-        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(other)):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+        chex.assert_trees_all_close(other, params, rtol=1e-7, atol=1e-5, custom_message=name)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -100,6 +100,7 @@ def test_a_few_steps_with_merging_lower_the_loss(dtype):
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype("float32")}
 
 
+@pytest.mark.slow
 def test_step_times_are_compared_side_by_side(small_cifar):
     config = tiny_config(f"folder:{small_cifar}")
     rows = train_lib.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
@@ -144,6 +145,7 @@ def final_params(workdir):
     return step, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path):
     dataset = f"folder:{small_cifar}"
     steps = 120  # long beside the first checkpoint (step 4), so the kill lands mid-run
@@ -170,19 +172,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
     (step_a, params_a), (step_b, params_b) = final_params(straight), final_params(killed)
     assert step_a == step_b == steps
-    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(params_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(params_b, params_a, rtol=1e-6, atol=1e-7)
 
     # eval.py's --config.params_from reads the same parameters, on one device.
     model, _, _ = evaluate.load_model(tiny_config("unused"))
     restored = evaluate.trained_params(str(straight), "latest", model)
-    for a, b in zip(jax.tree_util.tree_leaves(params_a), jax.tree_util.tree_leaves(restored)):
-        np.testing.assert_array_equal(a, np.asarray(b))
+    chex.assert_trees_all_equal(restored, params_a)
     dtem_model, _, _ = evaluate.load_model(tiny_config("unused", model_overrides={**TINY, "dtem": True}))
     with pytest.raises(ValueError, match="method=dtem"):
         evaluate.trained_params(str(straight), "best", dtem_model)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_was_at(small_cifar, tmp_path):
     workdir = tmp_path / "preempted"
     proc = run_train(workdir, config_args(f"folder:{small_cifar}", num_steps=1000, checkpoint_every=1000, eval_every=1000))

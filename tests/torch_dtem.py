@@ -1,4 +1,5 @@
-"""A plain PyTorch DTEM soft merge, written from ../shared/ALGORITHMS.md, one example at a time.
+"""A plain PyTorch DTEM soft merge, one example at a time, written from the conventions the
+README states (its section "DTEM's soft merge (training)").
 
 Deliberately naive (Python loops over tokens, float64, autograd for gradients) so
 that it shares no code and no vectorisation trick with tome_jax.dtem.

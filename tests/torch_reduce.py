@@ -146,7 +146,7 @@ def bipartite_merged(dest, num_prefix):
 
 def tofu_step(layer, num_layers, r, num_prefix, merge_after=0.5):
     def step(x, size, metric, weights):
-        dest, tokens_out = merge_destinations(metric, r, num_prefix >= 1, num_prefix >= 2)
+        dest, tokens_out = merge_destinations(metric, r, num_prefix)
         if layer > merge_after * num_layers:  # MLERP: the mean's direction at the largest norm
             ones = torch.ones_like(size)
             mean, _ = weighted_merge(x, ones, dest, tokens_out)

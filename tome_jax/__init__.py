@@ -15,6 +15,7 @@ from tome_jax.dtem import (
     soft_khot,
     soft_merge_scores,
 )
+from tome_jax.features import TokenFeatures, patch_features, token_features
 from tome_jax.merge import (
     MERGE_IMPLEMENTATIONS,
     MergePlan,
@@ -30,7 +31,7 @@ from tome_jax.merge import (
     unmerge,
 )
 from tome_jax.schedules import effective_schedule, parse_r, schedule_for_token_budget, tokens_per_layer
-from tome_jax.vit import MODEL_CONFIGS, MergeState, SoftMergeSettings, ViT, create_model, model_config
+from tome_jax.vit import MODEL_CONFIGS, SoftMergeSettings, ViT, create_model, model_config
 from tome_jax.budget import RChoice, choose_r
 
 __version__ = "0.1.0"

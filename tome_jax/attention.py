@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 
-def layer_norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-    """LayerNorm with timm's ViT epsilon (1e-6)."""
-    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+def layer_norm(name: str, dtype: Any, param_dtype: Any, epsilon: float = 1e-6) -> nn.LayerNorm:
+    """LayerNorm, by default with timm's ViT epsilon (1e-6; CLIP's is 1e-5)."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def size_bias(size: jax.Array) -> jax.Array:
@@ -165,6 +165,7 @@ class Attention(nn.Module):
     num_heads: int
     qkv_bias: bool = True
     qk_norm: bool = False
+    norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str | None = None
@@ -197,7 +198,7 @@ class Attention(nn.Module):
         qkv = FusedQKV(3 * dim, self.qkv_bias, self.dtype, self.param_dtype, name="qkv")
         heads = lambda t: t.reshape(batch, tokens, -1, self.num_heads, head_dim)  # noqa: E731
         norm = lambda name, t: (  # noqa: E731
-            layer_norm(name, self.dtype, self.param_dtype)(t) if self.qk_norm else t
+            layer_norm(name, self.dtype, self.param_dtype, self.norm_eps)(t) if self.qk_norm else t
         )
         metric = None
         if weights is not None:

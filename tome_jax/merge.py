@@ -7,7 +7,7 @@ int, so every shape is known at trace time and one compilation serves every batc
 
 Typical use inside a transformer block::
 
-    plan = bipartite_soft_merge(metric, r, class_token=True)
+    plan = bipartite_soft_merge(metric, r, num_prefix_tokens=1)  # a class token
     x, size = merge_wavg(plan, x, size)
 
 Shapes: `batch` examples, `tokens` tokens in, `tokens - r` tokens out.
@@ -165,21 +165,21 @@ def interleave(even: jax.Array, odd: jax.Array, tokens: int) -> jax.Array:
     return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)[:, :tokens]
 
 
-def bipartite_soft_merge(
-    metric: jax.Array, r: int, *, class_token: bool = False, distill_token: bool = False
-) -> MergePlan:
+def bipartite_soft_merge(metric: jax.Array, r: int, *, num_prefix_tokens: int = 0) -> MergePlan:
     """ToMe's bipartite soft matching: plans the merge of the `r` most similar pairs.
 
-    Tokens alternate into set A (even positions) and B (odd positions); each A
-    token picks its most similar B token by cosine similarity; the `r` A tokens with
-    the best matches are merged into their partners. The class token (index 0) is
-    never merged and the distillation token (index 1) never receives.
+    Tokens alternate into set A (even positions) and B (odd positions) over the
+    whole sequence; each A token picks its most similar B token by cosine
+    similarity; the `r` A tokens with the best matches are merged into their
+    partners. The first `num_prefix_tokens` tokens (class, distillation, register
+    tokens) never merge: those in A get a -inf row, those in B a -inf column.
 
-    Output order follows the official implementation, which the next block's
-    alternating split depends on: the unmerged A tokens then the B tokens; with a
-    class token the unmerged A tokens keep their sequence order, without one they
-    are ordered by best score, descending; with a distillation token the order is
-    `[A0, B0, A1.., B1..]` so the protected tokens stay at indices 0 and 1.
+    Output order, which the next block's alternating split depends on: the prefix
+    tokens in their order, then the unmerged A tokens, then the other B tokens.
+    The unmerged A tokens keep their sequence order when there is a prefix token;
+    without one they are ordered by best score, descending, as the official code
+    leaves them. For a class token alone (`num_prefix_tokens=1`), or class and
+    distillation tokens (2), this is exactly the official order.
 
     Ties are broken by position (stable sort), so equal scores give the same plan
     on every backend. The matching is not differentiated; gradients flow through
@@ -187,41 +187,39 @@ def bipartite_soft_merge(
 
     Args:
       metric: [batch, tokens, channels] similarity features (keys' head-mean).
-      r: tokens to remove, a static int; clamped to `max_r(tokens, protected)`.
-      class_token: token 0 is a class token.
-      distill_token: token 1 is a DeiT distillation token.
+      r: tokens to remove, a static int; clamped to `max_r(tokens, num_prefix_tokens)`.
+      num_prefix_tokens: the leading tokens that never merge and stay first.
 
     Returns:
       A plan mapping `tokens` inputs to `tokens - r` outputs.
     """
     batch, tokens, _ = metric.shape
-    protected = int(class_token) + int(distill_token)
-    r = clamp_r(r, tokens, protected)
+    prefix = _check_prefix(num_prefix_tokens, tokens)
+    r = clamp_r(r, tokens, prefix)
     if r == 0:
         return identity_plan(batch, tokens)
 
     metric = unit_vectors(jax.lax.stop_gradient(metric))
     scores = cosine_scores(metric[:, ::2], metric[:, 1::2])
-    if class_token:
-        scores = scores.at[:, 0, :].set(-jnp.inf)
-    if distill_token:
-        scores = scores.at[:, :, 0].set(-jnp.inf)
-    best_partner = scores.argmax(axis=-1).astype(jnp.int32)  # [batch, num_a]
-    rank = descending_rank(scores.max(axis=-1))
-    is_merged = rank < r
     num_a, num_b = scores.shape[1:]
+    a = jnp.arange(num_a, dtype=jnp.int32)
+    b = jnp.arange(num_b, dtype=jnp.int32)
+    prefix_a, prefix_b = (prefix + 1) // 2, prefix // 2  # prefix tokens at 0, 2, .. and 1, 3, ..
+    scores = jnp.where((a[:, None] < prefix_a) | (b[None, :] < prefix_b), -jnp.inf, scores)
+    best_partner = scores.argmax(axis=-1).astype(jnp.int32)  # [batch, num_a]
+    rank = descending_rank(scores.max(axis=-1))  # prefix rows (-inf) rank last
+    is_merged = rank < r
 
-    def b_slot(j):  # after the kept A tokens; with a distillation token B0 is slot 1
-        return jnp.where(j == 0, 1, num_a - r + j) if distill_token else num_a - r + j
-
-    if class_token:  # kept A tokens in sequence order
-        a_slot = jnp.arange(num_a, dtype=jnp.int32) - count_before(is_merged)
+    # Slots: prefix tokens where they are, the kept A tokens, then the other B tokens.
+    kept_a = num_a - prefix_a - r
+    b_slot = jnp.where(b < prefix_b, 2 * b + 1, prefix + kept_a + b - prefix_b)
+    if prefix:  # kept A tokens in sequence order
+        a_slot = prefix + a - prefix_a - count_before(is_merged)
     else:  # by score
         a_slot = rank - r
-    if distill_token:
-        a_slot = a_slot + (a_slot > 0)  # room for B0 at slot 1
-    dest_a = jnp.where(is_merged, b_slot(best_partner), a_slot)
-    dest_b = jnp.broadcast_to(b_slot(jnp.arange(num_b, dtype=jnp.int32)), (batch, num_b))
+    a_slot = jnp.where(a < prefix_a, 2 * a, a_slot)
+    dest_a = jnp.where(is_merged, b_slot[best_partner], a_slot)
+    dest_b = jnp.broadcast_to(b_slot, (batch, num_b))
     owner = interleave(jnp.where(is_merged, -1, dest_a), dest_b, tokens)  # -1: merged away
     return MergePlan(
         dest=interleave(dest_a, dest_b, tokens),
@@ -230,72 +228,80 @@ def bipartite_soft_merge(
     )
 
 
-def _merge_set_into(metric, a_idx, b_idx, protected):
+def _check_prefix(num_prefix_tokens: int, tokens: int) -> int:
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
+        raise TypeError(f"num_prefix_tokens must be a Python int, got {num_prefix_tokens!r}")
+    if not 0 <= num_prefix_tokens <= tokens:
+        raise ValueError(
+            f"num_prefix_tokens must be in [0, {tokens}] for {tokens} tokens, got {num_prefix_tokens}"
+        )
+    return int(num_prefix_tokens)
+
+
+def _merge_set_into(metric, a_idx, b_idx, prefix):
     """One example: every token of `a_idx` joins its most similar token of `b_idx`.
 
     metric: [tokens, c] unit vectors; a_idx: [na]; b_idx: [nb] in sequence order.
-    Output order: the protected tokens, then `b_idx`.
+    Output order: the `prefix` leading tokens, then `b_idx`.
     """
     scores = metric[a_idx] @ metric[b_idx].T
     into = b_idx[scores.argmax(axis=-1)]
-    kept = jnp.concatenate([jnp.arange(protected), b_idx])
+    kept = jnp.concatenate([jnp.arange(prefix), b_idx])
     return _plan_from_kept(kept, a_idx, into, metric.shape[0])
 
 
-def kth_bipartite_merge(metric: jax.Array, k: int, *, class_token: bool = False) -> MergePlan:
+def kth_bipartite_merge(metric: jax.Array, k: int, *, num_prefix_tokens: int = 0) -> MergePlan:
     """The "kth" matcher: B is every k-th token, every other token merges into B.
 
     Leaves about `tokens / k` tokens. Unlike the official version, which drops the
     tokens past the last full group of k, those tokens merge into B as well, so the
-    total size is conserved. A class token stays at index 0 and is never merged.
+    total size is conserved. The prefix tokens stay first and never merge; B
+    counts from the first token after them.
 
     Args:
       metric: [batch, tokens, channels].
       k: the stride of set B; `k <= 1` merges nothing.
+      num_prefix_tokens: the leading tokens that never merge and stay first.
     """
     batch, tokens, _ = metric.shape
-    protected = int(class_token)
+    prefix = _check_prefix(num_prefix_tokens, tokens)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a Python int, got {k!r}")
     if k <= 1:
         return identity_plan(batch, tokens)
-    positions = np.arange(protected, tokens)
+    positions = np.arange(prefix, tokens)
     if len(positions) < k:
         raise ValueError(f"k={k} exceeds the {len(positions)} mergeable tokens")
-    in_b = (positions - protected) % k == k - 1
+    in_b = (positions - prefix) % k == k - 1
     a_idx, b_idx = jnp.asarray(positions[~in_b]), jnp.asarray(positions[in_b])
-    plan_one = lambda m: _merge_set_into(m, a_idx, b_idx, protected)  # noqa: E731
+    plan_one = lambda m: _merge_set_into(m, a_idx, b_idx, prefix)  # noqa: E731
     return jax.vmap(plan_one)(unit_vectors(jax.lax.stop_gradient(metric)))
 
 
 def random_bipartite_merge(
-    metric: jax.Array,
-    r: int,
-    rng: jax.Array,
-    *,
-    class_token: bool = False,
-    distill_token: bool = False,
+    metric: jax.Array, r: int, rng: jax.Array, *, num_prefix_tokens: int = 0
 ) -> MergePlan:
     """The "random" matcher: `r` random tokens merge into their best other token.
 
-    Set A is `r` tokens drawn per example (never a protected one); the rest, B, keep
-    their sequence order (the official version leaves them shuffled, which would
-    scramble the next block's alternating split).
+    Set A is `r` tokens drawn per example (never a prefix token); the prefix tokens
+    stay first, and the rest, B, keep their sequence order (the official version
+    leaves them shuffled, which would scramble the next block's alternating split).
 
     Args:
       metric: [batch, tokens, channels].
       r: tokens to remove, clamped like `bipartite_soft_merge`.
       rng: a PRNG key; one draw per example.
+      num_prefix_tokens: the leading tokens that never merge and stay first.
     """
     batch, tokens, _ = metric.shape
-    protected = int(class_token) + int(distill_token)
-    r = clamp_r(r, tokens, protected)
+    prefix = _check_prefix(num_prefix_tokens, tokens)
+    r = clamp_r(r, tokens, prefix)
     if r == 0:
         return identity_plan(batch, tokens)
-    shuffled = protected + jnp.argsort(jax.random.uniform(rng, (batch, tokens - protected)))
+    shuffled = prefix + jnp.argsort(jax.random.uniform(rng, (batch, tokens - prefix)))
 
     def plan_one(m, order):
-        return _merge_set_into(m, order[:r], jnp.sort(order[r:]), protected)
+        return _merge_set_into(m, order[:r], jnp.sort(order[r:]), prefix)
 
     return jax.vmap(plan_one)(unit_vectors(jax.lax.stop_gradient(metric)), shuffled)
 

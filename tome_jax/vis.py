@@ -4,9 +4,10 @@ Every group of patches that ended up in one token is filled with the group's mea
 colour and outlined in a colour of its own. The drawing functions are NumPy and
 PIL only; `visualize` also runs a `tome_jax.ViT` to get the groups.
 
-Sources come from `ViT.apply(..., trace_source=True, return_state=True)`:
-`MergeState.source[i]` gives, for each input token of image `i` (prefix tokens
-first), the final token holding it.
+Sources come from the ViT's intermediates: after `_, state = model.apply(...,
+mutable="intermediates")`, `tome_jax.token_features(state["intermediates"])
+.source[i]` gives, for each input token of image `i` (prefix tokens first), the
+final token holding it.
 
 As a command, offline by default (the bundled CIFAR-10 model and test images):
 
@@ -15,7 +16,6 @@ As a command, offline by default (the bundled CIFAR-10 model and test images):
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Sequence
 
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from tome_jax import merge, reduce, schedules
+from tome_jax import features, merge, reduce, schedules
 
 # The fill of a pruned patch, which no token holds (white, as EViT's masked pictures).
 PRUNED_COLOUR = 1.0
@@ -135,7 +135,8 @@ def merge_visualization(
     Args:
       image: [H, W, 3] uint8 or float in [0, 1], any size not below the grid's.
       source: [input_tokens] ints, the final token holding each input token
-        (`MergeState.source[i]`); the first `num_prefix_tokens` are dropped.
+        (`tome_jax.token_features(...).source[i]`); the first `num_prefix_tokens`
+        are dropped.
       grid_size: (gh, gw) patches the model saw; input_tokens = gh * gw + prefix.
       seed: picks the outline colours (one per final token).
       border_width: outline thickness in pixels; None: `default_border_width`.
@@ -230,7 +231,7 @@ def visualization_grid(
 
     Args:
       images: [n, H, W, 3] uint8 or float in [0, 1] (or a list of such images).
-      sources: [n, input_tokens] ints, `MergeState.source`.
+      sources: [n, input_tokens] ints, `tome_jax.token_features(...).source`.
       scale: integer upscale applied before drawing, so outlines stay thin.
 
     Returns:
@@ -248,6 +249,18 @@ def save_png(array, path) -> None:
     """Writes [H, W, 3] uint8, or float in [0, 1], as an 8-bit PNG."""
     pixels = np.round(as_float_image(array) * 255.0).astype(np.uint8)
     Image.fromarray(pixels).save(path, format="PNG")
+
+
+def _final_sources(model, variables, images, r: schedules.RSpec) -> np.ndarray:
+    """[n, input_tokens] the final token holding each input token of each image, at `r`."""
+
+    # A closure rather than a static argument: per-layer lists are not hashable.
+    @jax.jit
+    def sources(variables, images):
+        _, state = model.apply(variables, images, r=r, mutable="intermediates")
+        return features.token_features(state["intermediates"]).source
+
+    return np.asarray(sources(variables, images))
 
 
 def visualize(
@@ -290,15 +303,10 @@ def visualize(
     display = upscale(display, scale)
     rows = [display]
     for r_value in r_values:
-        # A closure rather than a static argument: per-layer lists are not hashable.
-        apply = jax.jit(
-            functools.partial(model.apply, r=r_value, trace_source=True, return_state=True)
-        )
-        _, state = apply(variables, images)
         rows.append(
             merge_visualizations(
                 display,
-                state.source,
+                _final_sources(model, variables, images, r_value),
                 model.grid_size,
                 num_prefix_tokens=model.num_prefix_tokens,
                 seed=seed,

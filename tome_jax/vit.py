@@ -1,4 +1,8 @@
-"""Vision Transformer (timm's ViT/DeiT family) with token merging in every block.
+"""Vision Transformer (timm's ViT family) with token merging in every block.
+
+The family: ViT/DeiT/AugReg/MAE, CLIP and OpenCLIP towers (pre-norm, QuickGELU,
+LayerNorm eps 1e-5), SigLIP (attention pooling, the MAP head), DINOv2 (register
+tokens, SwiGLU MLPs).
 
 Parameter names follow timm (`patch_embed`, `cls_token`, `blocks_3/attn/qkv`, ...)
 so converted checkpoints read naturally. Images are NHWC; videos [batch, frames,
@@ -9,6 +13,8 @@ token sequence and merge it the same way.
     model = create_model("vit_base_patch16_224")
     variables = model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
     logits = model.apply(variables, images, r=(16, -1))   # any r, same parameters
+    logits, state = model.apply(variables, images, r=8, mutable="intermediates")
+    tokens = tome_jax.token_features(state["intermediates"]).tokens  # features, sizes, sources
 """
 
 from __future__ import annotations
@@ -22,22 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import dtem, merge, reduce, schedules
-from tome_jax.attention import Attention, layer_norm
-
-
-class MergeState(NamedTuple):
-    """What the merges left behind at the end of the encoder.
-
-    Attributes:
-      tokens: [batch, tokens, width] final tokens (after the final norm).
-      size: [batch, tokens] input tokens (patches and prefix tokens) each holds.
-      source: [batch, input_tokens] the final token holding each input token, or
-        None when not traced (`merge.source_matrix` gives the official matrix).
-    """
-
-    tokens: jax.Array
-    size: jax.Array
-    source: jax.Array | None
+from tome_jax.attention import Attention, layer_norm, proportional_attention
 
 
 class SoftMergeSettings(NamedTuple):
@@ -77,8 +68,36 @@ def gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's GELU approximation, `x * sigmoid(1.702 x)`."""
+    return x * jax.nn.sigmoid(jnp.asarray(1.702, x.dtype) * x)
+
+
+# Activations by timm's `act_layer` names.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+}
+# timm's MLPs (its `mlp_layer`): `Mlp`; `SwiGLUPacked` (a `GluMlp` whose one fc1
+# holds the gate in its first half, the value in its second); `SwiGLU` (gate and
+# value in separate layers, `fc1_g` and `fc1_x`).
+MLP_LAYERS = ("mlp", "swiglu_packed", "swiglu")
+
+
 class Mlp(nn.Module):
+    """timm's MLPs: `fc2(act(fc1(x)))`, or gated, `fc2(act(gate) * value)`.
+
+    `hidden_dim` is timm's `hidden_features`, fc1's width: for "swiglu_packed" the
+    gate and value halves together. `norm_eps` adds a LayerNorm on the hidden
+    features (timm's `scale_mlp_norm`).
+    """
+
     hidden_dim: int
+    act_layer: str = "gelu"
+    mlp_layer: str = "mlp"
+    norm_eps: float | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -86,9 +105,59 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[batch, tokens, dim] -> [batch, tokens, dim]."""
         width = x.shape[-1]
-        x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-        x = gelu(x)
-        return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        act = ACTIVATIONS[self.act_layer]
+        if self.mlp_layer == "swiglu_packed":
+            gate, value = jnp.split(dense(self.hidden_dim, "fc1")(x), 2, axis=-1)
+            x = act(gate) * value
+        elif self.mlp_layer == "swiglu":
+            x = act(dense(self.hidden_dim, "fc1_g")(x)) * dense(self.hidden_dim, "fc1_x")(x)
+        else:
+            x = act(dense(self.hidden_dim, "fc1")(x))
+        if self.norm_eps is not None:
+            x = layer_norm("norm", self.dtype, self.param_dtype, self.norm_eps)(x)
+        return dense(width, "fc2")(x)
+
+
+class AttentionPool(nn.Module):
+    """timm's `AttentionPoolLatent` as SigLIP's MAP head (big_vision's `MAPHead`).
+
+    A learned query (`latent`) attends over the tokens (`q`, `kv`, `proj`), then a
+    residual MLP after a LayerNorm. The keys' logits get `log(size)`: a merged
+    token weighs as the patches it holds, as in proportional attention.
+    """
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    act_layer: str = "gelu"
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attn_implementation: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: jax.Array) -> jax.Array:
+        """x [batch, tokens, width], size [batch, tokens] -> [batch, width]."""
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        latent = self.param("latent", nn.initializers.normal(width**-0.5), (1, 1, width), self.param_dtype)
+        query = dense(width, "q")(latent.astype(x.dtype))
+        query = jnp.broadcast_to(query, (batch, 1, width)).reshape(batch, 1, self.num_heads, head_dim)
+        kv = dense(2 * width, "kv")(x).reshape(batch, tokens, 2, self.num_heads, head_dim)
+        out = proportional_attention(
+            query, kv[:, :, 0], kv[:, :, 1], size, implementation=self.attn_implementation
+        )
+        out = dense(width, "proj")(out.reshape(batch, 1, width))
+        mlp = Mlp(
+            int(width * self.mlp_ratio), self.act_layer, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp"
+        )
+        out = out + mlp(layer_norm("norm", self.dtype, self.param_dtype, self.norm_eps)(out))
+        return out[:, 0]
 
 
 class LayerScale(nn.Module):
@@ -117,6 +186,10 @@ class Block(nn.Module):
     qk_norm: bool = False
     layer_scale_init: float | None = None
     drop_path: float = 0.0
+    act_layer: str = "gelu"
+    mlp_layer: str = "mlp"
+    scale_mlp_norm: bool = False
+    norm_eps: float = 1e-6
     metric_dim: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -148,16 +221,16 @@ class Block(nn.Module):
         size: jax.Array,
         *,
         r: int,
-        class_token: bool,
-        distill_token: bool,
+        num_prefix_tokens: int,
         prop_attn: bool | None,
         layer: int = 0,
         num_layers: int = 1,
         train: bool = False,
         soft_merge: SoftMergeSettings | None = None,
         n: int = 0,
-    ) -> tuple[jax.Array, jax.Array, merge.MergePlan | None]:
-        """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int.
+    ) -> tuple[jax.Array, jax.Array]:
+        """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int; the
+        first `num_prefix_tokens` tokens (class, distillation, registers) never merge.
 
         `prop_attn` None means the reduction method's default. `layer` and
         `num_layers` (this block's index, the model's depth) are handed to the
@@ -168,25 +241,27 @@ class Block(nn.Module):
         merge is DTEM's soft merge over the first `n` tokens, which keeps the
         sequence length and fades merged tokens to size 0.
 
-        Returns x [batch, tokens - r', dim], size [batch, tokens - r'] and the
-        reduction's plan (None when nothing was hard-merged, or for a method that
-        mixes tokens), r' being r after the clamp (0 for a soft merge, which
-        removes no token).
+        Returns x [batch, tokens - r', dim] and size [batch, tokens - r'], r' being
+        r after the clamp (0 for a soft merge, which removes no token). With the
+        "intermediates" collection mutable, also records x, size and where each
+        input token went (`_sow_intermediates`, from the plan the method returned).
         """
         method = self._method()
         prop_attn = method.prop_attn if prop_attn is None else prop_attn
-        norm1 = layer_norm("norm1", self.dtype, self.param_dtype)
+        norm = lambda name: layer_norm(name, self.dtype, self.param_dtype, self.norm_eps)  # noqa: E731
+        norm1 = norm("norm1")
         attn = Attention(
             self.num_heads,
             qkv_bias=self.qkv_bias,
             qk_norm=self.qk_norm,
+            norm_eps=self.norm_eps,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             implementation=self.attn_implementation,
             name="attn",
         )
-        num_prefix_tokens = int(class_token) + int(distill_token)
-        r = merge.clamp_r(r, x.shape[1], num_prefix_tokens)
+        tokens_in = x.shape[1]
+        r = merge.clamp_r(r, tokens_in, num_prefix_tokens)
         position = method.position if soft_merge is None and r > 0 else None
         rng = self.make_rng("reduction") if method.needs_rng and self.has_rng("reduction") else None
         step = functools.partial(
@@ -226,11 +301,36 @@ class Block(nn.Module):
         elif position == reduce.AFTER_ATTENTION:
             x, size, plan, _ = method(step(x, size, metric, weights=weights))
 
-        mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")
-        x = self._residual(x, mlp(layer_norm("norm2", self.dtype, self.param_dtype)(x)), "2", train)
+        mlp = Mlp(
+            int(x.shape[-1] * self.mlp_ratio),
+            self.act_layer,
+            self.mlp_layer,
+            self.norm_eps if self.scale_mlp_norm else None,
+            self.dtype,
+            self.param_dtype,
+            name="mlp",
+        )
+        x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
         if position == reduce.AFTER_MLP:
             x, size, plan, _ = method(step(x, size, metric))
-        return x, size, plan
+        if self.is_mutable_collection("intermediates"):
+            self._sow_intermediates(x, size, plan, tokens_in, soft=soft_merge is not None)
+        return x, size
+
+    def _sow_intermediates(self, x, size, plan, tokens_in: int, *, soft: bool):
+        """Records the block's output for downstream models (`tome_jax.features`).
+
+        The `plan` (a `merge.MergePlan`, the identity when nothing merged) says where
+        each input token went. It is left out where no plan says so: after a soft
+        merge, which keeps every token, and after a reduction that removed tokens
+        without returning a plan.
+        """
+        self.sow("intermediates", "tokens", x)
+        self.sow("intermediates", "size", size)
+        if plan is None and not soft and x.shape[1] == tokens_in:
+            plan = merge.identity_plan(x.shape[0], tokens_in)
+        if plan is not None:
+            self.sow("intermediates", "plan", plan)
 
 
 class ViT(nn.Module):
@@ -238,7 +338,14 @@ class ViT(nn.Module):
 
     Attributes follow timm's constructor: `width` is timm's `embed_dim`,
     `layer_scale_init` its `init_values`; `fc_norm=None` means "norm after pooling
-    when `global_pool == 'avg'`", as in timm.
+    when `global_pool == 'avg'`", as in timm. `act_layer` (a key of `ACTIVATIONS`),
+    `mlp_layer` (one of `MLP_LAYERS`) and `reg_tokens` take timm's names;
+    `norm_eps` is the epsilon of every LayerNorm (timm's `norm_layer`).
+    `global_pool="map"` is SigLIP's attention pooling (`AttentionPool`).
+
+    Token order: class token, distillation token, register tokens, then patches;
+    these prefix tokens never merge. Pooling ("avg", "map") reads the patch tokens,
+    weighting each by the patches it holds.
 
     `in_chans` is the input's channels (1 for spectrograms [batch, freq, time, 1]).
     `num_frames` makes it a video ViT (VideoMAE's tubelet embedding): inputs are
@@ -261,11 +368,16 @@ class ViT(nn.Module):
     qk_norm: bool = False
     class_token: bool = True
     distill_token: bool = False
+    reg_tokens: int = 0
     global_pool: str = "token"
     fc_norm: bool | None = None
     pre_norm: bool = False
     no_embed_class: bool = False
     layer_scale_init: float | None = None
+    act_layer: str = "gelu"
+    mlp_layer: str = "mlp"
+    scale_mlp_norm: bool = False
+    norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
     # DTEM: a learned merge metric per block (`blocks_i/metric`), of width
     # `dtem_dim` (None: head_dim, or 2 * head_dim from width 1024, as the paper).
@@ -313,7 +425,8 @@ class ViT(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.distill_token)
+        """Class, distillation and register tokens: first in the sequence, never merged."""
+        return int(self.class_token) + int(self.distill_token) + self.reg_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -331,8 +444,23 @@ class ViT(nn.Module):
     def _validate(self):
         if self.distill_token and not self.class_token:
             raise ValueError("a distillation token needs a class token")
-        if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if isinstance(self.reg_tokens, bool) or not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be an int >= 0, got {self.reg_tokens!r}")
+        if self.reg_tokens and self.distill_token:
+            raise ValueError("register tokens with a distillation token: no timm model has both; pick one")
+        if self.global_pool not in ("token", "avg", "map"):
+            raise ValueError(f"global_pool must be 'token', 'avg' or 'map', got {self.global_pool!r}")
+        if self.act_layer not in ACTIVATIONS:
+            raise ValueError(f"act_layer must be one of {sorted(ACTIVATIONS)}, got {self.act_layer!r}")
+        if self.mlp_layer not in MLP_LAYERS:
+            raise ValueError(f"mlp_layer must be one of {MLP_LAYERS}, got {self.mlp_layer!r}")
+        if self.mlp_layer == "swiglu_packed" and int(self.width * self.mlp_ratio) % 2:
+            raise ValueError(
+                f"mlp_layer='swiglu_packed' splits fc1's {int(self.width * self.mlp_ratio)} features "
+                "into gate and value halves; choose mlp_ratio so that width * mlp_ratio is even"
+            )
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs a class token")
         if self.num_frames is None and self.tubelet_size != 1:
@@ -345,15 +473,13 @@ class ViT(nn.Module):
                 f"tubelet_size {self.tubelet_size}"
             )
 
-    def _soft_merge_settings(self, soft: bool, trace_source: bool) -> SoftMergeSettings | None:
+    def _soft_merge_settings(self, soft: bool) -> SoftMergeSettings | None:
         if not soft:
             return None
         if not self.dtem:
             raise ValueError("soft_merge needs a DTEM model (dtem=True)")
-        if self.distill_token or not self.class_token:
+        if self.num_prefix_tokens != 1 or not self.class_token:
             raise ValueError("DTEM's soft merge expects exactly one prefix token, a class token")
-        if trace_source:
-            raise ValueError("source tracking needs hard merges; the soft merge keeps every token")
         return self.dtem_soft_merge
 
     def _check_input(self, shape: tuple[int, ...]):
@@ -404,9 +530,11 @@ class ViT(nn.Module):
             prefix.append(self.param("cls_token", init, (1, 1, self.width), self.param_dtype))
         if self.distill_token:
             prefix.append(self.param("dist_token", init, (1, 1, self.width), self.param_dtype))
-        prefix = [jnp.broadcast_to(p, (batch, 1, self.width)).astype(x.dtype) for p in prefix]
+        if self.reg_tokens:
+            prefix.append(self.param("reg_token", init, (1, self.reg_tokens, self.width), self.param_dtype))
+        prefix = [jnp.broadcast_to(p, (batch, *p.shape[1:])).astype(x.dtype) for p in prefix]
 
-        pos_len = x.shape[1] + (0 if self.no_embed_class else len(prefix))
+        pos_len = x.shape[1] + (0 if self.no_embed_class else self.num_prefix_tokens)
         pos_embed = self.param(
             "pos_embed", nn.initializers.normal(0.02), (1, pos_len, self.width), self.param_dtype
         ).astype(x.dtype)
@@ -419,15 +547,30 @@ class ViT(nn.Module):
         return x
 
     def _norm(self, name):
-        return layer_norm(name, self.dtype, self.param_dtype)
+        return layer_norm(name, self.dtype, self.param_dtype, self.norm_eps)
 
     def _pool(self, x: jax.Array, size: jax.Array) -> jax.Array:
-        """[batch, tokens, width] -> [batch, width] (or [batch, 2, width] distilled)."""
+        """[batch, tokens, width] -> [batch, width] (or [batch, 2, width] distilled).
+
+        "avg" and "map" pool the tokens after the prefix, as timm does, counting
+        patches rather than merged tokens: a size-weighted mean, or `log(size)`
+        added to the attention pool's logits.
+        """
+        patches, patch_size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
+        if self.global_pool == "map":
+            return AttentionPool(
+                self.num_heads,
+                mlp_ratio=self.mlp_ratio,
+                act_layer=self.act_layer,
+                norm_eps=self.norm_eps,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                attn_implementation=self.attn_implementation,
+                name="attn_pool",
+            )(patches, patch_size)
         if self.global_pool == "avg":
-            # Weighting by size averages over patches, not over merged tokens.
-            weights = size[:, self.num_prefix_tokens :, None].astype(jnp.float32)
-            tokens = x[:, self.num_prefix_tokens :].astype(jnp.float32)
-            return ((tokens * weights).sum(1) / weights.sum(1)).astype(x.dtype)
+            weights = patch_size[..., None].astype(jnp.float32)
+            return ((patches.astype(jnp.float32) * weights).sum(1) / weights.sum(1)).astype(x.dtype)
         if self.distill_token:
             return x[:, :2]
         return x[:, 0]
@@ -456,11 +599,17 @@ class ViT(nn.Module):
         r: schedules.RSpec = 0,
         train: bool = False,
         prop_attn: bool | None = None,
-        trace_source: bool = False,
-        return_state: bool = False,
         soft_merge: bool | None = None,
-    ):
+    ) -> jax.Array:
         """Classifies images (or videos), merging tokens in every block.
+
+        Applied with `mutable="intermediates"` it returns `(logits, {"intermediates":
+        ...})`, what downstream models take (Flax's `sow`: a tuple, one entry per
+        call): under `blocks_i` the block's output `tokens` [batch, tokens_i, width]
+        (before any norm), their `size` [batch, tokens_i] and the merge `plan` (left
+        out after DTEM's soft merge); at the top the final `tokens` (after the final
+        norm, as timm's `forward_features`) and `size`. `tome_jax.token_features`
+        and `tome_jax.patch_features` read them. Otherwise nothing is recorded.
 
         Args:
           images: [batch, height, width, in_chans], or [batch, num_frames, height,
@@ -471,38 +620,35 @@ class ViT(nn.Module):
           prop_attn: proportional attention (on for supervised models and for
             training with merging; off for off-the-shelf MAE models); None: the
             reduction method's default (on for ToMe).
-          trace_source: record which final token holds each input token.
-          return_state: also return a `MergeState`.
           soft_merge: DTEM's differentiable soft merge instead of the hard one;
             None means "when training a DTEM model" (its inference is hard).
 
         Returns:
-          logits [batch, num_classes] (pooled features when num_classes == 0),
-          and the `MergeState` when `return_state`.
+          logits [batch, num_classes] (pooled features [batch, width] when
+          num_classes == 0).
         """
         self._validate()
         schedule = schedules.parse_r(self.depth, r)
         x = self._embed(images)
         batch, tokens, _ = x.shape
         size = jnp.ones((batch, tokens), jnp.float32)
-        if trace_source:
-            reduce.check_tracks_sources(self.reduction)
-        source = merge.initial_source(batch, tokens) if trace_source else None
-        soft = self._soft_merge_settings(
-            (train and self.dtem) if soft_merge is None else soft_merge, trace_source
-        )
+        soft = self._soft_merge_settings((train and self.dtem) if soft_merge is None else soft_merge)
         # The soft merge keeps every token; block i lets the first participants[i] take part.
         participants = schedules.tokens_per_layer(tokens, schedule, protected=1)
 
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i, block_r in enumerate(schedule):
-            x, size, plan = Block(
+            x, size = Block(
                 self.num_heads,
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=self.qkv_bias,
                 qk_norm=self.qk_norm,
                 layer_scale_init=self.layer_scale_init,
                 drop_path=rates[i],
+                act_layer=self.act_layer,
+                mlp_layer=self.mlp_layer,
+                scale_mlp_norm=self.scale_mlp_norm,
+                norm_eps=self.norm_eps,
                 metric_dim=self.metric_dim,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
@@ -514,8 +660,7 @@ class ViT(nn.Module):
                 x,
                 size,
                 r=block_r,
-                class_token=self.class_token,
-                distill_token=self.distill_token,
+                num_prefix_tokens=self.num_prefix_tokens,
                 prop_attn=prop_attn,
                 layer=i,
                 num_layers=self.depth,
@@ -523,19 +668,16 @@ class ViT(nn.Module):
                 soft_merge=soft,
                 n=participants[i],
             )
-            if plan is not None and source is not None:
-                source = merge.merge_source(plan, source)
 
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = self._norm("norm")(x)
+        self.sow("intermediates", "tokens", x)
+        self.sow("intermediates", "size", size)
         pooled = self._pool(x, size)
         if use_fc_norm:
             pooled = self._norm("fc_norm")(pooled)
-        logits = self._head(pooled)
-        if return_state:
-            return logits, MergeState(tokens=x, size=size, source=source)
-        return logits
+        return self._head(pooled)
 
 
 def _check_divisible(image_hw, patch_hw):
@@ -550,6 +692,20 @@ def _check_divisible(image_hw, patch_hw):
 _TI, _S, _B = dict(width=192, num_heads=3), dict(width=384, num_heads=6), dict(width=768, num_heads=12)
 _L, _H = dict(width=1024, depth=24, num_heads=16), dict(width=1280, depth=32, num_heads=16)
 _DEIT3 = dict(no_embed_class=True, layer_scale_init=1e-6)
+# CLIP towers (OpenAI and OpenCLIP): LayerNorm before the blocks, eps 1e-5; the
+# head is CLIP's projection to the joint embedding (timm's default tags' widths).
+_CLIP = dict(pre_norm=True, norm_eps=1e-5)
+_QUICKGELU = dict(_CLIP, act_layer="quick_gelu")
+# SigLIP (big_vision): no class token, attention pooling; feature extractors.
+_SIGLIP = dict(class_token=False, global_pool="map", num_classes=0)
+_SO400M = dict(width=1152, depth=27, num_heads=16, mlp_ratio=3.7362, **_SIGLIP)
+# DINOv2: LayerScale, 518 px; with registers the position embeddings skip the
+# prefix tokens; the giant's MLP is a packed SwiGLU (fc1 of 2 x 4096 features).
+_DINOV2 = dict(patch_size=14, img_size=518, layer_scale_init=1e-5, num_classes=0)
+_REG4 = dict(reg_tokens=4, no_embed_class=True)
+_G_DINOV2 = dict(
+    width=1536, depth=40, num_heads=24, mlp_ratio=2.66667 * 2, mlp_layer="swiglu_packed", act_layer="silu"
+)
 _VIDEO = dict(
     num_frames=16, tubelet_size=2, class_token=False, global_pool="avg", num_classes=400
 )
@@ -579,11 +735,36 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "deit3_small_patch16_224": dict(**_S, patch_size=16, **_DEIT3),
     "deit3_base_patch16_224": dict(**_B, patch_size=16, **_DEIT3),
     "deit3_large_patch16_224": dict(**_L, patch_size=16, **_DEIT3),
+    "vit_base_patch32_clip_224": dict(**_B, patch_size=32, **_CLIP),
+    "vit_base_patch16_clip_224": dict(**_B, patch_size=16, **_CLIP),
+    "vit_base_patch16_clip_384": dict(**_B, patch_size=16, img_size=384, **_CLIP),
+    "vit_large_patch14_clip_224": dict(**_L, patch_size=14, **_CLIP),
+    "vit_large_patch14_clip_336": dict(**_L, patch_size=14, img_size=336, **_CLIP),
+    "vit_huge_patch14_clip_224": dict(**_H, patch_size=14, **_CLIP),
+    "vit_base_patch16_clip_quickgelu_224": dict(**_B, patch_size=16, num_classes=512, **_QUICKGELU),
+    "vit_large_patch14_clip_quickgelu_224": dict(**_L, patch_size=14, num_classes=768, **_QUICKGELU),
+    "vit_large_patch14_clip_quickgelu_336": dict(
+        **_L, patch_size=14, img_size=336, num_classes=768, **_QUICKGELU
+    ),
+    "vit_base_patch16_siglip_224": dict(**_B, patch_size=16, **_SIGLIP),
+    "vit_base_patch16_siglip_256": dict(**_B, patch_size=16, img_size=256, **_SIGLIP),
+    "vit_base_patch16_siglip_384": dict(**_B, patch_size=16, img_size=384, **_SIGLIP),
+    "vit_so400m_patch14_siglip_224": dict(patch_size=14, **_SO400M),
+    "vit_so400m_patch14_siglip_378": dict(patch_size=14, img_size=378, **_SO400M),
+    "vit_so400m_patch16_siglip_256": dict(patch_size=16, img_size=256, act_layer="gelu_tanh", **_SO400M),
+    "vit_small_patch14_dinov2": dict(**_S, **_DINOV2),
+    "vit_base_patch14_dinov2": dict(**_B, **_DINOV2),
+    "vit_large_patch14_dinov2": dict(**_L, **_DINOV2),
+    "vit_giant_patch14_dinov2": dict(**_G_DINOV2, **_DINOV2),
+    "vit_small_patch14_reg4_dinov2": dict(**_S, **_DINOV2, **_REG4),
+    "vit_base_patch14_reg4_dinov2": dict(**_B, **_DINOV2, **_REG4),
+    "vit_large_patch14_reg4_dinov2": dict(**_L, **_DINOV2, **_REG4),
+    "vit_giant_patch14_reg4_dinov2": dict(**_G_DINOV2, **_DINOV2, **_REG4),
     # MAE fine-tuned checkpoints: global average pooling with fc_norm.
     "vit_base_patch16_224_mae": dict(**_B, patch_size=16, global_pool="avg"),
     "vit_large_patch16_224_mae": dict(**_L, patch_size=16, global_pool="avg"),
     "vit_huge_patch14_224_mae": dict(**_H, patch_size=14, global_pool="avg"),
-    # The bundled CIFAR-10 model (../shared/models/vit_tiny_p4_cifar10.safetensors).
+    # The bundled CIFAR-10 model (assets/vit_tiny_p4_cifar10.safetensors).
     "vit_tiny_patch4_32": dict(**_TI, patch_size=4, img_size=32, num_classes=10),
     # Video (Kinetics-400), the ToMe paper's video setting (MAE-ST; VideoMAE alike):
     # 16 frames of 224x224 in 2x16x16 tubelets, 8 x 14 x 14 = 1568 tokens with joint

@@ -5,16 +5,19 @@
     logits = apply(variables, images_nhwc, r=13)
 
 Sources: a timm model name (weights downloaded by timm), a timm or torchvision
-ViT module, a state dict (a mapping of names to arrays), or a checkpoint file:
-`.safetensors` (read without torch), `.pth`/`.pt`/`.bin` (torch state dicts),
-`.npz` (Google's AugReg and big_vision layouts). Every layout is first renamed
-into timm's names and tensor layouts; one rule then maps timm names onto the Flax
-parameter tree, in both directions (`to_timm_state_dict` is the way back).
+ViT module, a state dict (a mapping of names to arrays: timm's, torchvision's, or
+OpenAI CLIP's / OpenCLIP's visual tower), or a checkpoint file: `.safetensors`
+(read without torch), `.pth`/`.pt`/`.bin` (torch state dicts), `.npz` (Google's
+AugReg and big_vision layouts, SigLIP's image tower). Every layout is first
+renamed into timm's names and tensor layouts; one rule then maps timm names onto
+the Flax parameter tree, in both directions (`to_timm_state_dict` is the way back).
 
 The architecture is read from the tensors. What they cannot tell (`num_heads`, a
-non-square patch grid, token versus average pooling when there is no `fc_norm`)
-comes from the model name, the module or the checkpoint's metadata, else from
-keyword overrides, which win over everything.
+non-square patch grid, token versus average pooling when there is no `fc_norm`,
+the activation, the LayerNorm epsilon) comes from the model name, the module, the
+layout or the checkpoint's metadata, else from keyword overrides, which win over
+everything; where timm's own models differ on it (CLIP's activation, SigLIP's),
+a checkpoint that does not say is an error naming the override.
 
 torch and timm are imported only when a source needs them.
 
@@ -26,10 +29,13 @@ parameter tree, checked), with `names` (timm names <-> Flax paths) under them al
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 from tome_jax.convert.infer import infer_config
 from tome_jax.convert.names import to_timm_state_dict
 from tome_jax.convert.params import params_from_timm, save_metric_layers, with_metric_layers
-from tome_jax.convert.readers import is_timm_name, read_source
+from tome_jax.convert.readers import is_timm_name, read_source, safetensors_metadata
 from tome_jax.convert.resample import INFLATIONS, resample_pos_embed
 from tome_jax.vit import ViT
 
@@ -58,8 +64,10 @@ def from_timm(
       source: a timm model name ("vit_base_patch16_224.augreg_in21k_ft_in1k", weights
         downloaded by `timm.create_model(name, pretrained=True)`); a timm
         VisionTransformer / VisionTransformerDistilled or torchvision
-        VisionTransformer module; a state dict; or a path to a `.safetensors`,
-        `.pth`/`.pt`/`.bin`/`.ckpt` or `.npz` (AugReg / big_vision) checkpoint.
+        VisionTransformer module; a state dict (timm's, torchvision's, or OpenAI
+        CLIP's visual tower, with or without its `visual.` prefix); or a path to a
+        `.safetensors`, `.pth`/`.pt`/`.bin`/`.ckpt` or `.npz` (AugReg / big_vision /
+        SigLIP) checkpoint.
       pretrained: for a name only; False gives timm's random initialisation.
       metric_layers: a file from `save_metric_layers`: DTEM metric layers added to
         the weights of `source` (the model becomes a DTEM model).
@@ -68,7 +76,8 @@ def from_timm(
       inflation: how an image patch kernel becomes a video model's tubelet kernel,
         "average" or "central" (see `resample._inflate_patch_kernel`).
       **overrides: any `tome_jax.ViT` attribute, winning over what is inferred,
-        e.g. `num_heads=16`, `dtype=jnp.bfloat16`, or `img_size=384`, which
+        e.g. `num_heads=16`, `act_layer="quick_gelu"`, `norm_eps=1e-5`,
+        `dtype=jnp.bfloat16`, or `img_size=384`, which
         resamples the position embeddings (bicubic, as timm does). From an image
         checkpoint, `num_frames=` (with `tubelet_size=`) makes a video ViT: the
         patch kernel is inflated and the position embeddings resampled to the
@@ -97,12 +106,29 @@ def from_timm(
     return model, {"params": params_from_timm(checkpoint, model, old_grid, inflation)}
 
 
-def pretrained_data_config(source) -> dict | None:
-    """timm's preprocessing for a timm model name or module, else None.
+# The preprocessing keys of timm's pretrained config.
+_DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation", "crop_mode")
 
-    Returns a dict with `input_size` (channels, height, width), `mean`, `std`,
-    `crop_pct`, `interpolation` and `crop_mode`, as `timm.data.resolve_data_config`.
+
+def pretrained_data_config(source) -> dict | None:
+    """The preprocessing a checkpoint expects, else None.
+
+    For a timm model name or module: timm's pretrained config, a dict with
+    `input_size` (channels, height, width), `mean`, `std`, `crop_pct`,
+    `interpolation` and `crop_mode`, as `timm.data.resolve_data_config`. For a
+    `.safetensors` file: its `pretrained_cfg` metadata entry (a JSON object with
+    at least `mean` and `std`, timm's keys), those keys. Other files say nothing:
+    pass the family's values yourself (README, Pretrained weights).
     """
+    path = pathlib.Path(source) if isinstance(source, (str, pathlib.PurePath)) else None
+    if path is not None and path.suffix == ".safetensors" and path.is_file():
+        entry = safetensors_metadata(path).get("pretrained_cfg")
+        if entry is None:
+            return None
+        cfg = json.loads(entry)
+        if "mean" not in cfg or "std" not in cfg:
+            raise ValueError(f"{path}: the pretrained_cfg metadata needs 'mean' and 'std', got {sorted(cfg)}")
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DATA_CONFIG_KEYS}
     if is_timm_name(source):
         import timm.data
         import timm.models

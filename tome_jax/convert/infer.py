@@ -1,7 +1,8 @@
 """`tome_jax.ViT` attributes read from a checkpoint's timm-named tensors.
 
 What the tensors cannot tell (`num_heads` at an unusual width, a non-square grid,
-the pooling without `fc_norm`) comes from the checkpoint's hints or the overrides.
+the pooling without `fc_norm`, the activation, the LayerNorm epsilon) comes from
+the checkpoint's hints or the overrides.
 """
 
 from __future__ import annotations
@@ -40,6 +41,47 @@ def _num_heads(width: int, hints: Mapping[str, Any]) -> int:
         f"cannot tell the number of attention heads of a width-{width} model from its tensors; "
         "pass num_heads="
     )
+
+
+def _mlp_layer(arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
+    """timm's MLP kind and its `hidden_features` (fc1's width) from block 0's tensors.
+
+    A packed SwiGLU's fc1 is twice as wide as fc2's input (gate and value halves).
+    """
+    if "blocks.0.mlp.fc1_g.weight" in arrays:
+        return "swiglu", _required(arrays, "blocks.0.mlp.fc1_g.weight", 2).shape[0]
+    hidden = _required(arrays, "blocks.0.mlp.fc1.weight", 2).shape[0]
+    fc2_in = _required(arrays, "blocks.0.mlp.fc2.weight", 2).shape[1]
+    return ("swiglu_packed" if hidden == 2 * fc2_in else "mlp"), hidden
+
+
+def _invisible_layers(mlp_layer: str, pre_norm: bool, global_pool: str, hints: Mapping[str, Any]) -> dict:
+    """The activation and LayerNorm epsilon, which no tensor shows.
+
+    From the hints when they say; else timm's defaults (exact GELU, eps 1e-6; SiLU
+    in a SwiGLU), except where timm's own models of that form differ: CLIP towers
+    (pre-norm) use QuickGELU or GELU with eps 1e-5, SigLIP's (attention pooling)
+    GELU or its tanh form. There the checkpoint must say, or the caller.
+    """
+    act = hints.get("act_layer")
+    if act is None and pre_norm:
+        raise ValueError(
+            "a pre-norm (CLIP-style) checkpoint does not say its activation; pass act_layer='quick_gelu' "
+            "(OpenAI CLIP) or act_layer='gelu' (OpenCLIP), or 'gelu' for timm's defaults"
+        )
+    if act is None and global_pool == "map":
+        raise ValueError(
+            "an attention-pooled (SigLIP-style) checkpoint does not say its activation; pass "
+            "act_layer='gelu' (timm's SigLIP) or act_layer='gelu_tanh' (SigLIP 2 So400m/16, big_vision's)"
+        )
+    eps = hints.get("norm_eps")
+    if eps is None and pre_norm:
+        raise ValueError(
+            "a pre-norm (CLIP-style) checkpoint does not say its LayerNorm epsilon; pass norm_eps=1e-5 "
+            "(CLIP's) or norm_eps=1e-6 (timm's default)"
+        )
+    default_act = "silu" if mlp_layer != "mlp" else "gelu"
+    return dict(act_layer=act or default_act, norm_eps=1e-6 if eps is None else eps)
 
 
 def _mlp_ratio(width: int, hidden: int) -> float:
@@ -103,12 +145,19 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
     steps = video["num_frames"] // tubelet if video else 1
     depth = 1 + max((int(m.group(1)) for k in arrays if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     class_token, distill_token = has("cls_token"), has("dist_token")
-    prefix = int(class_token) + int(distill_token)
+    reg_tokens = _required(arrays, "reg_token", 3).shape[1] if has("reg_token") else 0
+    prefix = int(class_token) + int(distill_token) + reg_tokens
     pos_len = _required(arrays, "pos_embed", 3).shape[1]
     grid, no_embed_class = _position_grid(
         pos_len, prefix, patch, checkpoint.hints.get("img_size"), overrides.get("img_size"), steps
     )
     fc_norm = has("fc_norm.weight")
+    if has("attn_pool.latent"):
+        global_pool = "map"
+    else:  # token or average pooling over a final `norm` only the source can tell
+        global_pool = checkpoint.hints.get("global_pool", "avg" if fc_norm or not class_token else "token")
+    pre_norm = has("norm_pre.weight")
+    mlp_layer, hidden = _mlp_layer(arrays)
     config = dict(
         num_classes=_required(arrays, "head.weight", 2).shape[0] if has("head.weight") else 0,
         img_size=tuple(g * p for g, p in zip(grid, patch)),
@@ -118,14 +167,18 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
         width=width,
         depth=depth,
         num_heads=_num_heads(width, hints),
-        mlp_ratio=_mlp_ratio(width, _required(arrays, "blocks.0.mlp.fc1.weight", 2).shape[0]),
+        mlp_ratio=_mlp_ratio(width, hidden),
+        mlp_layer=mlp_layer,
+        scale_mlp_norm=has("blocks.0.mlp.norm.weight"),
+        **_invisible_layers(mlp_layer, pre_norm, global_pool, hints),
         qkv_bias=has("blocks.0.attn.qkv.bias"),
         qk_norm=has("blocks.0.attn.q_norm.weight"),
         class_token=class_token,
         distill_token=distill_token,
-        global_pool="avg" if fc_norm or not class_token else "token",
+        reg_tokens=reg_tokens,
+        global_pool=global_pool,
         fc_norm=fc_norm,
-        pre_norm=has("norm_pre.weight"),
+        pre_norm=pre_norm,
         no_embed_class=no_embed_class,
         # Any value turns LayerScale on; the checkpoint's gamma replaces it.
         layer_scale_init=1e-5 if has("blocks.0.ls1.gamma") else None,
@@ -133,8 +186,6 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
         dtem=has("blocks.0.metric.weight"),
         dtem_dim=arrays["blocks.0.metric.weight"].shape[0] if has("blocks.0.metric.weight") else None,
     )
-    if "global_pool" in checkpoint.hints:  # token or average pooling over a final `norm`
-        config["global_pool"] = checkpoint.hints["global_pool"]
     return {**config, **overrides}, ((steps, *grid) if video else grid)
 
 

@@ -1,8 +1,9 @@
 """Checkpoint layouts -> timm's names and tensor layouts.
 
-timm's own names (and DeiT III's original ones), torchvision's, and Google's
-`.npz` layouts (AugReg, big_vision) are each renamed, and where need be combined,
-into the timm state dict that `tome_jax.convert` reads.
+timm's own names (and DeiT III's original ones), torchvision's, OpenAI CLIP's
+(also OpenCLIP's) and Google's `.npz` layouts (AugReg, big_vision, SigLIP) are
+each renamed, and where need be combined, into the timm state dict that
+`tome_jax.convert` reads.
 """
 
 from __future__ import annotations
@@ -47,6 +48,21 @@ _TORCHVISION_RENAMES = (
     (r"^encoder\.ln\.", "norm."),
     (r"^heads\.head\.", "head."),
 )
+# OpenAI CLIP's visual tower (OpenCLIP's too), without its `visual.` prefix.
+_OPENAI_CLIP_RENAMES = (
+    (r"^conv1\.", "patch_embed.proj."),
+    (r"^class_embedding$", "cls_token"),
+    (r"^positional_embedding$", "pos_embed"),
+    (r"^ln_pre\.", "norm_pre."),
+    (r"^transformer\.resblocks\.(\d+)\.", r"blocks.\1."),
+    (r"\.ln_([12])\.", r".norm\1."),
+    (r"\.attn\.in_proj_(weight|bias)$", r".attn.qkv.\1"),
+    (r"\.attn\.out_proj\.", ".attn.proj."),
+    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
+    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
+    (r"^ln_post\.", "norm."),
+    (r"^proj$", "head.weight"),
+)
 # big_vision numbers the block's modules differently from AugReg; same tensors.
 _BIG_VISION_RENAMES = (
     (r"^pos_embedding$", "Transformer/posembed_input/pos_embedding"),
@@ -59,7 +75,8 @@ _BIG_VISION_RENAMES = (
 )
 # Where the parameters sit in a `.npz`; anything outside that prefix (optimizer
 # state) is ignored.
-_NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/")
+# (SigLIP keeps its image tower under `img/`, beside the text tower's `txt/`.)
+_NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/", "img/")
 
 
 def _rename(arrays: Mapping[str, np.ndarray], renames) -> tuple[dict, dict]:
@@ -114,14 +131,31 @@ def _augreg_norm(timm_name: str, name: str) -> dict:
 
 _MHA = "MultiHeadDotProductAttention_1"
 _QKV = ("query", "key", "value")
-# timm key <- (AugReg names, how they combine into timm's tensor).
+_MAP = "MAPHead_0"
+_MAP_MHA = f"{_MAP}/MultiHeadDotProductAttention_0"
+# timm key <- (AugReg names, how they combine into timm's tensor). The MAP head
+# (SigLIP's attention pooling) is timm's `attn_pool`: its query alone is `q`, its
+# key and value together `kv`.
 _AUGREG = {
     **_augreg_dense("patch_embed.proj", "embedding"),
     "cls_token": (("cls",), _same),
     "pos_embed": (("Transformer/posembed_input/pos_embedding",), _same),
     **_augreg_norm("norm", "Transformer/encoder_norm"),
     **_augreg_dense("head", "head"),
+    "attn_pool.latent": ((f"{_MAP}/probe",), _same),
+    "attn_pool.q.weight": ((f"{_MAP_MHA}/query/kernel",), _qkv_kernel),
+    "attn_pool.q.bias": ((f"{_MAP_MHA}/query/bias",), _qkv_bias),
+    "attn_pool.kv.weight": (tuple(f"{_MAP_MHA}/{n}/kernel" for n in _QKV[1:]), _qkv_kernel),
+    "attn_pool.kv.bias": (tuple(f"{_MAP_MHA}/{n}/bias" for n in _QKV[1:]), _qkv_bias),
+    **_augreg_dense("attn_pool.proj", f"{_MAP_MHA}/out", _out_kernel),
+    **_augreg_norm("attn_pool.norm", f"{_MAP}/LayerNorm_0"),
+    **_augreg_dense("attn_pool.mlp.fc1", f"{_MAP}/MlpBlock_0/Dense_0"),
+    **_augreg_dense("attn_pool.mlp.fc2", f"{_MAP}/MlpBlock_0/Dense_1"),
 }
+# What a Google `.npz` leaves unsaid, as timm reads these files: exact GELU (the
+# original code computes its tanh approximation; `act_layer="gelu_tanh"` follows
+# it), Flax's LayerNorm epsilon.
+_NPZ_HINTS = {"act_layer": "gelu", "norm_eps": 1e-6}
 # The same for each block: `blocks.{i}.` <- `Transformer/encoderblock_{i}/`.
 _AUGREG_BLOCK = {
     **_augreg_norm("norm1", "LayerNorm_0"),
@@ -166,6 +200,7 @@ def _augreg_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
 
     query = left.get(f"Transformer/encoderblock_0/{_MHA}/query/kernel")
     hints = {"num_heads": query.shape[1]} if query is not None and query.ndim == 3 else {}
+    hints.update(_NPZ_HINTS)
     out, source_names = {}, {}
     for key, (names, combine) in table.items():
         source_names[key] = ", ".join(names)
@@ -180,17 +215,43 @@ def _augreg_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     return Checkpoint({**out, **left}, source_names, hints)
 
 
+def _openai_clip_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+    """OpenAI CLIP's visual tower (and OpenCLIP's) -> timm's, as timm's
+    `_convert_openai_clip` reads it.
+
+    A whole CLIP state dict is read for its `visual.` entries (the text tower is
+    left out). The class embedding and position embeddings gain timm's batch axes;
+    `proj` [width, embed_dim] becomes the head [embed_dim, width] with a zero bias.
+    CLIP's LayerNorms have PyTorch's epsilon, 1e-5.
+    """
+    if "visual.conv1.weight" in arrays:
+        arrays = {k[len("visual.") :]: v for k, v in arrays.items() if k.startswith("visual.")}
+    out, source_names = _rename(arrays, _OPENAI_CLIP_RENAMES)
+    if "cls_token" in out:
+        out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
+    if "pos_embed" in out and out["pos_embed"].ndim == 2:
+        out["pos_embed"] = out["pos_embed"][None]
+    if "head.weight" in out:
+        out["head.weight"] = out["head.weight"].T
+        out["head.bias"] = np.zeros(out["head.weight"].shape[0], out["head.weight"].dtype)
+        source_names["head.bias"] = "proj (no bias: zeros)"
+    return Checkpoint(out, source_names, {"norm_eps": 1e-5})
+
+
 def to_timm_layout(arrays: Mapping[str, np.ndarray], hints: dict[str, Any]) -> Checkpoint:
     """Recognises the layout by its patch-embedding name and renames it into timm's."""
     if "patch_embed.proj.weight" in arrays:
         return Checkpoint(*_rename(arrays, _TIMM_RENAMES), hints)
     if "conv_proj.weight" in arrays:
         return Checkpoint(*_rename(arrays, _TORCHVISION_RENAMES), hints)
+    if "conv1.weight" in arrays or "visual.conv1.weight" in arrays:
+        checkpoint = _openai_clip_to_timm(arrays)
+        return checkpoint._replace(hints={**checkpoint.hints, **hints})
     if any(f"{p}embedding/kernel" in arrays for p in _NPZ_PREFIXES):
         checkpoint = _augreg_to_timm(arrays)
         return checkpoint._replace(hints={**checkpoint.hints, **hints})
     sample = ", ".join(sorted(arrays)[:8])
     raise ValueError(
-        "unrecognised checkpoint layout: expected timm's 'patch_embed.proj.weight', "
-        f"torchvision's 'conv_proj.weight' or Google's 'embedding/kernel'; got {sample}"
+        "unrecognised checkpoint layout: expected timm's 'patch_embed.proj.weight', torchvision's "
+        f"'conv_proj.weight', CLIP's '(visual.)conv1.weight' or Google's 'embedding/kernel'; got {sample}"
     )

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tome_jax.convert.layouts import Checkpoint, to_timm_layout
+from tome_jax.vit import ACTIVATIONS
 
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -24,7 +25,6 @@ _NESTED_STATE_KEYS = ("model", "state_dict", "model_state")
 # timm constructor arguments (metadata `config`) that no tensor reveals and that
 # tome_jax.ViT does not implement, with the value ViT assumes.
 _INVISIBLE_TIMM_OPTIONS = {
-    "act_layer": None,
     "norm_layer": None,
     "block_fn": None,
     "attn_layer": None,
@@ -33,8 +33,13 @@ _INVISIBLE_TIMM_OPTIONS = {
     "pool_include_prefix": False,
     "final_norm": True,
 }
-# Attributes a `config` states that the tensors leave open.
-_CONFIG_HINTS = ("num_heads", "img_size", "global_pool")
+# Attributes a `config` states that the tensors leave open: timm's constructor
+# arguments, and `norm_eps` (timm's `norm_layer` is a class, not JSON).
+_CONFIG_HINTS = ("num_heads", "img_size", "global_pool", "act_layer", "norm_eps")
+# timm's activation modules by class name -> `ViT.act_layer` (nn.GELU by its `approximate`).
+_ACTIVATION_NAMES = {
+    "GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "Swish": "silu"
+}
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -65,13 +70,22 @@ def _config_hints(config: Mapping[str, Any]) -> dict[str, Any]:
     unsupported = {
         k: config[k] for k, default in _INVISIBLE_TIMM_OPTIONS.items() if config.get(k, default) != default
     }
+    if config.get("act_layer", "gelu") not in ACTIVATIONS:
+        unsupported["act_layer"] = config["act_layer"]
     if unsupported:
         raise ValueError(f"tome_jax.ViT does not implement the timm options {unsupported}")
     return {k: config[k] for k in _CONFIG_HINTS if k in config}
 
 
-def _read_safetensors(path: pathlib.Path) -> Checkpoint:
+def safetensors_metadata(path) -> dict[str, str]:
+    """A `.safetensors` file's metadata (string keys and values), read without its tensors."""
     from safetensors import safe_open
+
+    with safe_open(path, framework="numpy") as handle:
+        return handle.metadata() or {}
+
+
+def _read_safetensors(path: pathlib.Path) -> Checkpoint:
     from safetensors.numpy import load_file
 
     try:
@@ -81,8 +95,7 @@ def _read_safetensors(path: pathlib.Path) -> Checkpoint:
             f"{path}: safetensors cannot read dtype {error} into NumPy; load it with "
             "safetensors.torch and pass the state dict to from_timm"
         ) from None
-    with safe_open(path, framework="numpy") as handle:
-        metadata = handle.metadata() or {}
+    metadata = safetensors_metadata(path)
     hints = _config_hints(json.loads(metadata["config"])) if "config" in metadata else {}
     return to_timm_layout(arrays, hints)
 
@@ -118,50 +131,82 @@ def _read_file(path: pathlib.Path) -> Checkpoint:
     raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; expected {_FILE_SUFFIXES}")
 
 
-def _unsupported_layers(model, activations) -> list[str]:
-    """Activations other than exact GELU, LayerNorms with an eps other than 1e-6:
-    what tome_jax.ViT computes, invisible in the tensors.
+def _activation_name(act) -> str | None:
+    """A torch activation module -> its `ViT.act_layer` name, None if ViT lacks it."""
+    if type(act).__name__ == "GELU" and getattr(act, "approximate", "none") == "tanh":
+        return "gelu_tanh"
+    return _ACTIVATION_NAMES.get(type(act).__name__)
 
-    activations: (name, module) pairs of the MLP activations.
+
+def _layer_hints(model, activations, problems: list[str], kind: str) -> dict[str, Any]:
+    """The activation and LayerNorm epsilon a module computes, invisible in its
+    tensors; refuses (with `problems` found before) what ViT cannot run.
+
+    activations: (name, module) pairs of every activation, the MLPs' and the head's.
     """
     import torch.nn as nn
 
-    problems = [
-        f"{name} is {act}, not exact GELU"
+    acts = {name: _activation_name(act) for name, act in activations}
+    problems = problems + [
+        f"{name} is {type(act).__name__}, not one of {sorted(ACTIVATIONS)}"
         for name, act in activations
-        if not (isinstance(act, nn.GELU) and act.approximate == "none")
+        if acts[name] is None
     ]
-    return problems + [
-        f"{name} has eps={m.eps}, not 1e-6"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.LayerNorm) and m.eps != 1e-6
-    ]
-
-
-def _refuse_if(problems: list[str], kind: str):
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(set(acts.values())) > 1:
+        problems.append(f"the MLPs mix activations {sorted(set(acts.values()))}")
+    if len(eps) > 1:
+        problems.append(f"the LayerNorms mix epsilons {sorted(eps)}")
     if problems:
         raise ValueError(f"tome_jax.ViT cannot run this {kind} model: {'; '.join(problems[:8])}")
+    return dict(act_layer=next(iter(acts.values())), **({"norm_eps": eps.pop()} if eps else {}))
+
+
+def _map_head_problems(model) -> list[str]:
+    """What in timm's AttentionPoolLatent differs from SigLIP's MAP head (`vit.AttentionPool`)."""
+    pool = model.attn_pool
+    if type(pool).__name__ != "AttentionPoolLatent":
+        return [f"attn_pool is {type(pool).__name__}, not AttentionPoolLatent"]
+    checks = {
+        "one latent query": pool.latent_len == 1,
+        "no position embedding": pool.pos_embed is None,
+        "token pooling": pool.pool == "token",
+        "a query projection": type(pool.q).__name__ == "Linear",
+        "no qk-norm": type(pool.q_norm).__name__ == "Identity",
+        "the blocks' heads": pool.num_heads == model.blocks[0].attn.num_heads,
+        "an MLP": type(pool.mlp).__name__ == "Mlp",
+    }
+    return [f"attn_pool lacks {what}" for what, holds in checks.items() if not holds]
 
 
 def _timm_module_hints(model) -> dict[str, Any]:
     """What a timm VisionTransformer's tensors leave open; refuses what ViT cannot run."""
     problems = []
-    if getattr(model, "num_reg_tokens", 0):
-        problems.append(f"{model.num_reg_tokens} register tokens")
-    if model.global_pool not in ("token", "avg"):
+    if model.global_pool not in ("token", "avg", "map"):
         problems.append(f"global_pool={model.global_pool!r}")
     if getattr(model, "pool_include_prefix", False):
         problems.append("pool_include_prefix=True")
+    activations = []
     for i, block in enumerate(model.blocks):
         kinds = (type(block).__name__, type(block.attn).__name__, type(block.mlp).__name__)
-        if kinds != ("Block", "Attention", "Mlp"):
-            problems.append(f"blocks.{i} is {'/'.join(kinds)}, not timm's Block/Attention/Mlp")
-    activations = [(f"blocks.{i}.mlp.act", getattr(b.mlp, "act", None)) for i, b in enumerate(model.blocks)]
-    _refuse_if(problems + _unsupported_layers(model, activations), "timm")
+        if kinds[:2] != ("Block", "Attention") or kinds[2] not in ("Mlp", "GluMlp", "SwiGLU"):
+            problems.append(
+                f"blocks.{i} is {'/'.join(kinds)}, not timm's Block/Attention/Mlp, GluMlp or SwiGLU"
+            )
+        elif kinds[2] == "GluMlp" and block.mlp.gate_last:
+            problems.append(
+                f"blocks.{i}.mlp is a GluMlp gating its second half (gate_last=True), not SwiGLUPacked"
+            )
+        activations.append((f"blocks.{i}.mlp.act", block.mlp.act))
+    if model.global_pool == "map":
+        problems += _map_head_problems(model)
+        activations.append(("attn_pool.mlp.act", model.attn_pool.mlp.act))
+    hints = _layer_hints(model, activations, problems, "timm")
     img_size = model.patch_embed.img_size
     return dict(
         num_heads=model.blocks[0].attn.num_heads,
         global_pool=model.global_pool,
+        **hints,
         **({} if img_size is None else dict(img_size=tuple(img_size))),
     )
 
@@ -170,8 +215,8 @@ def _torchvision_module_hints(model) -> dict[str, Any]:
     """The same for torchvision's VisionTransformer (the layout SWAG ships in)."""
     layers = model.encoder.layers
     activations = [(f"encoder.layers.{i}.mlp.1", layer.mlp[1]) for i, layer in enumerate(layers)]
-    _refuse_if(_unsupported_layers(model, activations), "torchvision")
-    return dict(num_heads=layers[0].self_attention.num_heads, img_size=model.image_size)
+    hints = _layer_hints(model, activations, [], "torchvision")
+    return dict(num_heads=layers[0].self_attention.num_heads, img_size=model.image_size, **hints)
 
 
 def _read_module(model) -> Checkpoint:

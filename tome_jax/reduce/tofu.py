@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 from tome_jax import merge
 from tome_jax.reduce.base import Reduced, Reduction, Step
-from tome_jax.reduce.tome import bipartite_plan
 
 
 def without_merges(plan: merge.MergePlan) -> merge.MergePlan:
@@ -59,7 +58,7 @@ class ToFu(Reduction):
     merge_after: float = 0.5
 
     def __call__(self, step: Step) -> Reduced:
-        plan = bipartite_plan(step.metric, step.r, step.num_prefix_tokens)
+        plan = merge.bipartite_soft_merge(step.metric, step.r, num_prefix_tokens=step.num_prefix_tokens)
         if step.layer > self.merge_after * step.num_layers:
             x = mlerp(plan, step.x, implementation=step.implementation)
             return Reduced(x, merge.merge_sum(plan, step.size, implementation=step.implementation), plan)
