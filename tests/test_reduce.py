@@ -144,8 +144,9 @@ def tiny(**prefix):
 
 
 def conserves_size(method):
-    """Merging keeps every patch; pruning drops some (DCT spreads them evenly)."""
-    return not isinstance(method, (reduce.ToFu, reduce.RandomDrop)) and not (
+    """Merging keeps every patch; pruning drops some (DCT spreads them evenly; DiffRate
+    prunes, and scales a merged token's size by its similarity, as its authors)."""
+    return not isinstance(method, (reduce.ToFu, reduce.RandomDrop, reduce.DiffRate)) and not (
         isinstance(method, reduce.EViT) and not method.fuse
     )
 
@@ -175,6 +176,8 @@ def test_shapes_sizes_sources_and_vmap(name):
         source = np.asarray(source)
         np.testing.assert_array_equal(source[:, :prefix], [list(range(prefix))] * 3)
         for example, example_size in zip(source, size):  # each token's size counts the patches it holds
+            if isinstance(method, reduce.DiffRate):  # but DiffRate's are scaled by similarity
+                continue
             np.testing.assert_array_equal(np.bincount(example[example >= 0], minlength=tokens[-1]), example_size)
     if name != "random_drop":  # its draws depend on the batch (one key, a draw per example), by design
         one_by_one = jax.jit(jax.vmap(lambda x: run(x[None])[0][0]))(images)

@@ -54,8 +54,8 @@ def max_r(tokens: int, protected: int = 0) -> int:
     return max(tokens - protected, 0) // 2
 
 
-def clamp_r(r: int, tokens: int, protected: int = 0) -> int:
-    """Validates `r` and clamps it to `max_r(tokens, protected)`, at trace time.
+def clamp_r(r: int, tokens: int, protected: int = 0, most: int | None = None) -> int:
+    """Validates `r` and clamps it to `most` (default `max_r(tokens, protected)`), at trace time.
 
     Clamping rather than failing is the official behaviour: a schedule written for
     a long sequence keeps working on a short one, merging as much as it can.
@@ -64,7 +64,7 @@ def clamp_r(r: int, tokens: int, protected: int = 0) -> int:
         raise TypeError(f"r must be a Python int, got {r!r} ({type(r).__name__})")
     if r < 0:
         raise ValueError(f"r must be >= 0, got {r}")
-    return min(int(r), max_r(tokens, protected))
+    return min(int(r), max_r(tokens, protected) if most is None else most)
 
 
 def identity_plan(batch: int, tokens: int) -> MergePlan:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import dtem, merge, reduce, schedules
+from tome_jax.reduce import diffrate
 from tome_jax.attention import Attention, layer_norm, proportional_attention
 
 
@@ -228,7 +229,8 @@ class Block(nn.Module):
         train: bool = False,
         soft_merge: SoftMergeSettings | None = None,
         n: int = 0,
-    ) -> tuple[jax.Array, jax.Array]:
+        search: diffrate.SearchState | None = None,
+    ) -> tuple[jax.Array, ...]:
         """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int; the
         first `num_prefix_tokens` tokens (class, distillation, registers) never merge.
 
@@ -240,6 +242,11 @@ class Block(nn.Module):
         normalised input instead of the keys; with `soft_merge` (DTEM training) the
         merge is DTEM's soft merge over the first `n` tokens, which keeps the
         sequence length and fades merged tokens to size 0.
+
+        With `search` (a DiffRate search, `diffrate.search_step`) the attention
+        sees only the alive keys and the block's rate logits (parameters
+        `diffrate_prune`, `diffrate_merge`) choose what it masks; the sequence
+        keeps its length, and the block also returns the next `SearchState`.
 
         Returns x [batch, tokens - r', dim] and size [batch, tokens - r'], r' being
         r after the clamp (0 for a soft merge, which removes no token). With the
@@ -261,8 +268,8 @@ class Block(nn.Module):
             name="attn",
         )
         tokens_in = x.shape[1]
-        r = merge.clamp_r(r, tokens_in, num_prefix_tokens)
-        position = method.position if soft_merge is None and r > 0 else None
+        r = merge.clamp_r(r, tokens_in, num_prefix_tokens, method.max_r(tokens_in, num_prefix_tokens))
+        position = method.position if soft_merge is None and search is None and r > 0 else None
         rng = self.make_rng("reduction") if method.needs_rng and self.has_rng("reduction") else None
         step = functools.partial(
             reduce.Step,
@@ -281,7 +288,11 @@ class Block(nn.Module):
                 _, metric, weights = attn(norm1(x), size if prop_attn else None, return_weights=True)
             x, size, plan, weights = method(step(x, size, metric, weights=weights))
         h = norm1(x)
-        if weights is not None:  # the method's own attention map (MCTF's one-step-ahead attention)
+        if search is not None:  # the map of the alive keys (a weights override: the mask multiplies)
+            _, _, weights = attn(h, size, return_weights=True)
+            weights = diffrate.policy_weights(weights, search.mask)
+            y, metric = attn(h, weights=weights)
+        elif weights is not None:  # the method's own attention map (MCTF's one-step-ahead attention)
             y, metric = attn(h, weights=weights)
         elif position == reduce.AFTER_ATTENTION and method.needs_weights:
             y, metric, weights = attn(h, size if prop_attn else None, return_weights=True)
@@ -298,6 +309,8 @@ class Block(nn.Module):
         if soft_merge is not None:
             soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
             x, size = soft.x, soft.size
+        elif search is not None:
+            x, size, search = self._search_step(method, x, size, search, weights, layer, num_prefix_tokens)
         elif position == reduce.AFTER_ATTENTION:
             x, size, plan, _ = method(step(x, size, metric, weights=weights))
 
@@ -314,8 +327,18 @@ class Block(nn.Module):
         if position == reduce.AFTER_MLP:
             x, size, plan, _ = method(step(x, size, metric))
         if self.is_mutable_collection("intermediates"):
-            self._sow_intermediates(x, size, plan, tokens_in, soft=soft_merge is not None)
-        return x, size
+            self._sow_intermediates(x, size, plan, tokens_in, soft=soft_merge is not None or search is not None)
+        return (x, size) if search is None else (x, size, search)
+
+    def _search_step(self, method, x, size, search, weights, layer, num_prefix_tokens):
+        """DiffRate's search step with this block's rate logits (the first block keeps every token)."""
+        patches = x.shape[1] - num_prefix_tokens
+        count = 1 if layer == 0 else diffrate.num_candidates(patches, method.granularity)
+        logits = [self.param(f"diffrate_{k}", nn.initializers.zeros, (count,), jnp.float32) for k in ("prune", "merge")]
+        return diffrate.search_step(
+            x, size, search.mask, weights, *logits,
+            granularity=method.granularity, num_prefix_tokens=num_prefix_tokens,
+        )
 
     def _sow_intermediates(self, x, size, plan, tokens_in: int, *, soft: bool):
         """Records the block's output for downstream models (`tome_jax.features`).
@@ -482,6 +505,35 @@ class ViT(nn.Module):
             raise ValueError("DTEM's soft merge expects exactly one prefix token, a class token")
         return self.dtem_soft_merge
 
+    def _search_state(self, batch: int, tokens: int) -> diffrate.SearchState | None:
+        """The first block's DiffRate search state (every token alive), or None when not searching."""
+        if not isinstance(self.reduction, reduce.DiffRate) or not self.reduction.searching:
+            return None
+        if self.num_prefix_tokens != 1 or not self.class_token:
+            raise ValueError("the DiffRate search ranks tokens by class attention: it needs one class token")
+        if self.dtem:
+            raise ValueError("a DiffRate search keeps every token (masked): it does not combine with DTEM")
+        return diffrate.SearchState(jnp.ones((batch, tokens), jnp.float32))
+
+    def _sow_search_loss(self, searched: list[diffrate.SearchState]) -> None:
+        """Sows the search's FLOPs penalty in "losses" (train.py adds it) and its GFLOPs in "metrics"."""
+        method = self.reduction
+        gflops = self.diffrate_gflops([s.prune_kept for s in searched], [s.merge_kept for s in searched])
+        keep = dict(reduce_fn=lambda _, value: value, init_fn=lambda: 0.0)
+        self.sow("losses", "diffrate_flops", method.flops_weight * (gflops - method.search_gflops) ** 2, **keep)
+        self.sow("metrics", "diffrate_gflops", gflops, **keep)
+
+    def diffrate_gflops(self, prune_kept, merge_kept) -> jax.Array:
+        """The authors' GFLOPs of per-block kept counts (`diffrate.schedule_flops`), for this model."""
+        return diffrate.schedule_flops(
+            prune_kept,
+            merge_kept,
+            tokens=self.num_tokens,
+            width=self.width,
+            patch_pixels=math.prod(self.patch_kernel) * self.in_chans,
+            num_classes=self.num_classes,
+        ) / 1e9
+
     def _check_input(self, shape: tuple[int, ...]):
         """Clear errors for inputs that do not fit `input_shape` (batch first)."""
         if self.num_frames is None:
@@ -635,10 +687,12 @@ class ViT(nn.Module):
         soft = self._soft_merge_settings((train and self.dtem) if soft_merge is None else soft_merge)
         # The soft merge keeps every token; block i lets the first participants[i] take part.
         participants = schedules.tokens_per_layer(tokens, schedule, protected=1)
+        search = self._search_state(batch, tokens)
+        searched = []
 
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i, block_r in enumerate(schedule):
-            x, size = Block(
+            outputs = Block(
                 self.num_heads,
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=self.qkv_bias,
@@ -667,8 +721,15 @@ class ViT(nn.Module):
                 train=train,
                 soft_merge=soft,
                 n=participants[i],
+                search=search,
             )
+            x, size = outputs[:2]
+            if search is not None:
+                search = outputs[2]
+                searched.append(search)
 
+        if search is not None:
+            self._sow_search_loss(searched)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = self._norm("norm")(x)

@@ -19,9 +19,7 @@ def get_config():
     # How blocks remove tokens: "tome" (merge on attention keys), "dtem" (ToMe on DTEM
     # metric layers), or another tome_jax.reduce method: "pitome", "mctf", "tofu", "dct",
     # "evit", "random_drop"; its settings are config.<method> (e.g. --config.pitome.margin=0.5).
-    config.method = "tome"
-    for method, settings in reduce.default_settings().items():
-        config[method] = ml_collections.ConfigDict(settings)
+    add_methods(config)
     config.metric_layers = ""  # DTEM metric layers saved alone (train.py's metric_layers.safetensors)
     config.params_from = ""  # a train.py workdir: evaluate its checkpoint's parameters
     config.params_step = "best"  # "best" (eval top-1), "latest", or a step number
@@ -51,3 +49,10 @@ def get_config():
     config.timing_runs = 3  # images/s: median of this many timed batches per r
     config.workdir = "results/eval_cifar10"
     return config
+
+
+def add_methods(config: ml_collections.ConfigDict) -> None:
+    """`config.method = "tome"` and every tome_jax.reduce method's settings under `config.<method>`."""
+    config.method = "tome"
+    for method, settings in reduce.default_settings().items():
+        config[method] = ml_collections.ConfigDict(settings)

@@ -24,6 +24,7 @@ from tome_jax.reduce.base import (
     class_attention,
 )
 from tome_jax.reduce.dct import DCT
+from tome_jax.reduce.diffrate import DiffRate
 from tome_jax.reduce.mctf import MCTF
 from tome_jax.reduce.pitome import PiToMe
 from tome_jax.reduce.prune import EViT, RandomDrop
@@ -31,7 +32,7 @@ from tome_jax.reduce.tofu import ToFu
 from tome_jax.reduce.tome import ToMe
 
 METHODS: dict[str, type[Reduction]] = {
-    method.name: method for method in (ToMe, PiToMe, MCTF, ToFu, DCT, EViT, RandomDrop)
+    method.name: method for method in (ToMe, PiToMe, MCTF, ToFu, DCT, EViT, RandomDrop, DiffRate)
 }
 
 
@@ -61,6 +62,7 @@ __all__ = [
     "AFTER_MLP",
     "BEFORE_ATTENTION",
     "DCT",
+    "DiffRate",
     "EViT",
     "MCTF",
     "METHODS",

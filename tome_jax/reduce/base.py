@@ -99,6 +99,10 @@ class Reduction:
     tracks_sources: ClassVar[bool] = True
     prop_attn: ClassVar[bool] = True
 
+    def max_r(self, tokens: int, num_prefix_tokens: int) -> int:
+        """The most tokens one step may remove (a larger `r` is clamped): half those after the prefix."""
+        return merge.max_r(tokens, num_prefix_tokens)
+
     def __call__(self, step: Step) -> Reduced:
         raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
 
