@@ -7,7 +7,7 @@
 The ViT stays frozen; only the blocks' rate logits learn, as in the authors'
 search: AdamW at 0.01 falling to 0.001 by a cosine, no weight decay, against the
 classification loss plus `flops_weight * (GFLOPs - search_gflops)^2`, GFLOPs in
-the authors' count (`diffrate.schedule_flops`: the unreduced model has 0.366).
+the authors' count (`diffrate.schedule_flops`: the unreduced model has 0.365).
 The schedule found is written to WORKDIR/diffrate_schedule.json, with the
 eval.py command that runs it (`--config.method=diffrate --config.r=...
 --config.diffrate.prune=...`). The evaluations during the search run the masked
