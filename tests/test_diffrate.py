@@ -93,7 +93,9 @@ def test_policy_weights_and_flops_match_the_reference():
 def timm_model():
     """Random weights with noise on every parameter (timm's init leaves the class token near zero)."""
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=DEPTH, img_size=32, patch_size=4)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, depth=DEPTH, img_size=32, patch_size=4
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -109,7 +111,8 @@ def images(batch=3):
 def with_logits(params, prune, merge):
     params = dict(params)
     for i in range(DEPTH):
-        params[f"blocks_{i}"] = {**params[f"blocks_{i}"], "diffrate_prune": prune[i], "diffrate_merge": merge[i]}
+        logits = {"diffrate_prune": prune[i], "diffrate_merge": merge[i]}
+        params[f"blocks_{i}"] = {**params[f"blocks_{i}"], **logits}
     return params
 
 
@@ -141,7 +144,8 @@ def test_search_forward_matches_the_reference_with_gradients():
     np.testing.assert_allclose(sown["metrics"]["diffrate_gflops"], flops_t.item() / 1e9, rtol=1e-6)
     for got_grads, want_tensors in zip(grads, (prune_t, merge_t)):
         for got, want in zip(got_grads[1:], want_tensors[1:]):  # the first block has one candidate
-            np.testing.assert_allclose(got, want.grad.numpy(), rtol=1e-3, atol=1e-6 * np.abs(want.grad.numpy()).max())
+            want = want.grad.numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize(
@@ -188,7 +192,8 @@ def test_a_tiny_search_writes_a_schedule_that_eval_runs(small_cifar, tmp_path): 
     config = tiny_config(f"folder:{small_cifar}", num_steps=4, eval_every=4, eval_limit=16, train_limit=64)
     config.method, config.diffrate = "diffrate", search.diffrate
     config.diffrate.search_gflops = 0.0003  # the tiny model has 0.00056 unreduced
-    config.update({k: search[k] for k in ("trainable", "r", "eval_r", "learning_rate", "weight_decay", "grad_clip")})
+    for key in ("trainable", "r", "eval_r", "weight_decay", "grad_clip"):
+        config[key] = search[key]
     config.learning_rate = 0.1
     train_lib.train_and_evaluate(config, str(tmp_path))
     found = json.loads((tmp_path / "diffrate_schedule.json").read_text())
@@ -198,7 +203,8 @@ def test_a_tiny_search_writes_a_schedule_that_eval_runs(small_cifar, tmp_path): 
 
     eval_config = eval_cifar10.get_config()
     eval_config.update(model=config.model, pretrained=False, model_overrides=dict(config.model_overrides))
-    eval_config.update(dataset=f"folder:{small_cifar}", limit=16, batch_size=8, timing_runs=1, workdir=str(tmp_path / "eval"))
+    eval_config.update(dataset=f"folder:{small_cifar}", limit=16, batch_size=8, timing_runs=1)
+    eval_config.workdir = str(tmp_path / "eval")
     eval_config.method, eval_config.r = "diffrate", str(found["r"])
     eval_config.diffrate.prune = tuple(found["prune"])
     (row,) = evaluate.run(eval_config)

@@ -178,7 +178,8 @@ def test_shapes_sizes_sources_and_vmap(name):
         for example, example_size in zip(source, size):  # each token's size counts the patches it holds
             if isinstance(method, reduce.DiffRate):  # but DiffRate's are scaled by similarity
                 continue
-            np.testing.assert_array_equal(np.bincount(example[example >= 0], minlength=tokens[-1]), example_size)
+            counts = np.bincount(example[example >= 0], minlength=tokens[-1])
+            np.testing.assert_array_equal(counts, example_size)
     if name != "random_drop":  # its draws depend on the batch (one key, a draw per example), by design
         one_by_one = jax.jit(jax.vmap(lambda x: run(x[None])[0][0]))(images)
         np.testing.assert_allclose(np.asarray(one_by_one), np.asarray(logits), rtol=1e-5, atol=1e-5)

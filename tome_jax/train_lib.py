@@ -490,7 +490,7 @@ def save_diffrate_schedule(model: ViT, params, path) -> dict[str, Any]:
         "eval": f'python eval.py --config.method=diffrate --config.r="{r}" --config.diffrate.prune="{prune}"',
     }
     pathlib.Path(path).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"DiffRate schedule: r={r} prune={prune}, {record['gflops']:.4f} GFLOPs; {record['eval']}", flush=True)
+    print(f"DiffRate schedule: {record['gflops']:.4f} GFLOPs; {record['eval']}", flush=True)
     return record
 
 

@@ -327,14 +327,18 @@ class Block(nn.Module):
         if position == reduce.AFTER_MLP:
             x, size, plan, _ = method(step(x, size, metric))
         if self.is_mutable_collection("intermediates"):
-            self._sow_intermediates(x, size, plan, tokens_in, soft=soft_merge is not None or search is not None)
+            keeps_all = soft_merge is not None or search is not None  # no plan: every token stays
+            self._sow_intermediates(x, size, plan, tokens_in, soft=keeps_all)
         return (x, size) if search is None else (x, size, search)
 
     def _search_step(self, method, x, size, search, weights, layer, num_prefix_tokens):
         """DiffRate's search step with this block's rate logits (the first block keeps every token)."""
         patches = x.shape[1] - num_prefix_tokens
         count = 1 if layer == 0 else diffrate.num_candidates(patches, method.granularity)
-        logits = [self.param(f"diffrate_{k}", nn.initializers.zeros, (count,), jnp.float32) for k in ("prune", "merge")]
+        logits = [
+            self.param(f"diffrate_{kind}", nn.initializers.zeros, (count,), jnp.float32)
+            for kind in ("prune", "merge")
+        ]
         return diffrate.search_step(
             x, size, search.mask, weights, *logits,
             granularity=method.granularity, num_prefix_tokens=num_prefix_tokens,
@@ -520,7 +524,8 @@ class ViT(nn.Module):
         method = self.reduction
         gflops = self.diffrate_gflops([s.prune_kept for s in searched], [s.merge_kept for s in searched])
         keep = dict(reduce_fn=lambda _, value: value, init_fn=lambda: 0.0)
-        self.sow("losses", "diffrate_flops", method.flops_weight * (gflops - method.search_gflops) ** 2, **keep)
+        penalty = method.flops_weight * (gflops - method.search_gflops) ** 2
+        self.sow("losses", "diffrate_flops", penalty, **keep)
         self.sow("metrics", "diffrate_gflops", gflops, **keep)
 
     def diffrate_gflops(self, prune_kept, merge_kept) -> jax.Array:

@@ -1,4 +1,4 @@
-"""DiffRate's search on the bundled ViT-Ti/4 and CIFAR-10: each block's prune and merge counts for a FLOPs target.
+"""DiffRate's search on the bundled ViT-Ti/4 and CIFAR-10: per-block prune and merge counts for a FLOPs target.
 
     python train.py --config configs/diffrate_search_cifar10.py --workdir workdirs/diffrate_0.25
     python train.py --config configs/diffrate_search_cifar10.py --workdir DIR \

@@ -171,7 +171,10 @@ def search_step(
     class_attn = weights[:, :, 0, prefix:].mean(axis=1)
     score = jnp.where(alive[:, prefix:], class_attn, -1.0)  # attention >= 0: the dead go last
     order = jnp.concatenate(
-        [jnp.broadcast_to(jnp.arange(prefix), (batch, prefix)), prefix + jnp.argsort(-score, axis=1, stable=True)],
+        [
+            jnp.broadcast_to(jnp.arange(prefix), (batch, prefix)),
+            prefix + jnp.argsort(-score, axis=1, stable=True),
+        ],
         axis=1,
     )
     x = jnp.take_along_axis(x, order[..., None], axis=1)
@@ -260,7 +263,8 @@ def schedule(prune_kept: Sequence[int], merge_kept: Sequence[int], tokens: int) 
         prune.append(tokens - after_prune)
         r.append(tokens - after_merge)
         tokens = after_merge
-    return Schedule(tuple(r), tuple(prune), tuple(int(k) for k in prune_kept), tuple(int(k) for k in merge_kept))
+    counts = (tuple(int(k) for k in kept) for kept in (prune_kept, merge_kept))
+    return Schedule(tuple(r), tuple(prune), *counts)
 
 
 def schedule_from_logits(
@@ -273,14 +277,16 @@ def schedule_from_logits(
 ) -> Schedule:
     """The schedule a search's logits stand for (each block's expected counts, rounded up)."""
     patches = tokens - num_prefix_tokens
-    kept = lambda logits: int(expected_kept(jnp.asarray(logits), patches, granularity, num_prefix_tokens))  # noqa: E731
+    def kept(logits):
+        return int(expected_kept(jnp.asarray(logits), patches, granularity, num_prefix_tokens))
+
     return schedule([kept(p) for p in prune_logits], [kept(m) for m in merge_logits], tokens)
 
 
 def prune_merge_plan(
     score: jax.Array, similarity: jax.Array, pruned: int, merged: int, num_prefix_tokens: int
 ) -> tuple[merge.MergePlan, jax.Array]:
-    """The hard step: rank by score, prune the last `pruned`, merge the next `merged` into their best partners.
+    """The hard step: rank by score, prune the last `pruned`, merge the next `merged` into their partners.
 
     Args:
       score: [batch, rest] importance of the tokens after the prefix (class attention).
@@ -298,14 +304,15 @@ def prune_merge_plan(
     similarity = jnp.where(is_kept[:, None, :], similarity, -jnp.inf)
     partner, best = similarity.argmax(axis=-1), similarity.max(axis=-1)
     slot = num_prefix_tokens + rank
-    dest = jnp.where(is_kept, slot, jnp.where(is_merged, jnp.take_along_axis(slot, partner, axis=1), merge.DROPPED))
+    merged_slot = jnp.where(is_merged, jnp.take_along_axis(slot, partner, axis=1), merge.DROPPED)
+    dest = jnp.where(is_kept, slot, merged_slot)
     plan = merge.plan_from_dest(prefix_first(dest, num_prefix_tokens), num_prefix_tokens + keep, merged)
     return plan, jnp.where(is_merged, best, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffRate(Reduction):
-    """DiffRate's inference: per block, prune by class attention, then merge into the most similar kept tokens.
+    """DiffRate's inference: per block, prune by class attention, then merge into the most similar kept token.
 
     The model's `r` gives each block's tokens removed; `prune` how many of them
     are pruned (the rest merge). Both come from a search (`diffrate_schedule.json`
