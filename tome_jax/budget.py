@@ -161,6 +161,35 @@ def choose_r(
     return min(choices, key=lambda choice: choice.merged_tokens)
 
 
+def choose_r_near_gflops(
+    model: ViT,
+    variables,
+    target_gflops: float,
+    *,
+    tolerance: float = 0.03,
+    batch_size: int = 16,
+    inflections: Sequence[float] = (0.0, -1.0),
+    prop_attn: bool | None = None,
+) -> RChoice:
+    """`choose_r` for at most `target_gflops * (1 + tolerance)`: the schedule that
+    merges fewest tokens within that ceiling, so the closest from below.
+
+    The result can still fall below `target_gflops * (1 - tolerance)` when one more
+    merged token per layer costs more than the window (check `choice.gflops`).
+    For comparing methods at one FLOPs budget: each method's `r` is its own knob.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    return choose_r(
+        model,
+        variables,
+        target_gflops=target_gflops * (1 + tolerance),
+        batch_size=batch_size,
+        inflections=inflections,
+        prop_attn=prop_attn,
+    )
+
+
 def config_targets(
     model: ViT, variables, config, *, batch_size: int, images: Sequence[jax.Array] | None = None
 ) -> list[tuple[schedules.RSpec, str]]:

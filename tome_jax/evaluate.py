@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,14 +124,14 @@ def load_model(config) -> tuple[ViT, Any, str]:
     return model, params, source
 
 
-def reduction_from_config(config) -> reduce.Reduction:
-    """The token-reduction method `config.method` names ("tome" when absent).
+def reduction_from_config(config, method: str | None = None) -> reduce.Reduction:
+    """The token-reduction method `method` names (default `config.method`, else "tome").
 
     Its settings come from `config[method]` when the config has that entry
     (e.g. `--config.pitome.margin=0.5`); settings it leaves out keep the
     method's defaults.
     """
-    method = config.get("method", "tome")
+    method = method or config.get("method", "tome")
     settings = config.get(method) if method in reduce.METHODS else None
     return reduce.create(method, **(settings.to_dict() if settings is not None else {}))
 
@@ -171,15 +171,23 @@ def preprocess_for(config, model: ViT, source: str):
     )
 
 
-def run(config) -> list[dict[str, Any]]:
-    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir."""
-    r_values = schedules.parse_r_values(config.r)
+class _Setup(NamedTuple):
+    """What a run evaluates on: the model and variables, the data and its description."""
+
+    model: ViT
+    variables: Any
+    make_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+    timing_images: list[jax.Array]
+    num_batches: int
+    meta: dict[str, Any]
+
+
+def _setup(config) -> _Setup:
     model, params, source = load_model(config)
     dataset = data.builder(config.dataset, config.data_dir)
     preprocess = preprocess_for(config, model, source)
     available = data.num_examples(dataset, config.split)
     count = min(available, config.limit) if config.limit else available
-    num_batches = -(-count // config.batch_size)
 
     def make_batches():
         return data.eval_batches(dataset, config.split, preprocess, config.batch_size, limit=config.limit)
@@ -187,22 +195,6 @@ def run(config) -> list[dict[str, Any]]:
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
     if params is None:
         params = model.init(jax.random.key(0), timing_images[0][:1])["params"]
-    variables = jax.device_put({"params": params})
-    for r, target in budget.config_targets(
-        model, variables, config, batch_size=config.batch_size, images=timing_images
-    ):
-        print(f"{target}: r = {schedules.r_label(r)}")
-        r_values.append(r)
-    rows = sweep(
-        model,
-        variables,
-        r_values,
-        make_batches,
-        timing_images=timing_images,
-        prop_attn=config.prop_attn,
-        runs=config.timing_runs,
-        num_batches=num_batches,
-    )
     meta = {
         "model": config.model,
         "dataset": config.dataset,
@@ -213,7 +205,103 @@ def run(config) -> list[dict[str, Any]]:
         "backend": jax.default_backend(),
         "title": f"{pathlib.Path(config.model).name} on {config.dataset}/{config.split} ({count} images)",
     }
+    num_batches = -(-count // config.batch_size)
+    return _Setup(model, jax.device_put({"params": params}), make_batches, timing_images, num_batches, meta)
+
+
+def run(config) -> list[dict[str, Any]]:
+    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir.
+
+    A config with `methods` (see configs/compare_methods.py) compares methods at
+    equal FLOPs instead (`compare_methods`).
+    """
+    if config.get("methods"):
+        return compare_methods(config)
+    r_values = schedules.parse_r_values(config.r)
+    setup = _setup(config)
+    for r, target in budget.config_targets(
+        setup.model, setup.variables, config, batch_size=config.batch_size, images=setup.timing_images
+    ):
+        print(f"{target}: r = {schedules.r_label(r)}")
+        r_values.append(r)
+    rows = sweep(
+        setup.model,
+        setup.variables,
+        r_values,
+        setup.make_batches,
+        timing_images=setup.timing_images,
+        prop_attn=config.prop_attn,
+        runs=config.timing_runs,
+        num_batches=setup.num_batches,
+    )
     print(report.format_table(rows))
-    report.write_results(rows, config.workdir, meta)
+    report.write_results(rows, config.workdir, setup.meta)
     print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
+    return rows
+
+
+COMPARE_COLUMNS = ("method", "budget", "budget_gflops", "r", "top1", "top5", "gflops", "vs_budget", "images_per_s")
+
+
+def compare_methods(config) -> list[dict[str, Any]]:
+    """Every method of `config.methods` at the FLOPs budgets of `config.budget_method`
+    at each `config.budget_r`: one row per method and budget.
+
+    A budget is the GFLOPs per image of the budget method at that `r`. Each other
+    method gets its own `r`, the schedule `budget.choose_r_near_gflops` picks
+    within `config.budget_tolerance` (a share) of the budget; the budget method
+    keeps the budget's `r`. Writes compare_methods.json/.csv and a plot of top-1
+    against GFLOPs, a line per method, to the workdir.
+    """
+    names = [name.strip() for name in config.methods.split(",") if name.strip()]
+    unknown = [name for name in names if name not in reduce.METHODS]
+    if unknown:
+        raise ValueError(
+            f"config.methods names {', '.join(unknown)}; known: {', '.join(reduce.METHODS)} "
+            "(DTEM needs its trained metric layers: compare it with eval.py --config.method=dtem)"
+        )
+    setup = _setup(config)
+    prop_attn, batch = config.prop_attn, config.batch_size  # FLOPs counted at the eval batch
+    reference = setup.model.clone(reduction=reduction_from_config(config, config.budget_method))
+    budgets = [
+        (r, budget.gflops_per_image(reference, setup.variables, r, batch_size=batch, prop_attn=prop_attn))
+        for r in schedules.parse_r_values(config.budget_r)
+    ]
+    rows = []
+    for name in tqdm(names, desc="methods", unit="method"):
+        model = setup.model.clone(reduction=reduction_from_config(config, name))
+        chosen = []  # per budget: its label and GFLOPs, the r chosen (None: out of reach) and its GFLOPs
+        for budget_r, gflops in budgets:
+            label = f"{config.budget_method} r={schedules.r_label(budget_r)}"
+            choice = (budget_r, gflops) if model.reduction == reference.reduction else None
+            if choice is None:
+                try:
+                    picked = budget.choose_r_near_gflops(
+                        model, setup.variables, gflops, tolerance=config.budget_tolerance,
+                        batch_size=batch, prop_attn=prop_attn,
+                    )
+                    choice = (picked.r, picked.gflops)
+                except ValueError as error:  # even the most reducing schedule costs more
+                    print(f"{name} at {label}: {error}")
+            chosen.append((label, gflops, choice))
+        swept = iter(sweep(
+            model,
+            setup.variables,
+            [choice[0] for _, _, choice in chosen if choice is not None],
+            setup.make_batches,
+            timing_images=setup.timing_images,
+            prop_attn=prop_attn,
+            runs=config.timing_runs,
+            num_batches=setup.num_batches,
+        ))  # fmt: skip
+        for label, gflops, choice in chosen:
+            row = {"method": name, "budget": label, "budget_gflops": gflops}
+            if choice is None:
+                rows.append({**row, "r": "out of reach"})
+                continue
+            # Against the count the bisection used (the sweep's own is of the compiled program).
+            rows.append({**row, "vs_budget": f"{choice[1] / gflops - 1:+.1%}", **next(swept)})
+    print(report.format_table(rows, COMPARE_COLUMNS))
+    report.write_results(rows, config.workdir, setup.meta, stem="compare_methods", plot=report.plot_by_method)
+    print(f"wrote {config.workdir}/compare_methods.json, compare_methods.csv, compare_methods.png")
     return rows
