@@ -168,26 +168,35 @@ def choose_r_near_gflops(
     *,
     tolerance: float = 0.03,
     batch_size: int = 16,
-    inflections: Sequence[float] = (0.0, -1.0),
+    inflections: Sequence[float] = (0.0, -0.5, -1.0),
     prop_attn: bool | None = None,
 ) -> RChoice:
-    """`choose_r` for at most `target_gflops * (1 + tolerance)`: the schedule that
-    merges fewest tokens within that ceiling, so the closest from below.
+    """The schedule closest to `target_gflops` from below `target_gflops * (1 + tolerance)`.
 
-    The result can still fall below `target_gflops * (1 - tolerance)` when one more
-    merged token per layer costs more than the window (check `choice.gflops`).
-    For comparing methods at one FLOPs budget: each method's `r` is its own knob.
+    For comparing methods at one FLOPs budget, each method's `r` being its own knob.
+    `choose_r`'s bisection runs once per schedule shape; of the shapes' picks the
+    one with the most GFLOPs wins (not the fewest merged tokens, as in `choose_r`:
+    a decreasing schedule removes more FLOPs per merged token than a constant
+    one). The result can still fall below `target_gflops * (1 - tolerance)` where
+    one more token per layer costs more than the window (check `choice.gflops`).
+
+    Raises:
+      ValueError: a bad tolerance, or a target that no shape reaches.
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    return choose_r(
-        model,
-        variables,
-        target_gflops=target_gflops * (1 + tolerance),
-        batch_size=batch_size,
-        inflections=inflections,
-        prop_attn=prop_attn,
-    )
+    choices, misses = [], []
+    for inflection in inflections:
+        try:
+            choices.append(choose_r(
+                model, variables, target_gflops=target_gflops * (1 + tolerance), batch_size=batch_size,
+                inflections=(inflection,), prop_attn=prop_attn,
+            ))  # fmt: skip
+        except ValueError as error:
+            misses.append(str(error))
+    if not choices:
+        raise ValueError("; ".join(misses))
+    return max(choices, key=lambda choice: choice.gflops)
 
 
 def config_targets(
