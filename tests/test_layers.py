@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tome_jax"
 # Lower layers never import higher ones. Within a layer, imports are allowed but
 # must not form a cycle (checked below over the whole package).
 LAYERS = {
-    "algorithm": ["tome_jax.merge", "tome_jax.schedules", "tome_jax.dtem", "tome_jax.attention"],
+    "algorithm": ["tome_jax.merge", "tome_jax.schedules", "tome_jax.dtem", "tome_jax.attention", "tome_jax.reduce"],
     "model": ["tome_jax.vit", "tome_jax.features", "tome_jax.torch_tome"],
     "conversion": ["tome_jax.convert"],
     "data": ["tome_jax.data"],

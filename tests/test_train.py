@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from tome_jax import checkpoints, evaluate, train_lib
+from tome_jax import checkpoints, evaluate, reduce, train_lib
+from tome_jax.configs import train_mctf_cifar10
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = tiny_train_config.TINY
@@ -201,3 +202,26 @@ def test_sigterm_saves_the_step_it_was_at_exits_at_once_and_resumes(small_cifar,
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0 and f"resumed from step {last_step}" in out, out
     assert sorted(losses(workdir)) == list(range(1, last_step + 3))
+
+
+def test_train_config_selects_the_reduction_method():
+    config = tiny_train_config.get_config()
+    assert config.method == "tome" and "mctf" in config and "diffrate" in config
+    config.method, config.mctf.tau_info = "mctf", 10.0
+    model, *_ = train_lib.build_model_and_optimizer(config, total_steps=2)
+    assert model.reduction == reduce.MCTF(tau_info=10.0)
+
+
+@pytest.mark.slow
+def test_mctf_recipe_trains_a_few_steps(small_cifar, tmp_path):
+    recipe = train_mctf_cifar10.get_config()
+    config = tiny_config(f"folder:{small_cifar}", num_steps=3, eval_every=3, eval_limit=16, train_limit=48)
+    for key in ("method", "mctf", "rand_augment_layers", "random_erasing", "weight_decay", "grad_clip"):
+        config[key] = recipe[key]
+    config.model_overrides["drop_path_rate"] = recipe.model_overrides.drop_path_rate
+    config.r, config.eval_r = "[0, 4]", "[0, 4]"
+    result = train_lib.train_and_evaluate(config, str(tmp_path))
+    assert 0 <= result["top1"] <= 100
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert len(losses) == 3 and np.all(np.isfinite(losses))

@@ -99,10 +99,67 @@ def proportional_attention(
     return _head_major_attention(*head_major, bias).transpose(0, 2, 1, 3)
 
 
+def attention_weights(query: jax.Array, key: jax.Array, size: jax.Array | None = None) -> jax.Array:
+    """`softmax(q k^T / sqrt(d) + log size_key)`, materialised: [batch, heads, tokens, tokens].
+
+    For the token-reduction methods that read the attention map (EViT's and
+    DiffRate's class attention, MCTF's informativeness and one-step-ahead
+    attention); plain attention never builds it (see `proportional_attention`).
+
+    Args:
+      query, key: [batch, tokens, heads, head_dim].
+      size: [batch, tokens] or None.
+    """
+    scaled = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", scaled, key, preferred_element_type=jnp.float32)
+    if size is not None:
+        logits = logits + size_bias(size)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def attend(weights: jax.Array, value: jax.Array) -> jax.Array:
+    """[batch, heads, tokens, tokens] weights, [batch, tokens, heads, head_dim] values -> like values."""
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(value.dtype), value, preferred_element_type=jnp.float32)
+    return out.astype(value.dtype)
+
+
+class FusedQKV(nn.Module):
+    """timm's fused `qkv` projection (an `nn.Dense`'s parameters), computing only the parts asked for.
+
+    Plain attention takes all three in one matmul; a reduction step that needs
+    only the attention map skips the values, and one that brings its own
+    attention map (MCTF's one-step-ahead attention) projects only the values.
+    XLA does not narrow a matmul whose output is sliced, so the parts are
+    separate products of the kernel's columns.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, parts: str = "qkv") -> jax.Array:
+        """x: [batch, tokens, dim] -> [batch, tokens, len(parts) * features / 3], parts in "qkv" order."""
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if parts != "qkv":
+            width = self.features // 3
+            columns = [slice("qkv".index(p) * width, ("qkv".index(p) + 1) * width) for p in parts]
+            kernel = jnp.concatenate([kernel[:, c] for c in columns], axis=1)
+            bias = None if bias is None else jnp.concatenate([bias[c] for c in columns])
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + bias
+
+
 class Attention(nn.Module):
     """timm-layout attention (one fused `qkv` projection, then `proj`).
 
-    Returns the attention output and the merge metric, the keys' mean over heads.
+    Returns the attention output and the merge metric, the keys' mean over heads,
+    and on request the attention weights.
     """
 
     num_heads: int
@@ -115,25 +172,50 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, size: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array]:
+        self,
+        x: jax.Array,
+        size: jax.Array | None = None,
+        *,
+        weights: jax.Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[jax.Array, ...]:
         """x: [batch, tokens, dim]; size: [batch, tokens] or None.
 
-        Returns ([batch, tokens, dim], metric [batch, tokens, head_dim]).
+        Args:
+          weights: [batch, heads, tokens, tokens] attention weights to use instead
+            of computing them (MCTF's one-step-ahead attention): only the values
+            are projected, and the metric is None.
+          return_weights: also return the attention weights (materialised; the
+            output is then computed from them, whatever `implementation`).
+
+        Returns ([batch, tokens, dim], metric [batch, tokens, head_dim] or None),
+        and the weights [batch, heads, tokens, tokens] when `return_weights`.
         """
         batch, tokens, dim = x.shape
         if dim % self.num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {self.num_heads}")
         head_dim = dim // self.num_heads
-        dense = lambda features, name, bias=True: nn.Dense(  # noqa: E731
-            features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        qkv = FusedQKV(3 * dim, self.qkv_bias, self.dtype, self.param_dtype, name="qkv")
+        heads = lambda t: t.reshape(batch, tokens, -1, self.num_heads, head_dim)  # noqa: E731
+        norm = lambda name, t: (  # noqa: E731
+            layer_norm(name, self.dtype, self.param_dtype, self.norm_eps)(t) if self.qk_norm else t
         )
-        qkv = dense(3 * dim, "qkv", self.qkv_bias)(x)
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.qk_norm:
-            query = layer_norm("q_norm", self.dtype, self.param_dtype, self.norm_eps)(query)
-            key = layer_norm("k_norm", self.dtype, self.param_dtype, self.norm_eps)(key)
-        out = proportional_attention(query, key, value, size, implementation=self.implementation)
-        out = dense(dim, "proj")(out.reshape(batch, tokens, dim))
-        return out, key.mean(axis=2)
+        metric = None
+        if weights is not None:
+            out = attend(weights, heads(qkv(x, "v"))[:, :, 0])
+        elif return_weights:
+            # The values apart: a step that reads only the map leaves them unused, for XLA to drop.
+            query_key, value = heads(qkv(x, "qk")), heads(qkv(x, "v"))[:, :, 0]
+            query, key = norm("q_norm", query_key[:, :, 0]), norm("k_norm", query_key[:, :, 1])
+            weights = attention_weights(query, key, size)
+            out, metric = attend(weights, value), key.mean(axis=2)
+        else:
+            qkv_heads = heads(qkv(x))
+            query, key, value = qkv_heads[:, :, 0], qkv_heads[:, :, 1], qkv_heads[:, :, 2]
+            query, key = norm("q_norm", query), norm("k_norm", key)
+            out = proportional_attention(query, key, value, size, implementation=self.implementation)
+            metric = key.mean(axis=2)
+        out = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(
+            out.reshape(batch, tokens, dim)
+        )
+        return (out, metric, weights) if return_weights else (out, metric)

@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import pathlib
 import platform
 import statistics
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tome_jax import attention, budget, measure, merge, report, schedules, vit
+from tome_jax import attention, budget, measure, merge, reduce, report, schedules, vit
 from tome_jax.convert import from_timm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -185,15 +186,21 @@ def r_values_for(model, variables, config, batch: int, images) -> tuple[dict, di
     return r_values, targets
 
 
-def keep_first_tokens(x, size, metric, r, *, num_prefix_tokens):
-    """A `vit.TokenReduction` with a merge's shapes and none of its work: the first
+@dataclasses.dataclass(frozen=True)
+class KeepFirstTokens(reduce.Reduction):
+    """A reduction with a merge's shapes and none of its work: the first
     `tokens - r` tokens stay. Timed beside the merging model, it gives the merge's share."""
-    return x[:, : x.shape[1] - r], size[:, : x.shape[1] - r], None
+
+    tracks_sources: ClassVar[bool] = False
+
+    def __call__(self, step: reduce.Step) -> reduce.Reduced:
+        kept = step.x.shape[1] - step.r
+        return reduce.Reduced(step.x[:, :kept], step.size[:, :kept], None)
 
 
 def tome_jax_calls(model, variables, r_values: dict, images) -> tuple[dict, dict]:
     """Timed calls of tome_jax at each r, and of the sliced model where r merges; {label: costs}."""
-    sliced = model.clone(reduction=keep_first_tokens)
+    sliced = model.clone(reduction=KeepFirstTokens())
     calls, costs = {}, {}
     for label, r in r_values.items():
         predict, cost = measure.compile_predict(model, r, variables, images[0])

@@ -41,7 +41,7 @@ class RChoice(NamedTuple):
 
 
 def gflops_per_image(
-    model: ViT, variables, r: schedules.RSpec, *, batch_size: int = 1, prop_attn: bool = True
+    model: ViT, variables, r: schedules.RSpec, *, batch_size: int = 1, prop_attn: bool | None = None
 ) -> float:
     """XLA's FLOP count of one forward, per image, without compiling.
 
@@ -95,7 +95,7 @@ def choose_r(
     inflections: Sequence[float] = (0.0, -1.0),
     images: Sequence[jax.Array] | None = None,
     timing_runs: int = 5,
-    prop_attn: bool = True,
+    prop_attn: bool | None = None,
 ) -> RChoice:
     """The schedule with the fewest merged tokens that meets one target.
 
@@ -161,6 +161,44 @@ def choose_r(
     return min(choices, key=lambda choice: choice.merged_tokens)
 
 
+def choose_r_near_gflops(
+    model: ViT,
+    variables,
+    target_gflops: float,
+    *,
+    tolerance: float = 0.03,
+    batch_size: int = 16,
+    inflections: Sequence[float] = (0.0, -0.5, -1.0),
+    prop_attn: bool | None = None,
+) -> RChoice:
+    """The schedule closest to `target_gflops` from below `target_gflops * (1 + tolerance)`.
+
+    For comparing methods at one FLOPs budget, each method's `r` being its own knob.
+    `choose_r`'s bisection runs once per schedule shape; of the shapes' picks the
+    one with the most GFLOPs wins (not the fewest merged tokens, as in `choose_r`:
+    a decreasing schedule removes more FLOPs per merged token than a constant
+    one). The result can still fall below `target_gflops * (1 - tolerance)` where
+    one more token per layer costs more than the window (check `choice.gflops`).
+
+    Raises:
+      ValueError: a bad tolerance, or a target that no shape reaches.
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    choices, misses = [], []
+    for inflection in inflections:
+        try:
+            choices.append(choose_r(
+                model, variables, target_gflops=target_gflops * (1 + tolerance), batch_size=batch_size,
+                inflections=(inflection,), prop_attn=prop_attn,
+            ))  # fmt: skip
+        except ValueError as error:
+            misses.append(str(error))
+    if not choices:
+        raise ValueError("; ".join(misses))
+    return max(choices, key=lambda choice: choice.gflops)
+
+
 def config_targets(
     model: ViT, variables, config, *, batch_size: int, images: Sequence[jax.Array] | None = None
 ) -> list[tuple[schedules.RSpec, str]]:
@@ -170,6 +208,9 @@ def config_targets(
     for key in ("target_gflops", "target_speedup"):
         target = config.get(key)
         if target is not None:
-            choice = choose_r(model, variables, batch_size=batch_size, images=images, **{key: target})
+            choice = choose_r(
+                model, variables, batch_size=batch_size, images=images,
+                prop_attn=config.get("prop_attn"), **{key: target},
+            )
             chosen.append((choice.r, f"{key}={target}"))
     return chosen

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from flax import traverse_util
 
-from tome_jax import budget, data, report, schedules
+from tome_jax import budget, data, reduce, report, schedules
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import from_timm, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
@@ -74,7 +74,7 @@ def sweep(
     make_batches: Callable[[], Iterable[dict[str, np.ndarray]]],
     *,
     timing_images: Sequence[jax.Array],
-    prop_attn: bool = True,
+    prop_attn: bool | None = None,
     runs: int = 5,
     num_batches: int | None = None,
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -157,18 +157,18 @@ def load_model(config) -> tuple[ViT, Any, str]:
     `config.pretrained`: load `config.model` (timm name or checkpoint file) through
     `from_timm`; else build the registry architecture of that name and return None
     parameters, to be initialised by Flax (no torch or timm needed).
-    Optional keys: `method` ("tome", or "dtem" for DTEM metric layers),
-    `metric_layers` (a file of DTEM metric layers to add), `params_from` (a
-    train.py workdir whose checkpoint replaces the parameters) and `params_step`
-    ("best", "latest" or a step).
+    Optional keys: `method` ("tome"; "dtem" for DTEM metric layers; or another
+    `tome_jax.reduce.METHODS` name, whose settings are `config[method]`, see
+    `reduction_from_config`), `metric_layers` (a file of DTEM metric layers to
+    add), `params_from` (a train.py workdir whose checkpoint replaces the
+    parameters) and `params_step` ("best", "latest" or a step).
     """
     source = resolve_source(config.model)
     overrides = dict(config.model_overrides)
-    method = config.get("method", "tome")
-    if method not in ("tome", "dtem"):
-        raise ValueError(f"config.method must be 'tome' or 'dtem', got {method!r}")
-    if method == "dtem":
+    if config.get("method", "tome") == "dtem":
         overrides["dtem"] = True
+    else:
+        overrides["reduction"] = reduction_from_config(config)
     if not config.pretrained:
         model, params = create_model(source, **overrides), None
     else:
@@ -178,6 +178,18 @@ def load_model(config) -> tuple[ViT, Any, str]:
     if config.get("params_from"):
         params = trained_params(config.params_from, config.get("params_step", "best"), model)
     return model, params, source
+
+
+def reduction_from_config(config, method: str | None = None) -> reduce.Reduction:
+    """The token-reduction method `method` names (default `config.method`, else "tome").
+
+    Its settings come from `config[method]` when the config has that entry
+    (e.g. `--config.pitome.margin=0.5`); settings it leaves out keep the
+    method's defaults.
+    """
+    method = method or config.get("method", "tome")
+    settings = config.get(method) if method in reduce.METHODS else None
+    return reduce.create(method, **(settings.to_dict() if settings is not None else {}))
 
 
 def trained_params(workdir: str, step, model: ViT):
@@ -232,17 +244,22 @@ def check_num_classes(model: ViT, dataset, name: str) -> None:
         )
 
 
-def run(config) -> list[dict[str, Any]]:
-    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir
-    (after every row, so a failure keeps the finished ones).
+class _Setup(NamedTuple):
+    """What a run evaluates on: the model and variables, the data and its description."""
 
-    On several processes (`maybe_initialize_distributed`) each evaluates its share
-    of the split on its own devices in batches of `batch_size`; top-1 and top-5
-    count every example once, images/s and GFLOPs are each process's own, and
-    process 0 prints and writes the results.
-    """
-    # Mistakes in r or the batch size fail here, before anything loads.
-    r_values = schedules.parse_r_values(config.r)
+    model: ViT
+    variables: Any
+    make_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+    timing_images: list[jax.Array]
+    num_batches: int
+    meta: dict[str, Any]
+    skipped: data.SkippedExamples
+    is_main: bool
+
+
+def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
+    """Loads the model and its data; each of `r_values` is checked against the model
+    (and described) before any data loads."""
     data.check_batch_size(config.batch_size)
     maybe_initialize_distributed(config)
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -262,7 +279,6 @@ def run(config) -> list[dict[str, Any]]:
     if count == 0:
         raise ValueError(f"split {config.split!r} of {config.dataset} has no examples")
     per_process = -(-count // process_count)
-    num_batches = -(-per_process // config.batch_size)
     skipped = data.SkippedExamples()
 
     def make_batches():
@@ -274,15 +290,6 @@ def run(config) -> list[dict[str, Any]]:
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
     if params is None:
         params = jax.jit(model.init)(jax.random.key(0), timing_images[0][:1])["params"]
-    variables = jax.device_put({"params": params})
-    for r, target in budget.config_targets(
-        model, variables, config, batch_size=config.batch_size, images=timing_images
-    ):
-        # A speed-up target is measured on each process: all take process 0's choice.
-        r = schedules.parse_r_value(text_of_process_zero(schedules.r_label(r)))
-        if is_main:
-            print(f"{target}: {schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens)}")
-        r_values.append(r)
     meta = {
         "model": config.model,
         "dataset": config.dataset,
@@ -294,20 +301,118 @@ def run(config) -> list[dict[str, Any]]:
         "title": f"{pathlib.Path(config.model).name} on {config.dataset}/{config.split} ({count} images)",
         "skipped": skipped.names,  # undecodable images, counted out of every row
     }
+    num_batches = -(-per_process // config.batch_size)
+    variables = jax.device_put({"params": params})
+    return _Setup(model, variables, make_batches, timing_images, num_batches, meta, skipped, is_main)
+
+
+def run(config) -> list[dict[str, Any]]:
+    """eval.py's job: load, sweep r, print the table, write JSON/CSV/PNG to the workdir
+    (after every row, so a failure keeps the finished ones).
+
+    On several processes (`maybe_initialize_distributed`) each evaluates its share
+    of the split on its own devices in batches of `batch_size`; top-1 and top-5
+    count every example once, images/s and GFLOPs are each process's own, and
+    process 0 prints and writes the results. A config with `methods` (see
+    configs/compare_methods.py) compares methods at equal FLOPs instead
+    (`compare_methods`).
+    """
+    if config.get("methods"):
+        return compare_methods(config)
+    # Mistakes in r fail here, before anything loads.
+    r_values = schedules.parse_r_values(config.r)
+    setup = _setup(config, r_values)
+    model = setup.model
+    for r, target in budget.config_targets(
+        model, setup.variables, config, batch_size=config.batch_size, images=setup.timing_images
+    ):
+        # A speed-up target is measured on each process: all take process 0's choice.
+        r = schedules.parse_r_value(text_of_process_zero(schedules.r_label(r)))
+        if setup.is_main:
+            print(f"{target}: {schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens)}")
+        r_values.append(r)
     rows = sweep(
         model,
-        variables,
+        setup.variables,
         r_values,
-        make_batches,
-        timing_images=timing_images,
+        setup.make_batches,
+        timing_images=setup.timing_images,
         prop_attn=config.prop_attn,
         runs=config.timing_runs,
-        num_batches=num_batches,
-        on_row=lambda rows: report.write_results(rows, config.workdir, meta) if is_main else None,
+        num_batches=setup.num_batches,
+        on_row=lambda rows: report.write_results(rows, config.workdir, setup.meta) if setup.is_main else None,
     )
-    if is_main:
+    if setup.is_main:
         print(report.format_table(rows))
-        if skipped.names:
-            print(f"skipped {len(skipped.names)} undecodable image(s), counted out: {', '.join(skipped.names)}")
+        if setup.skipped.names:
+            names = setup.skipped.names
+            print(f"skipped {len(names)} undecodable image(s), counted out: {', '.join(names)}")
         print(f"wrote {config.workdir}/sweep.json, sweep.csv, sweep.png")
+    return rows
+
+
+COMPARE_COLUMNS = ("method", "budget", "budget_gflops", "r", "top1", "top5", "gflops", "vs_budget", "images_per_s")
+
+
+def compare_methods(config) -> list[dict[str, Any]]:
+    """Every method of `config.methods` at the FLOPs budgets of `config.budget_method`
+    at each `config.budget_r`: one row per method and budget.
+
+    A budget is the GFLOPs per image of the budget method at that `r`. Each other
+    method gets its own `r`, the schedule `budget.choose_r_near_gflops` picks
+    within `config.budget_tolerance` (a share) of the budget; the budget method
+    keeps the budget's `r`. Writes compare_methods.json/.csv and a plot of top-1
+    against GFLOPs, a line per method, to the workdir.
+    """
+    names = [name.strip() for name in config.methods.split(",") if name.strip()]
+    unknown = [name for name in names if name not in reduce.METHODS]
+    if unknown:
+        raise ValueError(
+            f"config.methods names {', '.join(unknown)}; known: {', '.join(reduce.METHODS)} "
+            "(DTEM needs its trained metric layers: compare it with eval.py --config.method=dtem)"
+        )
+    setup = _setup(config)
+    prop_attn, batch = config.prop_attn, config.batch_size  # FLOPs counted at the eval batch
+    reference = setup.model.clone(reduction=reduction_from_config(config, config.budget_method))
+    budgets = [
+        (r, budget.gflops_per_image(reference, setup.variables, r, batch_size=batch, prop_attn=prop_attn))
+        for r in schedules.parse_r_values(config.budget_r)
+    ]
+    rows = []
+    for name in tqdm(names, desc="methods", unit="method"):
+        model = setup.model.clone(reduction=reduction_from_config(config, name))
+        chosen = []  # per budget: its label and GFLOPs, the r chosen (None: out of reach) and its GFLOPs
+        for budget_r, gflops in budgets:
+            label = f"{config.budget_method} r={schedules.r_label(budget_r)}"
+            choice = (budget_r, gflops) if model.reduction == reference.reduction else None
+            if choice is None:
+                try:
+                    picked = budget.choose_r_near_gflops(
+                        model, setup.variables, gflops, tolerance=config.budget_tolerance,
+                        batch_size=batch, prop_attn=prop_attn,
+                    )
+                    choice = (picked.r, picked.gflops)
+                except ValueError as error:  # even the most reducing schedule costs more
+                    print(f"{name} at {label}: {error}")
+            chosen.append((label, gflops, choice))
+        swept = iter(sweep(
+            model,
+            setup.variables,
+            [choice[0] for _, _, choice in chosen if choice is not None],
+            setup.make_batches,
+            timing_images=setup.timing_images,
+            prop_attn=prop_attn,
+            runs=config.timing_runs,
+            num_batches=setup.num_batches,
+        ))  # fmt: skip
+        for label, gflops, choice in chosen:
+            row = {"method": name, "budget": label, "budget_gflops": gflops}
+            if choice is None:
+                rows.append({**row, "r": "out of reach"})
+                continue
+            # Against the count the bisection used (the sweep's own is of the compiled program).
+            rows.append({**row, "vs_budget": f"{choice[1] / gflops - 1:+.1%}", **next(swept)})
+    print(report.format_table(rows, COMPARE_COLUMNS))
+    report.write_results(rows, config.workdir, setup.meta, stem="compare_methods", plot=report.plot_by_method)
+    print(f"wrote {config.workdir}/compare_methods.json, compare_methods.csv, compare_methods.png")
     return rows

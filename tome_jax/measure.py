@@ -20,7 +20,7 @@ PredictFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def compile_predict(
-    model: ViT, r: schedules.RSpec, variables, images: jax.Array, *, prop_attn: bool = True
+    model: ViT, r: schedules.RSpec, variables, images: jax.Array, *, prop_attn: bool | None = None
 ) -> tuple[PredictFn, dict[str, float]]:
     """Compiles `(variables, images) -> logits` at a fixed `r` for `images`' shape.
 

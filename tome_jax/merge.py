@@ -26,7 +26,8 @@ class MergePlan(NamedTuple):
     """Where every token goes in one merge step (a pytree of int32 arrays).
 
     Attributes:
-      dest: [batch, tokens_in] the output slot each input token ends up in.
+      dest: [batch, tokens_in] the output slot each input token ends up in, or
+        `DROPPED` for a token the step removes without merging it (pruning).
       kept: [batch, tokens_out] the input token each output slot starts from.
       merged: [batch, r] the input tokens added into another token's slot.
     """
@@ -44,13 +45,17 @@ class MergePlan(NamedTuple):
         return self.kept.shape[-1]
 
 
+# `MergePlan.dest` of a pruned token, and the source of a patch no token holds any more.
+DROPPED = -1
+
+
 def max_r(tokens: int, protected: int = 0) -> int:
     """The most tokens one bipartite step can remove: half the unprotected ones."""
     return max(tokens - protected, 0) // 2
 
 
-def clamp_r(r: int, tokens: int, protected: int = 0) -> int:
-    """Validates `r` and clamps it to `max_r(tokens, protected)`, at trace time.
+def clamp_r(r: int, tokens: int, protected: int = 0, most: int | None = None) -> int:
+    """Validates `r` and clamps it to `most` (default `max_r(tokens, protected)`), at trace time.
 
     Clamping rather than failing is the official behaviour: a schedule written for
     a long sequence keeps working on a short one, merging as much as it can.
@@ -59,7 +64,7 @@ def clamp_r(r: int, tokens: int, protected: int = 0) -> int:
         raise TypeError(f"r must be a Python int, got {r!r} ({type(r).__name__})")
     if r < 0:
         raise ValueError(f"r must be >= 0, got {r}")
-    return min(int(r), max_r(tokens, protected))
+    return min(int(r), max_r(tokens, protected) if most is None else most)
 
 
 def identity_plan(batch: int, tokens: int) -> MergePlan:
@@ -98,7 +103,7 @@ def _plan_from_kept(kept, merged, merged_into, tokens):
     return MergePlan(dest=dest, kept=kept.astype(jnp.int32), merged=merged.astype(jnp.int32))
 
 
-def _descending_rank(score: jax.Array) -> jax.Array:
+def descending_rank(score: jax.Array) -> jax.Array:
     """[batch, n] -> [batch, n] int32: each entry's place in a stable descending sort.
 
     Counted (the entries ahead: higher, or equal and earlier) rather than sorted,
@@ -114,19 +119,47 @@ def _descending_rank(score: jax.Array) -> jax.Array:
     return jnp.sum(ahead, axis=1, dtype=jnp.int32)
 
 
-def _count_before(mask: jax.Array) -> jax.Array:
+def count_before(mask: jax.Array) -> jax.Array:
     """[batch, n] bool -> [batch, n] int32: the True entries before each one."""
     n = mask.shape[-1]
     earlier = np.arange(n)[:, None] < np.arange(n)[None, :]
     return jnp.sum(mask[:, :, None] & earlier, axis=1, dtype=jnp.int32)
 
 
-def _position_of(values: jax.Array, targets: jax.Array) -> jax.Array:
+def position_of(values: jax.Array, targets: jax.Array) -> jax.Array:
     """[batch, n] values, [m] targets each present once per row -> [batch, m] positions."""
     return jnp.argmax(values[:, None, :] == targets[:, None], axis=-1).astype(jnp.int32)
 
 
-def _interleave(even: jax.Array, odd: jax.Array, tokens: int) -> jax.Array:
+def plan_from_dest(dest: jax.Array, tokens_out: int, num_merged: int) -> MergePlan:
+    """The plan of a step given where each input token goes.
+
+    For steps whose matching is easier said as destinations (pruning, fusing,
+    PiToMe's and MCTF's matchings): each output slot starts from its first input
+    token; every later token of the slot is merged into it.
+
+    Args:
+      dest: [batch, tokens_in] the output slot of each input token, or `DROPPED`;
+        every slot in [0, tokens_out) must hold at least one token.
+      tokens_out: output slots, a static int.
+      num_merged: tokens that join another's slot (tokens_in - dropped -
+        tokens_out), a static int.
+    """
+    dest = dest.astype(jnp.int32)
+    tokens_in = dest.shape[-1]
+    earlier = np.arange(tokens_in)[:, None] < np.arange(tokens_in)[None, :]
+    joins_earlier = jnp.any((dest[:, :, None] == dest[:, None, :]) & earlier, axis=1)
+    is_merged = (dest != DROPPED) & joins_earlier
+    slot_starts = jnp.argmax(dest[:, None, :] == jnp.arange(tokens_out, dtype=jnp.int32)[:, None], axis=-1)
+    merged_order = jnp.where(is_merged, count_before(is_merged), -1)
+    return MergePlan(
+        dest=dest,
+        kept=slot_starts.astype(jnp.int32),
+        merged=position_of(merged_order, jnp.arange(num_merged, dtype=jnp.int32)),
+    )
+
+
+def interleave(even: jax.Array, odd: jax.Array, tokens: int) -> jax.Array:
     """[batch, ceil(tokens / 2)] at even positions, [batch, tokens // 2] at odd -> [batch, tokens]."""
     odd = jnp.pad(odd, ((0, 0), (0, even.shape[1] - odd.shape[1])))
     return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], -1)[:, :tokens]
@@ -174,24 +207,24 @@ def bipartite_soft_merge(metric: jax.Array, r: int, *, num_prefix_tokens: int = 
     prefix_a, prefix_b = (prefix + 1) // 2, prefix // 2  # prefix tokens at 0, 2, .. and 1, 3, ..
     scores = jnp.where((a[:, None] < prefix_a) | (b[None, :] < prefix_b), -jnp.inf, scores)
     best_partner = scores.argmax(axis=-1).astype(jnp.int32)  # [batch, num_a]
-    rank = _descending_rank(scores.max(axis=-1))  # prefix rows (-inf) rank last
+    rank = descending_rank(scores.max(axis=-1))  # prefix rows (-inf) rank last
     is_merged = rank < r
 
     # Slots: prefix tokens where they are, the kept A tokens, then the other B tokens.
     kept_a = num_a - prefix_a - r
     b_slot = jnp.where(b < prefix_b, 2 * b + 1, prefix + kept_a + b - prefix_b)
     if prefix:  # kept A tokens in sequence order
-        a_slot = prefix + a - prefix_a - _count_before(is_merged)
+        a_slot = prefix + a - prefix_a - count_before(is_merged)
     else:  # by score
         a_slot = rank - r
     a_slot = jnp.where(a < prefix_a, 2 * a, a_slot)
     dest_a = jnp.where(is_merged, b_slot[best_partner], a_slot)
     dest_b = jnp.broadcast_to(b_slot, (batch, num_b))
-    owner = _interleave(jnp.where(is_merged, -1, dest_a), dest_b, tokens)  # -1: merged away
+    owner = interleave(jnp.where(is_merged, -1, dest_a), dest_b, tokens)  # -1: merged away
     return MergePlan(
-        dest=_interleave(dest_a, dest_b, tokens),
-        kept=_position_of(owner, jnp.arange(tokens - r, dtype=jnp.int32)),
-        merged=2 * _position_of(rank, jnp.arange(r, dtype=jnp.int32)),
+        dest=interleave(dest_a, dest_b, tokens),
+        kept=position_of(owner, jnp.arange(tokens - r, dtype=jnp.int32)),
+        merged=2 * position_of(rank, jnp.arange(r, dtype=jnp.int32)),
     )
 
 
@@ -317,9 +350,11 @@ def _segment_sum(plan: MergePlan, x: jax.Array) -> jax.Array:
     """One `segment_sum` over the batch's tokens, segment `b * tokens_out + dest`."""
     batch, tokens_in = plan.dest.shape
     offsets = plan.tokens_out * jnp.arange(batch, dtype=plan.dest.dtype)[:, None]
+    # A dropped token's segment is out of range, which segment_sum leaves out.
+    segments = jnp.where(plan.dest == DROPPED, batch * plan.tokens_out, plan.dest + offsets)
     summed = jax.ops.segment_sum(
         x.reshape(batch * tokens_in, *x.shape[2:]),
-        (plan.dest + offsets).reshape(-1),
+        segments.reshape(-1),
         num_segments=batch * plan.tokens_out,
     )
     return summed.reshape(batch, plan.tokens_out, *x.shape[2:])
@@ -364,6 +399,42 @@ def merge_sum(plan: MergePlan, x: jax.Array, *, implementation: str | None = Non
     return _MERGE_SUMS[implementation](plan, x)
 
 
+def merge_max(plan: MergePlan, x: jax.Array) -> jax.Array:
+    """The largest value among the tokens sharing a slot (elementwise).
+
+    Args:
+      x: [batch, tokens_in, ...]. Returns [batch, tokens_out, ...].
+    """
+    kept = gather_tokens(x, plan.kept)
+    if plan.merged.shape[-1] == 0:
+        return kept
+    slots = jnp.take_along_axis(plan.dest, plan.merged, axis=1)
+    moved = gather_tokens(x, plan.merged)
+    return jax.vmap(lambda k, s, m: k.at[s].max(m))(kept, slots, moved)
+
+
+def merge_mean(
+    plan: MergePlan, x: jax.Array, weight: jax.Array, *, implementation: str | None = None
+) -> jax.Array:
+    """Weighted average of the tokens sharing a slot, `sum(w x) / sum(w)`.
+
+    Args:
+      x: [batch, tokens_in, channels].
+      weight: [batch, tokens_in] each token's weight (its size in ToMe).
+      implementation: how the sums are taken, see `merge_sum`.
+
+    Returns:
+      [batch, tokens_out, channels] in x's dtype (accumulated in float32). A slot
+      of zero total weight (only after a soft merge faded a token) is zero.
+    """
+    if plan.merged.shape[-1] == 0:
+        return gather_tokens(x, plan.kept)
+    weight = weight.astype(jnp.float32)
+    total = merge_sum(plan, x.astype(jnp.float32) * weight[..., None], implementation=implementation)
+    norm = merge_sum(plan, weight, implementation=implementation)
+    return (total / jnp.where(norm > 0, norm, 1.0)[..., None]).astype(x.dtype)
+
+
 def merge_wavg(
     plan: MergePlan,
     x: jax.Array,
@@ -383,16 +454,9 @@ def merge_wavg(
       size: [batch, tokens_out] float32.
     """
     implementation = _check_merge_implementation(implementation)
-    if size is None:
-        size = jnp.ones(x.shape[:2], jnp.float32)
-    if plan.merged.shape[-1] == 0:
-        return gather_tokens(x, plan.kept), gather_tokens(size, plan.kept)
-    size = size.astype(jnp.float32)
-    total = merge_sum(plan, x.astype(jnp.float32) * size[..., None], implementation=implementation)
-    size = merge_sum(plan, size, implementation=implementation)
-    # A zero-size slot (only possible after a soft merge faded a token) stays zero.
-    merged_x = total / jnp.where(size > 0, size, 1.0)[..., None]
-    return merged_x.astype(x.dtype), size
+    size = jnp.ones(x.shape[:2], jnp.float32) if size is None else size.astype(jnp.float32)
+    merged_x = merge_mean(plan, x, size, implementation=implementation)
+    return merged_x, merge_sum(plan, size, implementation=implementation)
 
 
 def unmerge(plan: MergePlan, x: jax.Array) -> jax.Array:
@@ -402,9 +466,12 @@ def unmerge(plan: MergePlan, x: jax.Array) -> jax.Array:
       x: [batch, tokens_out, ...] outputs of the merged sequence.
 
     Returns:
-      [batch, tokens_in, ...] in the order the plan's input had.
+      [batch, tokens_in, ...] in the order the plan's input had; a pruned
+      token's position is zero.
     """
-    return gather_tokens(x, plan.dest)
+    copied = gather_tokens(x, jnp.maximum(plan.dest, 0))
+    dropped = (plan.dest == DROPPED).reshape(*plan.dest.shape, *(1,) * (x.ndim - 2))
+    return jnp.where(dropped, jnp.zeros((), x.dtype), copied)
 
 
 def initial_source(batch: int, tokens: int) -> jax.Array:
@@ -420,18 +487,21 @@ def merge_source(plan: MergePlan, source: jax.Array) -> jax.Array:
     patch says the same in [batch, patches] (see `source_matrix`).
 
     Args:
-      source: [batch, patches] the current token holding each original token.
+      source: [batch, patches] the current token holding each original token, or
+        `DROPPED` for one pruned earlier.
 
     Returns:
-      [batch, patches] the token holding each original token after `plan`.
+      [batch, patches] the token holding each original token after `plan`
+      (`DROPPED` for the pruned ones).
     """
-    return jnp.take_along_axis(plan.dest, source, axis=1)
+    followed = jnp.take_along_axis(plan.dest, jnp.maximum(source, 0), axis=1)
+    return jnp.where(source == DROPPED, DROPPED, followed)
 
 
 def source_matrix(source: jax.Array, tokens: int) -> jax.Array:
     """[batch, patches] token indices -> [batch, tokens, patches] bool membership.
 
     Row `j` marks the original tokens that current token `j` holds, as in the
-    official `merge_source`.
+    official `merge_source`; a pruned patch is in no row.
     """
     return jnp.arange(tokens)[None, :, None] == source[:, None, :]

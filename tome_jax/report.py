@@ -7,7 +7,7 @@ import csv
 import json
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 COLUMNS = ("r", "top1", "top5", "images_per_s", "speedup", "gflops", "tokens_left", "compile_s")
@@ -29,22 +29,29 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMN
     return "\n".join(lines)
 
 
-def write_results(rows: Sequence[dict[str, Any]], out_dir: str | pathlib.Path, meta: dict) -> None:
-    """sweep.json (rows + meta), sweep.csv and sweep.png (top-1 vs images/s).
+def write_results(
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | pathlib.Path,
+    meta: dict,
+    *,
+    stem: str = "sweep",
+    plot: Callable[..., None] | None = None,
+) -> None:
+    """`stem`.json (rows + meta), `stem`.csv and `stem`.png (`plot`; default top-1 vs images/s).
 
     Each file is replaced whole (written aside, then renamed), so rewriting them
     after every row never leaves a half-written table behind.
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _replacing(out / "sweep.json") as path:
+    with _replacing(out / f"{stem}.json") as path:
         path.write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1))
-    with _replacing(out / "sweep.csv") as path, open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with _replacing(out / f"{stem}.csv") as path, open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
-    with _replacing(out / "sweep.png") as path:
-        plot_tradeoff(rows, path, title=meta.get("title", ""))
+    with _replacing(out / f"{stem}.png") as path:
+        (plot or plot_tradeoff)(rows, path, title=meta.get("title", ""))
 
 
 @contextlib.contextmanager
@@ -58,22 +65,47 @@ def _replacing(path: pathlib.Path):
         partial.unlink(missing_ok=True)
 
 
-def plot_tradeoff(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
+
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    xs = [row["images_per_s"] for row in rows]
-    ys = [100 * row["top1"] for row in rows]
-    ax.plot(xs, ys, "o", color="tab:blue")
-    for row, x, y in zip(rows, xs, ys):
-        ax.annotate(f"r={row['r']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("images / s")
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: pathlib.Path, title: str) -> None:
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
+    """Top-1 against images/s, a point per row labelled with its r."""
+    plt, fig, ax = _axes()
+    xs = [row["images_per_s"] for row in rows]
+    ys = [100 * row["top1"] for row in rows]
+    ax.plot(xs, ys, "o", color="tab:blue")
+    for row, x, y in zip(rows, xs, ys):
+        ax.annotate(f"r={row['r']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("images / s")
+    _save(plt, fig, ax, path, title)
+
+
+def plot_by_method(rows: Sequence[dict[str, Any]], path: pathlib.Path, title: str = "") -> None:
+    """Top-1 against GFLOPs per image, a line per `method` (rows without a top-1 left out)."""
+    plt, fig, ax = _axes()
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for method in methods:
+        points = sorted((row["gflops"], 100 * row["top1"]) for row in rows
+                        if row["method"] == method and row.get("top1") is not None)  # fmt: skip
+        if points:
+            ax.plot(*zip(*points), "o-", label=method)
+    ax.set_xlabel("GFLOPs per image")
+    ax.legend(fontsize=8)
+    _save(plt, fig, ax, path, title)

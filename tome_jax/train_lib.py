@@ -31,8 +31,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from tome_jax import data, evaluate, schedules
+from tome_jax import budget, data, evaluate, reduce, schedules
 from tome_jax.data import augment, mixing
+from tome_jax.reduce import diffrate
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import save_metric_layers
 from tome_jax.vit import ViT
@@ -197,7 +198,7 @@ def make_train_step(model: ViT, tx, schedule, config, mesh: Mesh, state_sharding
 
     def train_step(state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
-        mix_rng, dropout_rng = jax.random.split(step_rng)
+        mix_rng, dropout_rng, reduction_rng = jax.random.split(step_rng, 3)
         labels = batch["labels"]
         if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
             images, targets = mixing.mixup_cutmix(
@@ -214,12 +215,19 @@ def make_train_step(model: ViT, tx, schedule, config, mesh: Mesh, state_sharding
             targets = mixing.one_hot_smoothed(labels, num_classes, config.label_smoothing)
 
         def loss_fn(params):
-            logits = model.apply(
-                {"params": params}, images, r=r, train=True, rngs={"dropout": dropout_rng}
+            # The model may sow terms of its own objective in "losses" (DiffRate's
+            # FLOPs penalty) and figures to log in "metrics".
+            logits, sown = model.apply(
+                {"params": params}, images, r=r, train=True,
+                rngs={"dropout": dropout_rng, "reduction": reduction_rng}, mutable=["losses", "metrics"],
             )
-            return cross_entropy(logits, targets), logits
+            classification = cross_entropy(logits, targets)
+            loss = classification + sum(jax.tree_util.tree_leaves(sown.get("losses", {})))
+            return loss, (logits, classification, sown.get("metrics", {}))
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, classification, model_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -227,6 +235,8 @@ def make_train_step(model: ViT, tx, schedule, config, mesh: Mesh, state_sharding
             "accuracy": (logits.argmax(-1) == labels).mean(),
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step // config.grad_accum),
+            **({"classification_loss": classification} if model_metrics else {}),
+            **model_metrics,
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -557,7 +567,36 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         exit_now(143)
     if model.dtem and is_main:
         save_metric_layers(model, {"params": jax.device_get(state.params)}, workdir / "metric_layers.safetensors")
+    if isinstance(model.reduction, reduce.DiffRate) and model.reduction.searching and is_main:
+        save_diffrate_schedule(model, jax.device_get(state.params), workdir / "diffrate_schedule.json")
     return {**eval_metrics, **meta}
+
+
+def save_diffrate_schedule(model: ViT, params, path) -> dict[str, Any]:
+    """Writes the schedule a DiffRate search found (JSON), with its GFLOPs and the eval.py command.
+
+    `gflops` is the authors' count (`diffrate.schedule_flops`, the search's
+    target); `xla_gflops` is XLA's count of the hard model, as eval.py reports it.
+    """
+    method = model.reduction
+    found = diffrate.schedule_from_logits(
+        [params[f"blocks_{i}"]["diffrate_prune"] for i in range(model.depth)],
+        [params[f"blocks_{i}"]["diffrate_merge"] for i in range(model.depth)],
+        tokens=model.num_tokens,
+        granularity=method.granularity,
+        num_prefix_tokens=model.num_prefix_tokens,
+    )
+    hard = model.clone(reduction=reduce.DiffRate(prune=found.prune))
+    r, prune = str(list(found.r)), str(tuple(found.prune))
+    record = {
+        **found._asdict(),
+        "gflops": float(model.diffrate_gflops(found.prune_kept, found.merge_kept)),
+        "xla_gflops": budget.gflops_per_image(hard, {"params": params}, list(found.r)),
+        "eval": f'python eval.py --config.method=diffrate --config.r="{r}" --config.diffrate.prune="{prune}"',
+    }
+    pathlib.Path(path).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"DiffRate schedule: {record['gflops']:.4f} GFLOPs; {record['eval']}", flush=True)
+    return record
 
 
 def train_augment(config, size) -> augment.TrainAugment:

@@ -23,7 +23,10 @@ import jax
 import numpy as np
 from PIL import Image
 
-from tome_jax import features, schedules
+from tome_jax import features, merge, reduce, schedules
+
+# The fill of a pruned patch, which no token holds (white, as EViT's masked pictures).
+PRUNED_COLOUR = 1.0
 
 
 def as_float_image(image) -> np.ndarray:
@@ -44,7 +47,10 @@ def as_float_image(image) -> np.ndarray:
 
 
 def patch_groups(source, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> np.ndarray:
-    """[input_tokens] source of one image -> [gh, gw] the final token of each patch."""
+    """[input_tokens] source of one image -> [gh, gw] the final token of each patch.
+
+    A pruned patch (no final token holds it) is `merge.DROPPED` (-1).
+    """
     gh, gw = _check_grid_size(grid_size)
     source = np.asarray(source)
     if source.ndim != 1 or not np.issubdtype(source.dtype, np.integer):
@@ -57,8 +63,8 @@ def patch_groups(source, grid_size: tuple[int, int], num_prefix_tokens: int = 1)
             f"source has {source.shape[0]} tokens, but a {gh}x{gw} grid with "
             f"{num_prefix_tokens} prefix tokens needs {expected}"
         )
-    if source.min(initial=0) < 0:
-        raise ValueError("source holds negative token indices")
+    if source.min(initial=0) < merge.DROPPED:
+        raise ValueError(f"source holds token indices below {merge.DROPPED} (a pruned patch)")
     return source[num_prefix_tokens:].reshape(gh, gw)
 
 
@@ -137,7 +143,8 @@ def merge_visualization(
 
     Returns:
       [H, W, 3] float64 in [0, 1]: each group filled with the mean colour of its
-      pixels, its outline pixels in the group's colour.
+      pixels, its outline pixels in the group's colour; pruned patches in
+      `PRUNED_COLOUR`.
     """
     image = as_float_image(image)
     height, width, _ = image.shape
@@ -155,7 +162,8 @@ def merge_visualization(
         border_width = default_border_width(height, width)
     border = group_borders(labels, border_width)
     filled = mean_colours[group_of_pixel].reshape(height, width, 3)
-    return np.where(border[..., None], outline_colours[labels], filled)
+    drawn = np.where(border[..., None], outline_colours[labels], filled)
+    return np.where((labels == merge.DROPPED)[..., None], PRUNED_COLOUR, drawn)
 
 
 def merge_visualizations(
@@ -286,6 +294,7 @@ def visualize(
     """
     if model.num_frames is not None:
         raise ValueError("visualize draws image models; a video model's token groups span frames")
+    reduce.check_tracks_sources(model.reduction)
     r_values = [r] if isinstance(r, numbers.Integral) else list(r)
     display = np.stack([as_float_image(image) for image in display_images])
     if len(display) != len(images):

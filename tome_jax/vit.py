@@ -19,15 +19,16 @@ token sequence and merge it the same way.
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tome_jax import dtem, merge, schedules
+from tome_jax import dtem, merge, reduce, schedules
+from tome_jax.reduce import diffrate
 from tome_jax.attention import Attention, layer_norm, proportional_attention
 
 
@@ -38,22 +39,6 @@ class SoftMergeSettings(NamedTuple):
     tau1: float = 0.1
     tau2: float = 0.1
     drop_residue: bool = False
-
-
-# How a block removes its `r` tokens between attention and MLP:
-# `(x [batch, tokens, width], size [batch, tokens], metric [batch, tokens, channels],
-# r, *, num_prefix_tokens) -> (x, size, plan or None)`, `r` already clamped and > 0;
-# the first `num_prefix_tokens` tokens (class, distillation, registers) must stay
-# first, unmerged, in their order.
-# The plan (a `merge.MergePlan`) lets source tracking follow the tokens.
-TokenReduction = Callable[..., tuple[jax.Array, jax.Array, "merge.MergePlan | None"]]
-
-
-def tome_reduction(x, size, metric, r: int, *, num_prefix_tokens: int, implementation: str | None = None):
-    """ToMe's step: bipartite soft matching on `metric`, then the size-weighted merge."""
-    plan = merge.bipartite_soft_merge(metric, r, num_prefix_tokens=num_prefix_tokens)
-    x, size = merge.merge_wavg(plan, x, size, implementation=implementation)
-    return x, size, plan
 
 
 def pair(value) -> tuple[int, ...]:
@@ -192,7 +177,12 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with ToMe between attention and MLP."""
+    """Pre-norm transformer block with a token-reduction step (ToMe's by default).
+
+    The step runs where its method says (`reduce.POSITIONS`): between attention
+    and MLP (ToMe), on the block's input (MCTF) or on its output (DCT). The
+    attention weights are materialised only for a method that reads them.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
@@ -209,7 +199,7 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
     merge_implementation: str | None = None
-    reduction: TokenReduction | None = None
+    reduction: reduce.Reduction | None = None
 
     def _residual(self, x, branch, name, train):
         if self.layer_scale_init is not None:
@@ -217,6 +207,16 @@ class Block(nn.Module):
         # Stochastic depth: drop the whole branch per example.
         branch = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(branch, deterministic=not train)
         return x + branch
+
+    def _method(self) -> reduce.Reduction:
+        method = reduce.ToMe() if self.reduction is None else self.reduction
+        if not isinstance(method, reduce.Reduction):
+            raise TypeError(
+                f"reduction must be a tome_jax.reduce method (e.g. reduce.PiToMe()), got {method!r}"
+            )
+        if method.position not in reduce.POSITIONS:
+            raise ValueError(f"{type(method).__name__}.position must be one of {reduce.POSITIONS}")
+        return method
 
     @nn.compact
     def __call__(
@@ -226,25 +226,40 @@ class Block(nn.Module):
         *,
         r: int,
         num_prefix_tokens: int,
-        prop_attn: bool,
+        prop_attn: bool | None,
+        layer: int = 0,
+        num_layers: int = 1,
         train: bool = False,
         soft_merge: SoftMergeSettings | None = None,
         n: int = 0,
-    ) -> tuple[jax.Array, jax.Array]:
+        search: diffrate.SearchState | None = None,
+    ) -> tuple[jax.Array, ...]:
         """Args: x [batch, tokens, dim]; size [batch, tokens]; r a static int; the
         first `num_prefix_tokens` tokens (class, distillation, registers) never merge.
+
+        `prop_attn` None means the reduction method's default. `layer` and
+        `num_layers` (this block's index, the model's depth) are handed to the
+        method, which may act differently by depth (ToFu, PiToMe).
 
         With `metric_dim`, merging uses DTEM's decoupled embedding of the block's
         normalised input instead of the keys; with `soft_merge` (DTEM training) the
         merge is DTEM's soft merge over the first `n` tokens, which keeps the
         sequence length and fades merged tokens to size 0.
 
+        With `search` (a DiffRate search, `diffrate.search_step`) the attention
+        sees only the alive keys and the block's rate logits (parameters
+        `diffrate_prune`, `diffrate_merge`) choose what it masks; the sequence
+        keeps its length, and the block also returns the next `SearchState`.
+
         Returns x [batch, tokens - r', dim] and size [batch, tokens - r'], r' being
         r after the clamp (0 for a soft merge, which removes no token). With the
         "intermediates" collection mutable, also records x, size and where each
-        input token went (`_sow_intermediates`).
+        input token went (`_sow_intermediates`, from the plan the method returned).
         """
+        method = self._method()
+        prop_attn = method.prop_attn if prop_attn is None else prop_attn
         norm = lambda name: layer_norm(name, self.dtype, self.param_dtype, self.norm_eps)  # noqa: E731
+        norm1 = norm("norm1")
         attn = Attention(
             self.num_heads,
             qkv_bias=self.qkv_bias,
@@ -255,8 +270,37 @@ class Block(nn.Module):
             implementation=self.attn_implementation,
             name="attn",
         )
-        h = norm("norm1")(x)
-        y, metric = attn(h, size if prop_attn else None)
+        tokens_in = x.shape[1]
+        r = merge.clamp_r(r, tokens_in, num_prefix_tokens, method.max_r(tokens_in, num_prefix_tokens))
+        position = method.position if soft_merge is None and search is None and r > 0 else None
+        rng = self.make_rng("reduction") if method.needs_rng and self.has_rng("reduction") else None
+        step = functools.partial(
+            reduce.Step,
+            r=r,
+            num_prefix_tokens=num_prefix_tokens,
+            layer=layer,
+            num_layers=num_layers,
+            rng=rng,
+            implementation=self.merge_implementation,
+        )
+
+        plan = weights = None
+        if position == reduce.BEFORE_ATTENTION:
+            metric = None
+            if method.needs_weights:  # the map of the unreduced tokens; the output goes unused
+                _, metric, weights = attn(norm1(x), size if prop_attn else None, return_weights=True)
+            x, size, plan, weights = method(step(x, size, metric, weights=weights))
+        h = norm1(x)
+        if search is not None:  # the map of the alive keys (a weights override: the mask multiplies)
+            _, _, weights = attn(h, size, return_weights=True)
+            weights = diffrate.policy_weights(weights, search.mask)
+            y, metric = attn(h, weights=weights)
+        elif weights is not None:  # the method's own attention map (MCTF's one-step-ahead attention)
+            y, metric = attn(h, weights=weights)
+        elif position == reduce.AFTER_ATTENTION and method.needs_weights:
+            y, metric, weights = attn(h, size if prop_attn else None, return_weights=True)
+        else:
+            y, metric = attn(h, size if prop_attn else None)
         if self.metric_dim is not None:
             # The decoupled embedding reads a detached input: learning how to merge
             # never moves the ViT's own features through this path.
@@ -265,16 +309,13 @@ class Block(nn.Module):
             )(jax.lax.stop_gradient(h))
         x = self._residual(x, y, "1", train)
 
-        plan, tokens_in = None, x.shape[1]
-        r = merge.clamp_r(r, x.shape[1], num_prefix_tokens)
         if soft_merge is not None:
             soft = dtem.dtem_soft_merge(x, size, metric, r, n, **soft_merge._asdict())
             x, size = soft.x, soft.size
-        elif r > 0:
-            reduction = self.reduction or functools.partial(
-                tome_reduction, implementation=self.merge_implementation
-            )
-            x, size, plan = reduction(x, size, metric, r, num_prefix_tokens=num_prefix_tokens)
+        elif search is not None:
+            x, size, search = self._search_step(method, x, size, search, weights, layer, num_prefix_tokens)
+        elif position == reduce.AFTER_ATTENTION:
+            x, size, plan, _ = method(step(x, size, metric, weights=weights))
 
         mlp = Mlp(
             int(x.shape[-1] * self.mlp_ratio),
@@ -286,9 +327,25 @@ class Block(nn.Module):
             name="mlp",
         )
         x = self._residual(x, mlp(norm("norm2")(x)), "2", train)
+        if position == reduce.AFTER_MLP:
+            x, size, plan, _ = method(step(x, size, metric))
         if self.is_mutable_collection("intermediates"):
-            self._sow_intermediates(x, size, plan, tokens_in, soft=soft_merge is not None)
-        return x, size
+            keeps_all = soft_merge is not None or search is not None  # no plan: every token stays
+            self._sow_intermediates(x, size, plan, tokens_in, soft=keeps_all)
+        return (x, size) if search is None else (x, size, search)
+
+    def _search_step(self, method, x, size, search, weights, layer, num_prefix_tokens):
+        """DiffRate's search step with this block's rate logits (the first block keeps every token)."""
+        patches = x.shape[1] - num_prefix_tokens
+        count = 1 if layer == 0 else diffrate.num_candidates(patches, method.granularity)
+        logits = [
+            self.param(f"diffrate_{kind}", nn.initializers.zeros, (count,), jnp.float32)
+            for kind in ("prune", "merge")
+        ]
+        return diffrate.search_step(
+            x, size, search.mask, weights, *logits,
+            granularity=method.granularity, num_prefix_tokens=num_prefix_tokens,
+        )
 
     def _sow_intermediates(self, x, size, plan, tokens_in: int, *, soft: bool):
         """Records the block's output for downstream models (`tome_jax.features`).
@@ -366,8 +423,8 @@ class ViT(nn.Module):
     attn_implementation: str | None = None
     # How merge plans are applied (see `merge.merge_sum`); None: the backend's default.
     merge_implementation: str | None = None
-    # What each block does with its r (see `TokenReduction`); None: ToMe's merge.
-    reduction: TokenReduction | None = None
+    # How each block removes its r tokens (a `tome_jax.reduce` method); None: ToMe.
+    reduction: reduce.Reduction | None = None
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -462,6 +519,36 @@ class ViT(nn.Module):
         if self.num_prefix_tokens != 1 or not self.class_token:
             raise ValueError("DTEM's soft merge expects exactly one prefix token, a class token")
         return self.dtem_soft_merge
+
+    def _search_state(self, batch: int, tokens: int) -> diffrate.SearchState | None:
+        """The first block's DiffRate search state (every token alive), or None when not searching."""
+        if not isinstance(self.reduction, reduce.DiffRate) or not self.reduction.searching:
+            return None
+        if self.num_prefix_tokens != 1 or not self.class_token:
+            raise ValueError("the DiffRate search ranks tokens by class attention: it needs one class token")
+        if self.dtem:
+            raise ValueError("a DiffRate search keeps every token (masked): it does not combine with DTEM")
+        return diffrate.SearchState(jnp.ones((batch, tokens), jnp.float32))
+
+    def _sow_search_loss(self, searched: list[diffrate.SearchState]) -> None:
+        """Sows the search's FLOPs penalty in "losses" (train.py adds it) and its GFLOPs in "metrics"."""
+        method = self.reduction
+        gflops = self.diffrate_gflops([s.prune_kept for s in searched], [s.merge_kept for s in searched])
+        keep = dict(reduce_fn=lambda _, value: value, init_fn=lambda: 0.0)
+        penalty = method.flops_weight * (gflops - method.search_gflops) ** 2
+        self.sow("losses", "diffrate_flops", penalty, **keep)
+        self.sow("metrics", "diffrate_gflops", gflops, **keep)
+
+    def diffrate_gflops(self, prune_kept, merge_kept) -> jax.Array:
+        """The authors' GFLOPs of per-block kept counts (`diffrate.schedule_flops`), for this model."""
+        return diffrate.schedule_flops(
+            prune_kept,
+            merge_kept,
+            tokens=self.num_tokens,
+            width=self.width,
+            patch_pixels=math.prod(self.patch_kernel) * self.in_chans,
+            num_classes=self.num_classes,
+        ) / 1e9
 
     def _check_input(self, shape: tuple[int, ...]):
         """Clear errors for inputs that do not fit `input_shape` (batch first)."""
@@ -586,7 +673,7 @@ class ViT(nn.Module):
         *,
         r: schedules.RSpec = 0,
         train: bool = False,
-        prop_attn: bool = True,
+        prop_attn: bool | None = None,
         soft_merge: bool | None = None,
     ) -> jax.Array:
         """Classifies images (or videos), merging tokens in every block.
@@ -606,7 +693,8 @@ class ViT(nn.Module):
             static (a new `r` is a new compilation, the parameters are the same).
           train: enables stochastic depth (needs a 'dropout' rng).
           prop_attn: proportional attention (on for supervised models and for
-            training with merging; off for off-the-shelf MAE models).
+            training with merging; off for off-the-shelf MAE models); None: the
+            reduction method's default (on for ToMe).
           soft_merge: DTEM's differentiable soft merge instead of the hard one;
             None means "when training a DTEM model" (its inference is hard).
 
@@ -622,10 +710,12 @@ class ViT(nn.Module):
         soft = self._soft_merge_settings((train and self.dtem) if soft_merge is None else soft_merge)
         # The soft merge keeps every token; block i lets the first participants[i] take part.
         participants = schedules.tokens_per_layer(tokens, schedule, protected=1)
+        search = self._search_state(batch, tokens)
+        searched = []
 
         rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
         for i, block_r in enumerate(schedule):
-            x, size = Block(
+            outputs = Block(
                 self.num_heads,
                 mlp_ratio=self.mlp_ratio,
                 qkv_bias=self.qkv_bias,
@@ -649,11 +739,20 @@ class ViT(nn.Module):
                 r=block_r,
                 num_prefix_tokens=self.num_prefix_tokens,
                 prop_attn=prop_attn,
+                layer=i,
+                num_layers=self.depth,
                 train=train,
                 soft_merge=soft,
                 n=participants[i],
+                search=search,
             )
+            x, size = outputs[:2]
+            if search is not None:
+                search = outputs[2]
+                searched.append(search)
 
+        if search is not None:
+            self._sow_search_loss(searched)
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
         if not use_fc_norm:
             x = self._norm("norm")(x)

@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from tome_jax import data
+from tome_jax import data, reduce
 
 
 def get_config():
@@ -16,7 +16,10 @@ def get_config():
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
     config.pretrained = True  # False: the registry architecture of that name, random init
     config.model_overrides = ml_collections.ConfigDict()  # ViT attributes, e.g. img_size
-    config.method = "tome"  # "tome": merge on attention keys; "dtem": on DTEM metric layers
+    # How blocks remove tokens: "tome" (merge on attention keys), "dtem" (ToMe on DTEM
+    # metric layers), or another tome_jax.reduce method: "pitome", "mctf", "tofu", "dct",
+    # "evit", "random_drop"; its settings are config.<method> (e.g. --config.pitome.margin=0.5).
+    add_methods(config)
     config.metric_layers = ""  # DTEM metric layers saved alone (train.py's metric_layers.safetensors)
     config.params_from = ""  # a train.py workdir: evaluate its checkpoint's parameters
     config.params_step = "best"  # "best" (eval top-1), "latest", or a step number
@@ -27,7 +30,9 @@ def get_config():
     # this many GFLOPs per image, or at least this speed-up over r = 0 measured here.
     config.target_gflops = ml_collections.config_dict.placeholder(float)
     config.target_speedup = ml_collections.config_dict.placeholder(float)
-    config.prop_attn = True  # proportional attention (off for off-the-shelf MAE models)
+    # Proportional attention (off for off-the-shelf MAE models); None: the method's
+    # default, as its authors run it (on for ToMe and MCTF).
+    config.prop_attn = ml_collections.config_dict.placeholder(bool)
 
     # A TFDS name, "folder:/path" (root/<split>/<class>/<image>, or root/<class>/<image>
     # as the one split "all"), or "bundled_cifar10".
@@ -55,3 +60,10 @@ def get_config():
     config.num_processes = ml_collections.config_dict.placeholder(int)
     config.process_id = ml_collections.config_dict.placeholder(int)  # 0 .. num_processes - 1
     return config
+
+
+def add_methods(config: ml_collections.ConfigDict) -> None:
+    """`config.method = "tome"` and every tome_jax.reduce method's settings under `config.<method>`."""
+    config.method = "tome"
+    for method, settings in reduce.default_settings().items():
+        config[method] = ml_collections.ConfigDict(settings)

@@ -11,6 +11,7 @@ the model to live with it.
 import ml_collections
 
 from tome_jax import data
+from tome_jax.configs import eval_cifar10
 
 
 def get_config():
@@ -25,6 +26,9 @@ def get_config():
     config.r = "(8, -1)"  # while training
     config.eval_r = "(8, -1)"  # while evaluating
     config.trainable = ""  # regex of parameter paths to train; "" trains all
+    # How blocks remove tokens, as in eval.py: "tome", or another tome_jax.reduce method
+    # with its settings under config.<method> (e.g. --config.method=mctf).
+    eval_cifar10.add_methods(config)
 
     config.dataset = "bundled_cifar10"  # as in eval_cifar10.py
     config.data_dir = ml_collections.config_dict.placeholder(str)

@@ -39,6 +39,10 @@ def params_from_timm(checkpoint: Checkpoint, model: ViT, old_grid, inflation: st
             # plain timm weights starts them fresh, ready for training.
             params[path] = _fresh_metric_param(path, leaf.shape, model, checkpoint.arrays)
             continue
+        if key not in left and path[-1] in ("diffrate_prune", "diffrate_merge"):
+            # A DiffRate search's rate logits are not part of timm: they start uniform.
+            params[path] = jnp.zeros(leaf.shape, jnp.float32)
+            continue
         if key not in left:
             missing.append(named(key))
             continue

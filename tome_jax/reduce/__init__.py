@@ -1,0 +1,81 @@
+"""Token-reduction methods: each a frozen dataclass of its settings, usable as `ViT(reduction=...)`.
+
+    model = tome_jax.create_model("deit_small_patch16_224", reduction=reduce.PiToMe(margin=0.5))
+    logits = model.apply(variables, images, r=8)
+
+`METHODS` maps the command-line names (`--config.method=`) to the classes;
+`create` builds one by name, `default_settings` lists every method's settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tome_jax.reduce.base import (
+    AFTER_ATTENTION,
+    AFTER_MLP,
+    BEFORE_ATTENTION,
+    POSITIONS,
+    Reduced,
+    Reduction,
+    Step,
+    check_tracks_sources,
+    class_attention,
+)
+from tome_jax.reduce.dct import DCT
+from tome_jax.reduce.diffrate import DiffRate
+from tome_jax.reduce.mctf import MCTF
+from tome_jax.reduce.pitome import PiToMe
+from tome_jax.reduce.prune import EViT, RandomDrop
+from tome_jax.reduce.tofu import ToFu
+from tome_jax.reduce.tome import ToMe
+
+METHODS: dict[str, type[Reduction]] = {
+    method.name: method for method in (ToMe, PiToMe, MCTF, ToFu, DCT, EViT, RandomDrop, DiffRate)
+}
+
+
+def create(name: str, **settings: Any) -> Reduction:
+    """The method called `name` (a `METHODS` key) with `settings`, the rest at their defaults."""
+    if name not in METHODS:
+        raise ValueError(f"unknown token-reduction method {name!r}; known: {', '.join(METHODS)}")
+    method = METHODS[name]
+    unknown = set(settings) - {field.name for field in dataclasses.fields(method)}
+    if unknown:
+        known = ", ".join(field.name for field in dataclasses.fields(method)) or "none"
+        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; its settings: {known}")
+    return method(**settings)
+
+
+def default_settings() -> dict[str, dict[str, Any]]:
+    """{method name: {setting: default}} for every method that has settings (for configs)."""
+    return {
+        name: {field.name: field.default for field in dataclasses.fields(method)}
+        for name, method in METHODS.items()
+        if dataclasses.fields(method)
+    }
+
+
+__all__ = [
+    "AFTER_ATTENTION",
+    "AFTER_MLP",
+    "BEFORE_ATTENTION",
+    "DCT",
+    "DiffRate",
+    "EViT",
+    "MCTF",
+    "METHODS",
+    "PiToMe",
+    "POSITIONS",
+    "RandomDrop",
+    "Reduced",
+    "Reduction",
+    "Step",
+    "ToFu",
+    "ToMe",
+    "check_tracks_sources",
+    "class_attention",
+    "create",
+    "default_settings",
+]
