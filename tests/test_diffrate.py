@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 import torch_diffrate as ref  # noqa: E402
-from test_train import small_cifar, tiny_config  # noqa: E402, F401  (small_cifar: a fixture)
+from test_train import tiny_config  # noqa: E402
 from tome_jax import evaluate, from_timm, reduce, train_lib  # noqa: E402
 from tome_jax.configs import diffrate_search_cifar10, eval_cifar10  # noqa: E402
 from tome_jax.reduce import diffrate  # noqa: E402
