@@ -320,6 +320,10 @@ def test_truncated_and_foreign_checkpoints_name_their_path(tmp_path):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match=f"{tmp_path / name}.* is not a readable"):
             tome_jax.from_timm(tmp_path / name)
+    for entry, problem in {"{not json": "is not JSON", '[0.5, 0.5]': "needs 'mean' and 'std'"}.items():
+        save_file({"x": np.zeros(1, np.float32)}, whole, metadata={"pretrained_cfg": entry})
+        with pytest.raises(ValueError, match=f"{whole}: .*pretrained_cfg metadata {problem}"):
+            tome_jax.pretrained_data_config(whole)
 
 
 def test_a_timm_name_without_timm_names_the_extra(monkeypatch):

@@ -125,9 +125,15 @@ def pretrained_data_config(source) -> dict | None:
         entry = safetensors_metadata(path).get("pretrained_cfg")
         if entry is None:
             return None
-        cfg = json.loads(entry)
-        if "mean" not in cfg or "std" not in cfg:
-            raise ValueError(f"{path}: the pretrained_cfg metadata needs 'mean' and 'std', got {sorted(cfg)}")
+        try:
+            cfg = json.loads(entry)
+        except ValueError as error:
+            raise ValueError(
+                f"{path}: its pretrained_cfg metadata is not JSON ({error}); rewrite it, or remove it and "
+                "pass the preprocessing yourself (--config.preprocess=explicit, --config.mean, --config.std)"
+            ) from None
+        if not isinstance(cfg, dict) or "mean" not in cfg or "std" not in cfg:
+            raise ValueError(f"{path}: the pretrained_cfg metadata needs 'mean' and 'std', got {sorted(cfg) if isinstance(cfg, dict) else cfg!r}")
         return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DATA_CONFIG_KEYS}
     if is_timm_name(source):
         import_timm(source)
