@@ -54,6 +54,9 @@ def test_each_method_lands_at_each_budget_and_the_files_are_written(tmp_path):
                 with pytest.raises(ValueError, match="out of reach"):
                     choose()
                 continue
+            assert float(row["vs_budget"].rstrip("%")) <= 3.0, row
+            if row["budget"] != "tome r=2":
+                continue  # the bisection again, once per method, is enough to check the table by
             # The r in the table is the one the shared bisection picks for this budget.
             want = choose()
             assert row["r"] == schedules.r_label(want.r)

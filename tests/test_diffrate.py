@@ -15,7 +15,7 @@ timm = pytest.importorskip("timm")
 
 import torch_diffrate as ref  # noqa: E402
 from test_train import tiny_config  # noqa: E402
-from tome_jax import evaluate, from_timm, reduce, train_lib  # noqa: E402
+from tome_jax import evaluate, from_timm, reduce, schedules, train_lib  # noqa: E402
 from tome_jax.configs import diffrate_search_cifar10, eval_cifar10  # noqa: E402
 from tome_jax.reduce import diffrate  # noqa: E402
 
@@ -209,6 +209,17 @@ def test_a_tiny_search_writes_a_schedule_that_eval_runs(small_cifar, tmp_path): 
     eval_config.diffrate.prune = tuple(found["prune"])
     (row,) = evaluate.run(eval_config)
     assert row["r"] == str(found["r"]) and 0 <= row["top1"] <= 100
+    assert row["tokens_left"] == (32 // 8) ** 2 + 1 - sum(found["r"])
+
+
+def test_schedules_clamp_at_diffrates_limit_not_half():
+    """A DiffRate block may keep one token after the class token; eval's table and r lines say so."""
+    most = reduce.DiffRate().max_r
+    assert schedules.tokens_per_layer(17, [0, 12, 9], 1) == (17, 17, 9, 5)  # ToMe's half
+    assert schedules.tokens_per_layer(17, [0, 12, 9], 1, most) == (17, 17, 5, 2)
+    assert schedules.describe_r([0, 12, 9], 17, 3, 1, most) == (
+        "r=[0, 12, 9]: 17 tokens -> 2; clamped to [0, 12, 3] per layer (the most the method removes per layer)"
+    )
 
 
 def tiny_train_config_depth(config):

@@ -163,15 +163,18 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
     """Fresh metric layers hold the keys' mean over heads: the merges are ToMe's."""
     base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
     images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
-    tome_model, tome_variables = tome_jax.from_timm(base)
-    expected = np.asarray(tome_model.apply(tome_variables, images, r=(8, -1)))
+
+    def logits(model, variables, r=(8, -1)):  # compiled: 12 blocks op by op take longer
+        return np.asarray(jax.jit(model.apply, static_argnames="r")(variables, images, r=r))
+
+    expected = logits(*tome_jax.from_timm(base))
     for dtem_dim in (None, 96):  # head_dim (64), and wider: zero features past it
-        model, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=dtem_dim)
-        logits = model.apply(variables, images, r=(8, -1))
-        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, err_msg=str(dtem_dim))
+        np.testing.assert_allclose(
+            logits(*tome_jax.from_timm(base, dtem=True, dtem_dim=dtem_dim)), expected, atol=1e-5, err_msg=str(dtem_dim)
+        )
     narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
     assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
-    assert not np.allclose(np.asarray(narrow.apply(variables, images, r=(8, -1))), expected, atol=1e-3)
+    assert not np.allclose(logits(narrow, variables), expected, atol=1e-3)
     # Without a qkv bias (the bias starts at zero) and with several heads.
     timm_vit = pytest.importorskip("timm.models.vision_transformer", reason="a timm module: pip install -e '.[torch]'")
     no_bias = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
@@ -179,7 +182,4 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
     (plain, plain_variables), (learned, learned_variables) = (
         tome_jax.from_timm(no_bias, **dtem) for dtem in ({}, {"dtem": True})
     )
-    np.testing.assert_allclose(
-        np.asarray(learned.apply(learned_variables, images, r=3)),
-        np.asarray(plain.apply(plain_variables, images, r=3)), atol=1e-5,
-    )
+    np.testing.assert_allclose(logits(learned, learned_variables, r=3), logits(plain, plain_variables, r=3), atol=1e-5)

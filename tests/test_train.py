@@ -138,13 +138,15 @@ def final_params(workdir):
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path):
     dataset = f"folder:{small_cifar}"
-    steps = 120  # long beside the first checkpoint (step 4), so the kill lands mid-run
+    # Three times the first checkpoint's step, so the kill lands mid-run; saves and
+    # evaluations (each a data pipeline) are what a tiny model's run spends its time on.
+    steps, schedule = 30, {"checkpoint_every": 10, "eval_every": 20}
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = run_train(straight, config_args(dataset, num_steps=steps))
+    proc = run_train(straight, config_args(dataset, num_steps=steps, **schedule))
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out
 
-    proc = run_train(killed, config_args(dataset, num_steps=steps))
+    proc = run_train(killed, config_args(dataset, num_steps=steps, **schedule))
     deadline = time.time() + 600
     while not committed_steps(killed):  # SIGKILL as soon as a checkpoint is committed
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
@@ -153,7 +155,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path)
     proc.wait()
     resume_step = max(committed_steps(killed))
     assert resume_step <= max(losses(killed)) < steps, "the kill must land before the end"
-    proc = run_train(killed, config_args(dataset, num_steps=steps))
+    proc = run_train(killed, config_args(dataset, num_steps=steps, **schedule))
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0 and f"resumed from step {resume_step}" in out, out
 

@@ -92,7 +92,7 @@ def choose_r(
     target_gflops: float | None = None,
     target_speedup: float | None = None,
     batch_size: int = 16,
-    inflections: Sequence[float] = (0.0, -1.0),
+    inflections: Sequence[float] = (0, -1),
     images: Sequence[jax.Array] | None = None,
     timing_runs: int = 5,
     prop_attn: bool | None = None,
@@ -168,7 +168,7 @@ def choose_r_near_gflops(
     *,
     tolerance: float = 0.03,
     batch_size: int = 16,
-    inflections: Sequence[float] = (0.0, -0.5, -1.0),
+    inflections: Sequence[float] = (0, -0.5, -1),
     prop_attn: bool | None = None,
 ) -> RChoice:
     """The schedule closest to `target_gflops` from below `target_gflops * (1 + tolerance)`.
@@ -203,7 +203,7 @@ def config_targets(
     model: ViT, variables, config, *, batch_size: int, images: Sequence[jax.Array] | None = None
 ) -> list[tuple[schedules.RSpec, str]]:
     """The `r` chosen for a config's `target_gflops` and `target_speedup` (absent or
-    None: no target), each with its target as text, e.g. `(5, -1.0), "target_gflops=2.5"`."""
+    None: no target), each with its target as text, e.g. `(5, -1), "target_gflops=2.5"`."""
     chosen = []
     for key in ("target_gflops", "target_speedup"):
         target = config.get(key)

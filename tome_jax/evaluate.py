@@ -89,9 +89,9 @@ def sweep(
     for r in tqdm(r_values, desc="r sweep", unit="r"):
         predict, cost = compile_predict(model, r, variables, timing_images[0], prop_attn=prop_attn)
         schedule = schedules.parse_r(model.depth, r)
-        tokens = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens)
+        tokens = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens, _max_r(model))
         row = {"r": schedules.r_label(r), "schedule": list(schedules.effective_schedule(
-            model.num_tokens, schedule, model.num_prefix_tokens)), "tokens_left": tokens[-1]}
+            model.num_tokens, schedule, model.num_prefix_tokens, _max_r(model))), "tokens_left": tokens[-1]}
         row.update(cost)
         row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
         row.update(throughput(predict, variables, timing_images, runs=runs))
@@ -102,6 +102,11 @@ def sweep(
         if on_row is not None:
             on_row(rows)
     return rows
+
+
+def _max_r(model: ViT) -> schedules.MaxR | None:
+    """The model's limit on one block's `r` (DiffRate's exceeds ToMe's half)."""
+    return None if model.reduction is None else model.reduction.max_r
 
 
 # Set by cluster schedulers whose layout jax.distributed.initialize() detects itself.
@@ -267,7 +272,7 @@ def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
     model, params, source = load_model(config)
     for r in r_values:
         try:
-            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens)
+            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, _max_r(model))
         except (TypeError, ValueError) as error:
             raise ValueError(f"r={schedules.r_label(r)} does not fit the model: {error}") from None
         if is_main:
@@ -329,7 +334,8 @@ def run(config) -> list[dict[str, Any]]:
         # A speed-up target is measured on each process: all take process 0's choice.
         r = schedules.parse_r_value(text_of_process_zero(schedules.r_label(r)))
         if setup.is_main:
-            print(f"{target}: {schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens)}")
+            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, _max_r(model))
+            print(f"{target}: {described}")
         r_values.append(r)
     rows = sweep(
         model,

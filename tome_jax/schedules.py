@@ -78,24 +78,29 @@ def _inflected_schedule(num_layers: int, r, inflection) -> tuple[int, ...]:
     return tuple(int(lo + step * i) for i in range(num_layers))
 
 
+# A method's limit on one step, `(tokens, protected) -> most tokens removed`, as
+# `reduce.Reduction.max_r`; None: half the unprotected tokens (ToMe's clamp).
+MaxR = Callable[[int, int], int]
+
+
 def effective_schedule(
-    tokens: int, schedule: Sequence[int], protected: int = 0
+    tokens: int, schedule: Sequence[int], protected: int = 0, max_r: MaxR | None = None
 ) -> tuple[int, ...]:
     """The `r` each layer really merges after the clamp, for `tokens` input tokens."""
     effective = []
     for r in schedule:
-        r = clamp_r(r, tokens, protected)
+        r = clamp_r(r, tokens, protected, None if max_r is None else max_r(tokens, protected))
         effective.append(r)
         tokens -= r
     return tuple(effective)
 
 
 def tokens_per_layer(
-    tokens: int, schedule: Sequence[int], protected: int = 0
+    tokens: int, schedule: Sequence[int], protected: int = 0, max_r: MaxR | None = None
 ) -> tuple[int, ...]:
     """Tokens entering each layer, then the tokens left at the end (len(schedule) + 1)."""
     counts = [tokens]
-    for r in effective_schedule(tokens, schedule, protected):
+    for r in effective_schedule(tokens, schedule, protected, max_r):
         counts.append(counts[-1] - r)
     return tuple(counts)
 
@@ -211,16 +216,18 @@ def parse_r_values(text: str) -> list[RSpec]:
     return values
 
 
-def describe_r(r: RSpec, tokens: int, num_layers: int, protected: int = 0) -> str:
+def describe_r(r: RSpec, tokens: int, num_layers: int, protected: int = 0, max_r: MaxR | None = None) -> str:
     """One line on what `r` does to a model: the tokens left and the per-layer
     schedule it runs, saying so when the clamp cut it, e.g.
     `r=1000: 65 tokens -> 2; clamped to [32, 16, 8, 4, 2, 1, 0, ...] per layer (...)`.
     """
     schedule = parse_r(num_layers, r)
-    effective = effective_schedule(tokens, schedule, protected)
+    effective = effective_schedule(tokens, schedule, protected, max_r)
     line = f"r={r_label(r)}: {tokens} tokens -> {tokens - sum(effective)}; "
     if effective == schedule:
         return line + f"{list(effective)} per layer"
+    if max_r is not None:
+        return line + f"clamped to {list(effective)} per layer (the most the method removes per layer)"
     unprotected = "unprotected " if protected else ""
     return line + f"clamped to {list(effective)} per layer (a layer merges at most half of its {unprotected}tokens)"
 
