@@ -89,9 +89,8 @@ def sweep(
     for r in tqdm(r_values, desc="r sweep", unit="r"):
         predict, cost = compile_predict(model, r, variables, timing_images[0], prop_attn=prop_attn)
         schedule = schedules.parse_r(model.depth, r)
-        tokens = schedules.tokens_per_layer(model.num_tokens, schedule, model.num_prefix_tokens, _max_r(model))
-        row = {"r": schedules.r_label(r), "schedule": list(schedules.effective_schedule(
-            model.num_tokens, schedule, model.num_prefix_tokens, _max_r(model))), "tokens_left": tokens[-1]}
+        effective = schedules.effective_schedule(model.num_tokens, schedule, model.num_prefix_tokens, _max_r(model))
+        row = {"r": schedules.r_label(r), "schedule": list(effective), "tokens_left": model.num_tokens - sum(effective)}
         row.update(cost)
         row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
         row.update(throughput(predict, variables, timing_images, runs=runs))

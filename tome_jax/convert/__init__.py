@@ -133,7 +133,8 @@ def pretrained_data_config(source) -> dict | None:
                 "pass the preprocessing yourself (--config.preprocess=explicit, --config.mean, --config.std)"
             ) from None
         if not isinstance(cfg, dict) or "mean" not in cfg or "std" not in cfg:
-            raise ValueError(f"{path}: the pretrained_cfg metadata needs 'mean' and 'std', got {sorted(cfg) if isinstance(cfg, dict) else cfg!r}")
+            got = sorted(cfg) if isinstance(cfg, dict) else repr(cfg)
+            raise ValueError(f"{path}: the pretrained_cfg metadata needs 'mean' and 'std', got {got}")
         return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DATA_CONFIG_KEYS}
     if is_timm_name(source):
         import_timm(source)
