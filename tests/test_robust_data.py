@@ -243,6 +243,9 @@ def test_a_clamped_r_says_what_it_was_clamped_to():
     line = schedules.describe_r(1000, 65, 12, 1)
     assert line.startswith("r=1000: 65 tokens -> 2; clamped to [32, 16, 8, 4, 2, 1, 0, 0, 0, 0, 0, 0] per layer")
     assert schedules.describe_r(2, 65, 3, 1) == "r=2: 65 tokens -> 59; [2, 2, 2] per layer"
+    # eval.py passes the model's method's limit: ToMe's is the half, and says so.
+    half = "(a layer merges at most half of its unprotected tokens)"
+    assert line.endswith(half) and schedules.describe_r(1000, 65, 12, 1, tome_jax.reduce.ToMe().max_r) == line
 
 
 def test_eval_checks_every_r_before_loading_the_model_or_data(tmp_path):

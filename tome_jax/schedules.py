@@ -226,7 +226,7 @@ def describe_r(r: RSpec, tokens: int, num_layers: int, protected: int = 0, max_r
     line = f"r={r_label(r)}: {tokens} tokens -> {tokens - sum(effective)}; "
     if effective == schedule:
         return line + f"{list(effective)} per layer"
-    if max_r is not None:
+    if effective != effective_schedule(tokens, schedule, protected):  # a limit other than half
         return line + f"clamped to {list(effective)} per layer (the most the method removes per layer)"
     unprotected = "unprotected " if protected else ""
     return line + f"clamped to {list(effective)} per layer (a layer merges at most half of its {unprotected}tokens)"
