@@ -172,8 +172,7 @@ def build_models(name: str, dtype: str, config, device: str):
         model, variables = from_timm(timm_model, **overrides)
         return model, jax.device_put(variables), timm_model
     model = vit.create_model(name, **architecture, **overrides)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
-    return model, variables, None
+    return model, {"params": vit.init_params(model)}, None
 
 
 def r_values_for(model, variables, config, batch: int, images) -> tuple[dict, dict]:

@@ -230,11 +230,9 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
 
 
 def _visualize(args: argparse.Namespace) -> None:
-    import jax
-
     from tome_jax import data, evaluate, schedules, vis
     from tome_jax.convert import from_timm
-    from tome_jax.vit import create_model
+    from tome_jax.vit import create_model, init_params
 
     r_values = schedules.parse_r_values(args.r)
     args.mean = args.mean or data.CIFAR10_MEAN
@@ -242,7 +240,7 @@ def _visualize(args: argparse.Namespace) -> None:
     source = evaluate.resolve_source(args.model)
     if args.random_weights:
         model = create_model(source)
-        variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, *model.input_shape), np.float32))
+        variables = {"params": init_params(model)}
     else:
         model, variables = from_timm(source)
     for r_value in r_values:

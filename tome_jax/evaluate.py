@@ -18,7 +18,7 @@ from tome_jax import budget, data, reduce, report, schedules
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import from_timm, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
-from tome_jax.vit import ViT, create_model
+from tome_jax.vit import ViT, create_model, init_params
 
 
 @jax.jit
@@ -199,7 +199,7 @@ def reduction_from_config(config, method: str | None = None) -> reduce.Reduction
 def trained_params(workdir: str, step, model: ViT):
     """Parameters from a train.py workdir's checkpoint, checked against `model`."""
     params = Checkpoints(pathlib.Path(workdir) / "checkpoints").restore_params(step)
-    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *model.input_shape)))["params"]
+    expected = jax.eval_shape(lambda: init_params(model))
     shapes = lambda tree: {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(tree).items()}  # noqa: E731
     got, want = shapes(params), shapes(expected)
     if got != want:
@@ -293,7 +293,7 @@ def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
 
     timing_images = [jnp.asarray(b["images"]) for _, b in zip(range(3), make_batches())]
     if params is None:
-        params = jax.jit(model.init)(jax.random.key(0), timing_images[0][:1])["params"]
+        params = init_params(model)
     meta = {
         "model": config.model,
         "dataset": config.dataset,

@@ -36,7 +36,7 @@ from tome_jax.data import augment, mixing
 from tome_jax.reduce import diffrate
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import save_metric_layers
-from tome_jax.vit import ViT
+from tome_jax.vit import ViT, init_params
 
 BATCH_AXES = ("data", "fsdp")
 # Parameters smaller than this stay replicated: splitting them saves nothing.
@@ -173,7 +173,7 @@ def create_state(
     """
     def init(rng, params):
         if params is None:
-            params = model.init(rng, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
+            params = init_params(model, rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     abstract = jax.eval_shape(init, rng, params)
@@ -327,9 +327,7 @@ def drop_metrics_after(path: pathlib.Path, step: int) -> None:
 def build_model_and_optimizer(config, total_steps: int):
     """The config's ViT, its initial parameters (None: fresh init) and optimizer."""
     model, params, _ = evaluate.load_model(config)
-    abstract = params if params is not None else jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))["params"]
-    )
+    abstract = params if params is not None else jax.eval_shape(lambda: init_params(model))
     tx, schedule = make_optimizer(config, abstract, total_steps)
     return model, params, tx, schedule
 

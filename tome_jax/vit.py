@@ -11,7 +11,7 @@ are one-channel images [batch, freq, time, 1]. Either way the blocks see one fla
 token sequence and merge it the same way.
 
     model = create_model("vit_base_patch16_224")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *model.input_shape)))
+    variables = {"params": init_params(model)}
     logits = model.apply(variables, images, r=(16, -1))   # any r, same parameters
     logits, state = model.apply(variables, images, r=8, mutable="intermediates")
     tokens = tome_jax.token_features(state["intermediates"]).tokens  # features, sizes, sources
@@ -870,6 +870,15 @@ def model_config(name: str, **overrides) -> dict[str, Any]:
     if unknown:
         raise TypeError(f"unknown ViT attributes {sorted(unknown)} for {name!r}")
     return {**MODEL_CONFIGS[arch], **overrides}
+
+
+def init_params(model: ViT, rng: jax.Array | None = None) -> Any:
+    """The model's parameters, initialised (jitted) from one zero example of `model.input_shape`.
+
+    Under `jax.eval_shape` it gives their shapes without computing anything.
+    """
+    rng = jax.random.key(0) if rng is None else rng
+    return jax.jit(model.init)(rng, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
 
 
 def create_model(name: str, **overrides) -> ViT:

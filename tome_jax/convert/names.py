@@ -10,11 +10,10 @@ import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from tome_jax.vit import ViT
+from tome_jax.vit import ViT, init_params
 
 
 # Flax module names that differ from timm's (`blocks_{i}` is matched by pattern).
@@ -52,8 +51,7 @@ def flat_params(params) -> dict[tuple[str, ...], Any]:
 
 def param_shapes(model: ViT):
     """The model's parameter tree as ShapeDtypeStructs (nothing is computed)."""
-    images = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
+    return jax.eval_shape(lambda: init_params(model))
 
 
 def to_timm_state_dict(model: ViT, variables) -> dict[str, np.ndarray]:
