@@ -72,6 +72,6 @@ def test_each_method_lands_at_each_budget_and_the_files_are_written(tmp_path):
 
 def test_unknown_methods_say_which_exist(tmp_path):
     config = tiny_config(tmp_path)
-    config.methods = "tome, dtem"
-    with pytest.raises(ValueError, match="config.methods names dtem; known: tome, pitome"):
+    config.methods = "tome, dtme"
+    with pytest.raises(ValueError, match="config.methods names dtme; known: tome, pitome"):
         evaluate.run(config)

@@ -129,7 +129,7 @@ def test_search_forward_matches_the_reference_with_gradients():
     (logits_t.logsumexp(-1).sum() + 5 * (flops_t / 1e9 - target) ** 2).backward()
 
     model, variables = from_timm(timm_model())
-    model = model.clone(reduction=reduce.DiffRate(search_gflops=target, granularity=GRANULARITY))
+    model = model.clone(reduction=reduce.DiffRateSearch(target_gflops=target, granularity=GRANULARITY))
     x = jnp.asarray(images().permute(0, 2, 3, 1).numpy())
 
     def loss(prune, merge):
@@ -181,7 +181,7 @@ def test_bad_schedules_say_what_to_do():
     with pytest.raises(ValueError, match="prunes 9 tokens in block 1"):
         model.apply(variables, np.zeros((1, 32, 32, 3), np.float32), r=[0, 4, 0, 0])
     with pytest.raises(ValueError, match="one class token"):
-        model.clone(class_token=False, global_pool="avg", reduction=reduce.DiffRate(search_gflops=0.1)).init(
+        model.clone(class_token=False, global_pool="avg", reduction=reduce.DiffRateSearch(target_gflops=0.1)).init(
             jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)
         )
 
@@ -190,8 +190,8 @@ def test_bad_schedules_say_what_to_do():
 def test_a_tiny_search_writes_a_schedule_that_eval_runs(small_cifar, tmp_path):  # noqa: F811
     search = diffrate_search_cifar10.get_config()
     config = tiny_config(f"folder:{small_cifar}", num_steps=4, eval_every=4, eval_limit=16, train_limit=64)
-    config.method, config.diffrate = "diffrate", search.diffrate
-    config.diffrate.search_gflops = 0.0003  # the tiny model has 0.00056 unreduced
+    config.method, config.diffrate_search = "diffrate_search", search.diffrate_search
+    config.diffrate_search.target_gflops = 0.0003  # the tiny model has 0.00056 unreduced
     for key in ("trainable", "r", "eval_r", "weight_decay", "grad_clip"):
         config[key] = search[key]
     config.learning_rate = 0.1
@@ -210,6 +210,18 @@ def test_a_tiny_search_writes_a_schedule_that_eval_runs(small_cifar, tmp_path): 
     (row,) = evaluate.run(eval_config)
     assert row["r"] == str(found["r"]) and 0 <= row["top1"] <= 100
     assert row["tokens_left"] == (32 // 8) ** 2 + 1 - sum(found["r"])
+
+
+def test_the_old_search_spelling_gives_the_search_and_says_what_replaces_it():
+    with pytest.warns(DeprecationWarning, match=r"reduce.DiffRateSearch\(target_gflops=...\)"):
+        old = reduce.DiffRate(search_gflops=0.2, granularity=2)
+    assert old == reduce.DiffRateSearch(target_gflops=0.2, granularity=2)
+    with pytest.warns(DeprecationWarning):
+        assert reduce.create("diffrate", search_gflops=0.2, flops_weight=7.0) == reduce.DiffRateSearch(0.2, 7.0)
+    assert reduce.DiffRate((1, 2)) == reduce.DiffRate(prune=(1, 2))  # the schedule, as before
+    with pytest.raises(ValueError, match="needs target_gflops > 0"):
+        tome_jax_model = from_timm(timm_model())[0].clone(reduction=reduce.DiffRateSearch())
+        tome_jax_model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
 
 
 def test_schedules_clamp_at_diffrates_limit_not_half():

@@ -9,9 +9,9 @@ from flax import traverse_util
 
 import tiny_train_config
 import tome_jax
-from tome_jax import data, evaluate, train_lib
+from tome_jax import data, evaluate, reduce, train_lib
 
-SMALL = dict(num_classes=10, img_size=32, patch_size=8, width=48, depth=3, num_heads=3, dtem=True)
+SMALL = dict(num_classes=10, img_size=32, patch_size=8, width=48, depth=3, num_heads=3, reduction=reduce.DTEM())
 
 
 def random_images(seed=0, batch=4):
@@ -24,8 +24,8 @@ def flat(tree):
 
 def test_metric_layer_width_follows_the_paper():
     assert tome_jax.ViT(**SMALL).metric_dim == 16  # head_dim
-    assert tome_jax.create_model("vit_large_patch16_224", dtem=True).metric_dim == 128  # 2 * head_dim
-    assert tome_jax.create_model("vit_base_patch16_224", dtem=True, dtem_dim=32).metric_dim == 32
+    assert tome_jax.create_model("vit_large_patch16_224", reduction=reduce.DTEM()).metric_dim == 128  # 2 * head_dim
+    assert tome_jax.create_model("vit_base_patch16_224", reduction=reduce.DTEM(dim=32)).metric_dim == 32
     assert tome_jax.create_model("vit_base_patch16_224").metric_dim is None
     model = tome_jax.ViT(**SMALL)
     params = model.init(jax.random.key(0), random_images())["params"]
@@ -36,7 +36,7 @@ def test_soft_merge_in_training_keeps_shapes_and_size_hard_merge_at_inference():
     model = tome_jax.ViT(**SMALL)
     images = random_images()
     variables = model.init(jax.random.key(0), images)
-    apply = jax.jit(model.apply, static_argnames=("r", "train", "mutable", "soft_merge"))
+    apply = jax.jit(model.apply, static_argnames=("r", "train", "mutable"))
     _, state = apply(variables, images, r=(3, -1), train=True, mutable="intermediates")
     tokens, sizes = (np.asarray(state["intermediates"][name][0]) for name in ("tokens", "size"))
     assert tokens.shape == (4, 17, 48)  # the soft merge removes no token
@@ -49,10 +49,6 @@ def test_soft_merge_in_training_keeps_shapes_and_size_hard_merge_at_inference():
     hard = tome_jax.token_features(state["intermediates"])
     assert hard.tokens.shape[1] < 17  # inference merges for real, on the learned metric
     np.testing.assert_array_equal(np.asarray(hard.size.sum(1)), 17.0)
-    with pytest.raises(ValueError, match="soft_merge needs a DTEM model"):
-        tome_jax.ViT(**{**SMALL, "dtem": False}).apply(
-            variables, images, r=2, soft_merge=True
-        )
 
 
 def test_metric_layers_read_a_detached_input():
@@ -93,7 +89,8 @@ def build(config, total_steps=4):
 
 def dtem_config(**changes):
     config = tiny_train_config.get_config()
-    config.model_overrides = {**tiny_train_config.TINY, "dtem": True}
+    config.model_overrides = dict(tiny_train_config.TINY)
+    config.method = "dtem"
     config.r = "(4, -1)"
     config.learning_rate = 1e-2
     config.weight_decay = 0.0  # so only a gradient can move a parameter
@@ -105,9 +102,9 @@ def dtem_config(**changes):
 @pytest.mark.parametrize("drop_residue", [False, True])
 def test_modular_training_moves_only_the_metric_layers_and_compiles_once(drop_residue):
     config = dtem_config(trainable="metric", r="3")  # every block merges
-    config.model_overrides.dtem_soft_merge = tome_jax.SoftMergeSettings(drop_residue=drop_residue)
+    config.dtem.drop_residue = drop_residue
     model, mesh, state, step = build(config)
-    assert model.dtem_soft_merge.drop_residue == drop_residue
+    assert model.method == reduce.DTEM(drop_residue=drop_residue)
     before = flat(jax.device_get(state.params))
     rng = np.random.default_rng(0)
     for i in range(3):  # new data every step, one compilation
@@ -143,7 +140,7 @@ def test_end_to_end_training_moves_everything():
 
 def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
     base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
-    model, variables = tome_jax.from_timm(base, dtem=True)
+    model, variables = tome_jax.from_timm(base, reduction=reduce.DTEM())
     noisy = jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.1 if "metric" in jax.tree_util.keystr(p) else v, variables
     )
@@ -151,12 +148,14 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
     tome_jax.save_metric_layers(model, noisy, path)
     assert path.stat().st_size < 700_000  # the metric layers only, not the 21 MB ViT
     loaded_model, loaded = tome_jax.from_timm(base, metric_layers=path)
-    assert loaded_model.dtem and loaded_model.metric_dim == 64
+    assert loaded_model.method == reduce.DTEM(dim=64) and loaded_model.metric_dim == 64
     chex.assert_trees_all_equal(loaded, noisy)
     with pytest.raises(ValueError, match="already has metric layers"):
         tome_jax.from_timm(tome_jax.to_timm_state_dict(model, noisy), metric_layers=path)
     with pytest.raises(ValueError, match="has no DTEM metric layers"):
         tome_jax.save_metric_layers(*tome_jax.from_timm(base), path)
+    with pytest.raises(ValueError, match="carries DTEM metric layers: build the model with reduction=reduce.DTEM"):
+        tome_jax.from_timm(base, metric_layers=path, reduction=reduce.ToMe())
 
 
 def test_metric_layers_from_timm_weights_start_as_tomes_metric():
@@ -168,11 +167,11 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
         return np.asarray(jax.jit(model.apply, static_argnames="r")(variables, images, r=r))
 
     expected = logits(*tome_jax.from_timm(base))
-    for dtem_dim in (None, 96):  # head_dim (64), and wider: zero features past it
+    for dim in (0, 96):  # head_dim (64), and wider: zero features past it
         np.testing.assert_allclose(
-            logits(*tome_jax.from_timm(base, dtem=True, dtem_dim=dtem_dim)), expected, atol=1e-5, err_msg=str(dtem_dim)
+            logits(*tome_jax.from_timm(base, reduction=reduce.DTEM(dim=dim))), expected, atol=1e-5, err_msg=str(dim)
         )
-    narrow, variables = tome_jax.from_timm(base, dtem=True, dtem_dim=16)  # cannot hold a head
+    narrow, variables = tome_jax.from_timm(base, reduction=reduce.DTEM(dim=16))  # cannot hold a head
     assert variables["params"]["blocks_0"]["metric"]["kernel"].shape == (192, 16)
     assert not np.allclose(logits(narrow, variables), expected, atol=1e-3)
     # Without a qkv bias (the bias starts at zero) and with several heads.
@@ -180,6 +179,31 @@ def test_metric_layers_from_timm_weights_start_as_tomes_metric():
     no_bias = timm_vit.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
                                          qkv_bias=False, num_classes=10).eval()
     (plain, plain_variables), (learned, learned_variables) = (
-        tome_jax.from_timm(no_bias, **dtem) for dtem in ({}, {"dtem": True})
+        tome_jax.from_timm(no_bias, reduction=method) for method in (reduce.ToMe(), reduce.DTEM())
     )
     np.testing.assert_allclose(logits(learned, learned_variables, r=3), logits(plain, plain_variables, r=3), atol=1e-5)
+
+
+def test_the_old_dtem_spelling_still_works_and_says_what_replaces_it():
+    """`ViT(dtem=True, dtem_dim=, dtem_soft_merge=)` and `apply(soft_merge=)` (before DTEM was a method)."""
+    images = random_images()
+    new = tome_jax.ViT(**{**SMALL, "reduction": reduce.DTEM(dim=8, drop_residue=True)})
+    old = tome_jax.ViT(**{**SMALL, "reduction": None}, dtem=True, dtem_dim=8,
+                       dtem_soft_merge=tome_jax.SoftMergeSettings(drop_residue=True))
+    variables = new.init(jax.random.key(0), images)
+    with pytest.warns(DeprecationWarning, match=r"reduction=reduce.DTEM\(dim="):
+        assert old.metric_dim == 8
+        chex.assert_trees_all_equal_shapes(old.init(jax.random.key(0), images), variables)
+    for train in (False, True):
+        want = new.apply(variables, images, r=3, train=train)
+        with pytest.warns(DeprecationWarning):
+            got = old.apply(variables, images, r=3, train=train)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # soft_merge= forces the soft merge (or the hard one) whatever `train`.
+    with pytest.warns(DeprecationWarning, match="soft_merge='always' or 'never'"):
+        forced = new.apply(variables, images, r=3, soft_merge=True)
+    np.testing.assert_array_equal(np.asarray(forced), np.asarray(new.apply(variables, images, r=3, train=True)))
+    with pytest.raises(ValueError, match="soft_merge needs a DTEM model"), pytest.warns(DeprecationWarning):
+        tome_jax.ViT(**{**SMALL, "reduction": None}).apply(variables, images, r=2, soft_merge=True)
+    with pytest.raises(ValueError, match="DTEM is a reduction method of its own"), pytest.warns(DeprecationWarning):
+        tome_jax.ViT(**{**SMALL, "reduction": reduce.PiToMe()}, dtem=True).apply(variables, images, r=2)

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn  
 
 from test_convert import images_for, max_abs_diff, randomised, tome_jax_logits, torch_logits  # noqa: E402
 from tome_jax import create_model, from_timm, pretrained_data_config, to_timm_state_dict, torch_tome  # noqa: E402
-from tome_jax.vit import pair  # noqa: E402
+from tome_jax.layers import pair  # noqa: E402
 
 
 def relative_diff(got, want):

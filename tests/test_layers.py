@@ -12,8 +12,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tome_jax"
 # Lower layers never import higher ones. Within a layer, imports are allowed but
 # must not form a cycle (checked below over the whole package).
 LAYERS = {
-    "algorithm": ["tome_jax.merge", "tome_jax.schedules", "tome_jax.dtem", "tome_jax.attention", "tome_jax.reduce"],
-    "model": ["tome_jax.vit", "tome_jax.features", "tome_jax.torch_tome"],
+    "algorithm": [
+        "tome_jax.merge", "tome_jax.schedules", "tome_jax.tokens", "tome_jax.dtem", "tome_jax.attention",
+        "tome_jax.reduce",
+    ],
+    "model": ["tome_jax.layers", "tome_jax.vit", "tome_jax.registry", "tome_jax.features", "tome_jax.torch_tome"],
     "conversion": ["tome_jax.convert"],
     "data": ["tome_jax.data"],
     "engine": [
@@ -140,3 +143,18 @@ def test_import_is_light(statement):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]", f"{statement} imported {result.stdout.strip()}"
+
+
+def test_no_module_outside_reduce_asks_what_class_a_method_is():
+    """Methods say what they need through their hooks; `isinstance(x, reduce.Something)` is
+    for `tome_jax.reduce` alone."""
+    offences = []
+    for name, path in MODULES.items():
+        if name.startswith("tome_jax.reduce"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                classes = ast.unparse(node.args[1])
+                if "reduce." in classes or any(c in classes for c in ("Reduction", "DTEM", "DiffRate", "ToMe")):
+                    offences.append(f"{name}: isinstance(..., {classes})")
+    assert not offences, "\n".join(offences)

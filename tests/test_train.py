@@ -170,8 +170,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(small_cifar, tmp_path)
     model, _, _ = evaluate.load_model(tiny_config("unused"))
     restored = evaluate.trained_params(str(straight), "latest", model)
     chex.assert_trees_all_equal(restored, params_a)
-    dtem_model, _, _ = evaluate.load_model(tiny_config("unused", model_overrides={**TINY, "dtem": True}))
-    with pytest.raises(ValueError, match="method=dtem"):
+    dtem_model, _, _ = evaluate.load_model(tiny_config("unused", method="dtem"))
+    with pytest.raises(ValueError, match="trained no DTEM metric layers"):
         evaluate.trained_params(str(straight), "best", dtem_model)
 
 

@@ -10,7 +10,7 @@ import pytest
 from scipy.special import erf
 
 import tome_jax
-from tome_jax import schedules, vit
+from tome_jax import layers, schedules
 
 SMALL = dict(num_classes=7, img_size=16, patch_size=4, width=24, depth=3, num_heads=3)
 
@@ -214,7 +214,7 @@ def test_gap_pooling_weights_merged_tokens_by_size():
 def test_attention_pool_counts_patches():
     """`log(size)` in the MAP head's logits is the pool over every token repeated once
     per patch it holds: a merged token weighs as its patches did unmerged."""
-    pool = vit.AttentionPool(num_heads=3, act_layer="gelu_tanh")
+    pool = layers.AttentionPool(num_heads=3, act_layer="gelu_tanh")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 5, 24)), jnp.float32)
     size = jnp.asarray(rng.integers(1, 4, size=(2, 5)), jnp.float32)
@@ -315,10 +315,10 @@ def test_gradients_with_merging_and_stochastic_depth_are_finite():
 
 def test_gelu_is_exact_with_its_derivative_over_the_whole_range():
     x = np.linspace(-12, 12, 4801)
-    got = np.asarray(jax.jit(vit.gelu)(jnp.asarray(x, jnp.float32)), np.float64)
+    got = np.asarray(jax.jit(layers.gelu)(jnp.asarray(x, jnp.float32)), np.float64)
     cdf = 0.5 * (1 + erf(x / math.sqrt(2)))
     np.testing.assert_allclose(got, x * cdf, rtol=1e-6, atol=1e-6)
-    slope = np.asarray(jax.jit(jax.vmap(jax.grad(vit.gelu)))(jnp.asarray(x, jnp.float32)), np.float64)
+    slope = np.asarray(jax.jit(jax.vmap(jax.grad(layers.gelu)))(jnp.asarray(x, jnp.float32)), np.float64)
     np.testing.assert_allclose(slope, cdf + x * np.exp(-(x**2) / 2) / math.sqrt(2 * math.pi), atol=1e-6)
 
 

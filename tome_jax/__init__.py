@@ -31,7 +31,9 @@ from tome_jax.merge import (
     unmerge,
 )
 from tome_jax.schedules import effective_schedule, parse_r, schedule_for_token_budget, tokens_per_layer
-from tome_jax.vit import MODEL_CONFIGS, SoftMergeSettings, ViT, create_model, model_config
+from tome_jax.vit import SoftMergeSettings, ViT, init_params
+from tome_jax.registry import MODEL_CONFIGS, create_model, model_config
+from tome_jax.tokens import TokenField, Tokens
 from tome_jax.budget import RChoice, choose_r
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -155,12 +155,24 @@ class FusedQKV(nn.Module):
         return y if bias is None else y + bias
 
 
-class Attention(nn.Module):
-    """timm-layout attention (one fused `qkv` projection, then `proj`).
+class Attended(NamedTuple):
+    """What `Attention` returns.
 
-    Returns the attention output and the merge metric, the keys' mean over heads,
-    and on request the attention weights.
+    Attributes:
+      out: [batch, tokens, dim] the attention's output, after `proj`.
+      metric: [batch, tokens, head_dim] the keys' mean over heads (ToMe's merge
+        metric), or None when the weights were given.
+      weights: [batch, heads, tokens, tokens] the weights attended with, when
+        they were materialised (asked for, adjusted or given); else None.
     """
+
+    out: jax.Array
+    metric: jax.Array | None
+    weights: jax.Array | None = None
+
+
+class Attention(nn.Module):
+    """timm-layout attention (one fused `qkv` projection, then `proj`) with proportional attention."""
 
     num_heads: int
     qkv_bias: bool = True
@@ -178,18 +190,18 @@ class Attention(nn.Module):
         *,
         weights: jax.Array | None = None,
         return_weights: bool = False,
-    ) -> tuple[jax.Array, ...]:
-        """x: [batch, tokens, dim]; size: [batch, tokens] or None.
+        adjust_weights: Callable[[jax.Array], jax.Array] | None = None,
+    ) -> Attended:
+        """x: [batch, tokens, dim]; size: [batch, tokens] or None (plain attention).
 
         Args:
           weights: [batch, heads, tokens, tokens] attention weights to use instead
             of computing them (MCTF's one-step-ahead attention): only the values
-            are projected, and the metric is None.
-          return_weights: also return the attention weights (materialised; the
-            output is then computed from them, whatever `implementation`).
-
-        Returns ([batch, tokens, dim], metric [batch, tokens, head_dim] or None),
-        and the weights [batch, heads, tokens, tokens] when `return_weights`.
+            are projected, and there is no metric.
+          return_weights: materialise the weights and return them (the output is
+            then computed from them, whatever `implementation`).
+          adjust_weights: a function of the weights that gives the ones to
+            attend with (DiffRate's search masks keys); implies `return_weights`.
         """
         batch, tokens, dim = x.shape
         if dim % self.num_heads:
@@ -203,11 +215,13 @@ class Attention(nn.Module):
         metric = None
         if weights is not None:
             out = attend(weights, heads(qkv(x, "v"))[:, :, 0])
-        elif return_weights:
+        elif return_weights or adjust_weights is not None:
             # The values apart: a step that reads only the map leaves them unused, for XLA to drop.
             query_key, value = heads(qkv(x, "qk")), heads(qkv(x, "v"))[:, :, 0]
             query, key = norm("q_norm", query_key[:, :, 0]), norm("k_norm", query_key[:, :, 1])
             weights = attention_weights(query, key, size)
+            if adjust_weights is not None:
+                weights = adjust_weights(weights)
             out, metric = attend(weights, value), key.mean(axis=2)
         else:
             qkv_heads = heads(qkv(x))
@@ -218,4 +232,4 @@ class Attention(nn.Module):
         out = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(
             out.reshape(batch, tokens, dim)
         )
-        return (out, metric, weights) if return_weights else (out, metric)
+        return Attended(out, metric, weights)

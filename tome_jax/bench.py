@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tome_jax import attention, budget, measure, merge, reduce, report, schedules, vit
+from tome_jax import attention, budget, measure, merge, reduce, registry, report, schedules, vit
 from tome_jax.convert import from_timm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -171,7 +171,7 @@ def build_models(name: str, dtype: str, config, device: str):
         timm_model = timm.create_model(name, pretrained=False, **architecture).eval()
         model, variables = from_timm(timm_model, **overrides)
         return model, jax.device_put(variables), timm_model
-    model = vit.create_model(name, **architecture, **overrides)
+    model = registry.create_model(name, **architecture, **overrides)
     return model, {"params": vit.init_params(model)}, None
 
 

@@ -133,32 +133,43 @@ def choose_r(
         speedup = _cached(_measured_speedup(model, variables, images, timing_runs, prop_attn))
         meets = lambda s: speedup(s) >= target_speedup  # noqa: E731
 
-    tokens, depth, protected = model.num_tokens, model.depth, model.num_prefix_tokens
     choices, best_reached = [], []
     for inflection in inflections:
-        def schedule(r, inflection=inflection):
-            return schedules.effective_schedule(tokens, schedules.parse_r(depth, (r, inflection)), protected)
-
-        limit = schedules.most_merging_r(tokens, depth, inflection)
-        r = schedules.smallest_fitting_r(lambda r: meets(schedule(r)), limit)
-        if r is None:
-            best_reached.append((inflection, gflops(schedule(limit)) if speedup is None else speedup(schedule(limit))))
-            continue
-        chosen = schedule(r)
-        choices.append(
-            RChoice(
-                r=r if inflection == 0 else (r, inflection),
-                schedule=chosen,
-                merged_tokens=sum(chosen),
-                gflops=gflops(chosen),
-                speedup=None if speedup is None else speedup(chosen),
-            )
-        )
+        choice, reached = _choose_with_inflection(model, inflection, meets, gflops, speedup)
+        if choice is None:
+            best_reached.append((inflection, reached))
+        else:
+            choices.append(choice)
     if not choices:
         target = f"{target_gflops} GFLOPs per image" if speedup is None else f"a {target_speedup}x speed-up"
         reached = ", ".join(f"{value:.4g} with inflection {f}" for f, value in best_reached)
         raise ValueError(f"{target} is out of reach at batch {batch_size}: the most merging schedules give {reached}")
     return min(choices, key=lambda choice: choice.merged_tokens)
+
+
+def _choose_with_inflection(
+    model: ViT, inflection: float, meets, gflops, speedup
+) -> tuple[RChoice | None, float | None]:
+    """The smallest `(r, inflection)` that `meets` the target, by bisection, and else None and the
+    cost (GFLOPs, or the speed-up when `speedup` is given) the most merging schedule reaches."""
+    tokens, depth, protected = model.num_tokens, model.depth, model.num_prefix_tokens
+
+    def schedule(r):
+        return schedules.effective_schedule(tokens, schedules.parse_r(depth, (r, inflection)), protected)
+
+    limit = schedules.most_merging_r(tokens, depth, inflection)
+    r = schedules.smallest_fitting_r(lambda r: meets(schedule(r)), limit)
+    if r is None:
+        return None, gflops(schedule(limit)) if speedup is None else speedup(schedule(limit))
+    chosen = schedule(r)
+    choice = RChoice(
+        r=r if inflection == 0 else (r, inflection),
+        schedule=chosen,
+        merged_tokens=sum(chosen),
+        gflops=gflops(chosen),
+        speedup=None if speedup is None else speedup(chosen),
+    )
+    return choice, None
 
 
 def choose_r_near_gflops(

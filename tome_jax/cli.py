@@ -232,7 +232,8 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
 def _visualize(args: argparse.Namespace) -> None:
     from tome_jax import data, evaluate, schedules, vis
     from tome_jax.convert import from_timm
-    from tome_jax.vit import create_model, init_params
+    from tome_jax.registry import create_model
+    from tome_jax.vit import init_params
 
     r_values = schedules.parse_r_values(args.r)
     args.mean = args.mean or data.CIFAR10_MEAN

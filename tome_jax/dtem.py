@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from tome_jax import merge
 
@@ -197,10 +198,88 @@ def _clip_unit_interval_straight_through(value: jax.Array) -> jax.Array:
     return value + jax.lax.stop_gradient(jnp.clip(value, 0.0, 1.0) - value)
 
 
-def _largest_first(x: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[batch, t, channels], [batch, t] sorted by size, descending; ties keep their order."""
-    order = jnp.argsort(size, axis=-1, descending=True, stable=True)
-    return merge.gather_tokens(x, order), merge.gather_tokens(size, order)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _per_token(weights: jax.Array, values: jax.Array) -> jax.Array:
+    """[batch, t] weights shaped to multiply [batch, t, ...] values."""
+    return weights.reshape(weights.shape + (1,) * (values.ndim - 2))
+
+
+def _a_and_b(values: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """[batch, tokens, ...] -> A (positions 1, 3, .. < n) and B (2, 4, .. < n)."""
+    return values[:, 1:n:2], values[:, 2:n:2]
+
+
+def _soft_sums(assign: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A keeps what it does not send (clipped straight through); B adds what it receives."""
+    kept = _clip_unit_interval_straight_through(1.0 - assign.sum(axis=-1))
+    return a * _per_token(kept, a), b + jnp.einsum("bij,bi...->bj...", assign, a, precision=_HIGHEST)
+
+
+@struct.dataclass
+class SoftPlan:
+    """One soft merge step as a plan that any per-token quantity can follow (`tome_jax.tokens`).
+
+    Among the first `n` tokens, each A token (positions 1, 3, ..) sends the share
+    `assign[a, b]` of itself to each B token (2, 4, ..); then A and B are put in
+    `order`, by their new sizes, largest first. Token 0 and the tokens from `n`
+    on stay where they are; no token is removed.
+
+    Attributes:
+      assign: [batch, num_a, num_b] float32, rows summing to <= 1.
+      order: [batch, num_a + num_b] the A-then-B index of the token at each place
+        after the step (A first, then B, as `num_a_b(n)` counts them).
+      n: participating tokens, a static int.
+      residue_from: places from here on get sum 0 (`drop_residue`), or None.
+    """
+
+    assign: jax.Array
+    order: jax.Array
+    n: int = struct.field(pytree_node=False)
+    residue_from: int | None = struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def build(cls, assign: jax.Array, size: jax.Array, n: int, residue_from: int | None = None) -> SoftPlan:
+        """The plan of `assign` for tokens of sizes [batch, tokens] (the order follows the new sizes)."""
+        size_a, size_b = _soft_sums(assign, *_a_and_b(size.astype(jnp.float32), n))
+        order = jnp.argsort(jnp.concatenate([size_a, size_b], axis=1), axis=-1, descending=True, stable=True)
+        return cls(assign, order, n, residue_from)
+
+    def _split(self, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _a_and_b(values, self.n)
+
+    def _place(self, values: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+        """A and B in `order`, between token 0 and the tokens from `n` on (values' dtype)."""
+        ordered = merge.gather_tokens(jnp.concatenate([a, b], axis=1), self.order)
+        return jnp.concatenate([values[:, :1], ordered.astype(values.dtype), values[:, self.n :]], axis=1)
+
+    def sum(self, values: jax.Array, *, implementation: str | None = None) -> jax.Array:
+        """[batch, tokens, ...] -> the same shape: each B token adds the shares it receives.
+
+        (The sizes follow this rule; `implementation` is the hard plans' and unused here.)
+        """
+        summed = self._place(values, *_soft_sums(self.assign, *self._split(values.astype(jnp.float32))))
+        if self.residue_from is None:
+            return summed
+        return jnp.where(_per_token(jnp.arange(summed.shape[1]) < self.residue_from, summed), summed, 0.0)
+
+    def mean(self, values: jax.Array, weights: jax.Array, *, implementation: str | None = None) -> jax.Array:
+        """`(w_b v_b + sum_a assign[a, b] w_a v_a) / (w_b + sum_a assign[a, b] w_a)` for B; A keeps its own.
+
+        A B token of weight 0 that receives nothing gets 0 (no 0/0).
+        """
+        weights = weights.astype(jnp.float32)
+        a, b = self._split(values.astype(jnp.float32))
+        weight_a, weight_b = self._split(weights)
+        sent = jnp.einsum("bij,bi...->bj...", self.assign, _per_token(weight_a, a) * a, precision=_HIGHEST)
+        norm = weight_b + jnp.einsum("bij,bi->bj", self.assign, weight_a, precision=_HIGHEST)
+        b = (_per_token(weight_b, b) * b + sent) / _per_token(jnp.where(norm > 0, norm, 1.0), b)
+        return self._place(values, a, b)
+
+    def receivers(self, values: jax.Array) -> jax.Array:
+        """Every token keeps its own value, in the new order."""
+        return self._place(values, *self._split(values))
 
 
 def merge_assigned(
@@ -215,6 +294,7 @@ def merge_assigned(
     `_clip_unit_interval_straight_through`). A and B are then sorted by size, largest
     first. Token 0 and the tokens from `n` on are returned untouched. With a one-hot
     assignment this is ToMe's merge, the merged-away tokens left with size 0.
+    (`SoftPlan` is this step as a plan.)
 
     Args:
       x: [batch, tokens, channels], any float dtype (accumulated in float32).
@@ -233,20 +313,16 @@ def merge_assigned(
         raise ValueError(
             f"assign has shape {assign.shape}, expected {(x.shape[0], *num_a_b(n))} for n={n}"
         )
-    size = size.astype(jnp.float32)
-    x_a, x_b = x[:, 1:n:2].astype(jnp.float32), x[:, 2:n:2].astype(jnp.float32)
-    size_a, size_b = size[:, 1:n:2], size[:, 2:n:2]
-    highest = jax.lax.Precision.HIGHEST
-    sent = jnp.einsum("bij,bic->bjc", assign, size_a[..., None] * x_a, precision=highest)
-    size_b_new = size_b + jnp.einsum("bij,bi->bj", assign, size_a, precision=highest)
-    # A B token of size 0 that receives nothing keeps its features (no 0/0).
-    x_b = (size_b[..., None] * x_b + sent) / jnp.where(size_b_new > 0, size_b_new, 1.0)[..., None]
-    size_a = size_a * _clip_unit_interval_straight_through(1.0 - assign.sum(axis=-1))
-    x_ab, size_ab = _largest_first(
-        jnp.concatenate([x_a, x_b], axis=1), jnp.concatenate([size_a, size_b_new], axis=1)
-    )
-    x_out = jnp.concatenate([x[:, :1], x_ab.astype(x.dtype), x[:, n:]], axis=1)
-    return x_out, jnp.concatenate([size[:, :1], size_ab, size[:, n:]], axis=1)
+    plan = SoftPlan.build(assign, size, n)
+    return plan.mean(x, size), plan.sum(size.astype(jnp.float32))
+
+
+def soft_merge_plan(
+    size: jax.Array, metric: jax.Array, r: int, n: int, *, k2: int = 3, tau1=0.1, tau2=0.1, drop_residue: bool = False
+) -> SoftPlan:
+    """The plan of one DTEM training merge step (see `dtem_soft_merge`); `r` already clamped, > 0."""
+    assign = soft_khot(soft_merge_scores(metric, n), r, k2=k2, tau1=tau1, tau2=tau2)
+    return SoftPlan.build(assign, size, n, residue_from=n - r if drop_residue else None)
 
 
 def dtem_soft_merge(
@@ -294,8 +370,5 @@ def dtem_soft_merge(
         _check_selection(k2, tau1, tau2)
         no_merge = jnp.zeros((x.shape[0], *num_a_b(n)), jnp.float32)
         return SoftMerge(x, size.astype(jnp.float32), n, no_merge)
-    assign = soft_khot(soft_merge_scores(metric, n), r, k2=k2, tau1=tau1, tau2=tau2)
-    x, size = merge_assigned(x, size, assign, n)
-    if drop_residue:
-        size = jnp.where(jnp.arange(size.shape[1]) < n - r, size, 0.0)
-    return SoftMerge(x, size, n - r, assign)
+    plan = soft_merge_plan(size, metric, r, n, k2=k2, tau1=tau1, tau2=tau2, drop_residue=drop_residue)
+    return SoftMerge(plan.mean(x, size), plan.sum(size.astype(jnp.float32)), n - r, plan.assign)

@@ -18,7 +18,8 @@ from tome_jax import budget, data, reduce, report, schedules
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import from_timm, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
-from tome_jax.vit import ViT, create_model, init_params
+from tome_jax.registry import create_model
+from tome_jax.vit import ViT, init_params
 
 
 @jax.jit
@@ -89,7 +90,7 @@ def sweep(
     for r in tqdm(r_values, desc="r sweep", unit="r"):
         predict, cost = compile_predict(model, r, variables, timing_images[0], prop_attn=prop_attn)
         schedule = schedules.parse_r(model.depth, r)
-        effective = schedules.effective_schedule(model.num_tokens, schedule, model.num_prefix_tokens, _max_r(model))
+        effective = schedules.effective_schedule(model.num_tokens, schedule, model.num_prefix_tokens, model.method.max_r)
         row = {"r": schedules.r_label(r), "schedule": list(effective), "tokens_left": model.num_tokens - sum(effective)}
         row.update(cost)
         row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
@@ -101,11 +102,6 @@ def sweep(
         if on_row is not None:
             on_row(rows)
     return rows
-
-
-def _max_r(model: ViT) -> schedules.MaxR | None:
-    """The model's limit on one block's `r` (DiffRate's exceeds ToMe's half)."""
-    return None if model.reduction is None else model.reduction.max_r
 
 
 # Set by cluster schedulers whose layout jax.distributed.initialize() detects itself.
@@ -161,18 +157,14 @@ def load_model(config) -> tuple[ViT, Any, str]:
     `config.pretrained`: load `config.model` (timm name or checkpoint file) through
     `from_timm`; else build the registry architecture of that name and return None
     parameters, to be initialised by Flax (no torch or timm needed).
-    Optional keys: `method` ("tome"; "dtem" for DTEM metric layers; or another
-    `tome_jax.reduce.METHODS` name, whose settings are `config[method]`, see
-    `reduction_from_config`), `metric_layers` (a file of DTEM metric layers to
-    add), `params_from` (a train.py workdir whose checkpoint replaces the
-    parameters) and `params_step` ("best", "latest" or a step).
+    Optional keys: `method` (a `tome_jax.reduce.METHODS` name, "tome" by default,
+    whose settings are `config[method]`, see `reduction_from_config`),
+    `metric_layers` (a file of DTEM metric layers to add), `params_from` (a
+    train.py workdir whose checkpoint replaces the parameters) and `params_step`
+    ("best", "latest" or a step).
     """
     source = resolve_source(config.model)
-    overrides = dict(config.model_overrides)
-    if config.get("method", "tome") == "dtem":
-        overrides["dtem"] = True
-    else:
-        overrides["reduction"] = reduction_from_config(config)
+    overrides = {"reduction": reduction_from_config(config), **dict(config.model_overrides)}
     if not config.pretrained:
         model, params = create_model(source, **overrides), None
     else:
@@ -204,7 +196,11 @@ def trained_params(workdir: str, step, model: ViT):
     got, want = shapes(params), shapes(expected)
     if got != want:
         differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
-        hint = " (DTEM metric layers: set --config.method=dtem)" if any("metric" in k for k in differ) else ""
+        hint = ""
+        if any(k.endswith("/metric/kernel") and k not in want for k in got):
+            hint = " (it holds DTEM metric layers: set --config.method=dtem)"
+        elif any(k.endswith("/metric/kernel") and k not in got for k in want):
+            hint = " (the run trained no DTEM metric layers: evaluate it with the method it trained with)"
         raise ValueError(
             f"{workdir} does not hold this model's parameters{hint}: "
             + ", ".join(f"{k}: checkpoint {got.get(k)} vs model {want.get(k)}" for k in differ[:8])
@@ -271,7 +267,7 @@ def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
     model, params, source = load_model(config)
     for r in r_values:
         try:
-            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, _max_r(model))
+            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, model.method.max_r)
         except (TypeError, ValueError) as error:
             raise ValueError(f"r={schedules.r_label(r)} does not fit the model: {error}") from None
         if is_main:
@@ -333,7 +329,7 @@ def run(config) -> list[dict[str, Any]]:
         # A speed-up target is measured on each process: all take process 0's choice.
         r = schedules.parse_r_value(text_of_process_zero(schedules.r_label(r)))
         if setup.is_main:
-            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, _max_r(model))
+            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, model.method.max_r)
             print(f"{target}: {described}")
         r_values.append(r)
     rows = sweep(
@@ -372,10 +368,7 @@ def compare_methods(config) -> list[dict[str, Any]]:
     names = [name.strip() for name in config.methods.split(",") if name.strip()]
     unknown = [name for name in names if name not in reduce.METHODS]
     if unknown:
-        raise ValueError(
-            f"config.methods names {', '.join(unknown)}; known: {', '.join(reduce.METHODS)} "
-            "(DTEM needs its trained metric layers: compare it with eval.py --config.method=dtem)"
-        )
+        raise ValueError(f"config.methods names {', '.join(unknown)}; known: {', '.join(reduce.METHODS)}")
     setup = _setup(config)
     prop_attn, batch = config.prop_attn, config.batch_size  # FLOPs counted at the eval batch
     reference = setup.model.clone(reduction=reduction_from_config(config, config.budget_method))
@@ -389,7 +382,7 @@ def compare_methods(config) -> list[dict[str, Any]]:
         chosen = []  # per budget: its label and GFLOPs, the r chosen (None: out of reach) and its GFLOPs
         for budget_r, gflops in budgets:
             label = f"{config.budget_method} r={schedules.r_label(budget_r)}"
-            choice = (budget_r, gflops) if model.reduction == reference.reduction else None
+            choice = (budget_r, gflops) if model.method == reference.method else None
             if choice is None:
                 try:
                     picked = budget.choose_r_near_gflops(

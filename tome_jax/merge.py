@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 class MergePlan(NamedTuple):
     """Where every token goes in one merge step (a pytree of int32 arrays).
 
@@ -43,6 +44,19 @@ class MergePlan(NamedTuple):
     @property
     def tokens_out(self) -> int:
         return self.kept.shape[-1]
+
+    # The rules by which per-token quantities follow the plan (`tome_jax.tokens`).
+    def sum(self, values: jax.Array, *, implementation: str | None = None) -> jax.Array:
+        """`merge_sum`: [batch, tokens_in, ...] -> [batch, tokens_out, ...]."""
+        return merge_sum(self, values, implementation=implementation)
+
+    def mean(self, values: jax.Array, weights: jax.Array, *, implementation: str | None = None) -> jax.Array:
+        """`merge_mean` weighted by [batch, tokens_in] `weights`."""
+        return merge_mean(self, values, weights, implementation=implementation)
+
+    def receivers(self, values: jax.Array) -> jax.Array:
+        """Each slot's value from the token it starts from (the one the others merge into)."""
+        return gather_tokens(values, self.kept)
 
 
 # `MergePlan.dest` of a pruned token, and the source of a patch no token holds any more.
@@ -181,9 +195,8 @@ def bipartite_soft_merge(metric: jax.Array, r: int, *, num_prefix_tokens: int = 
     leaves them. For a class token alone (`num_prefix_tokens=1`), or class and
     distillation tokens (2), this is exactly the official order.
 
-    Ties are broken by position (stable sort), so equal scores give the same plan
-    on every backend. The matching is not differentiated; gradients flow through
-    the merged values when the plan is applied.
+    Ties are broken by position, so equal scores give one plan on every backend.
+    The matching is not differentiated; gradients flow through the merged values.
 
     Args:
       metric: [batch, tokens, channels] similarity features (keys' head-mean).
@@ -419,20 +432,21 @@ def merge_mean(
     """Weighted average of the tokens sharing a slot, `sum(w x) / sum(w)`.
 
     Args:
-      x: [batch, tokens_in, channels].
+      x: [batch, tokens_in, ...], usually [batch, tokens_in, channels].
       weight: [batch, tokens_in] each token's weight (its size in ToMe).
       implementation: how the sums are taken, see `merge_sum`.
 
     Returns:
-      [batch, tokens_out, channels] in x's dtype (accumulated in float32). A slot
+      [batch, tokens_out, ...] in x's dtype (accumulated in float32). A slot
       of zero total weight (only after a soft merge faded a token) is zero.
     """
     if plan.merged.shape[-1] == 0:
         return gather_tokens(x, plan.kept)
+    per_token = (slice(None), slice(None)) + (None,) * (x.ndim - 2)  # weights over x's trailing axes
     weight = weight.astype(jnp.float32)
-    total = merge_sum(plan, x.astype(jnp.float32) * weight[..., None], implementation=implementation)
+    total = merge_sum(plan, x.astype(jnp.float32) * weight[per_token], implementation=implementation)
     norm = merge_sum(plan, weight, implementation=implementation)
-    return (total / jnp.where(norm > 0, norm, 1.0)[..., None]).astype(x.dtype)
+    return (total / jnp.where(norm > 0, norm, 1.0)[per_token]).astype(x.dtype)
 
 
 def merge_wavg(

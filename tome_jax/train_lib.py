@@ -31,11 +31,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from tome_jax import budget, data, evaluate, reduce, schedules
+from tome_jax import budget, data, evaluate, schedules
 from tome_jax.data import augment, mixing
-from tome_jax.reduce import diffrate
 from tome_jax.checkpoints import Checkpoints
-from tome_jax.convert import save_metric_layers
 from tome_jax.vit import ViT, init_params
 
 BATCH_AXES = ("data", "fsdp")
@@ -563,38 +561,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if is_main:
             print(f"preempted: saved step {step}, exiting", flush=True)
         exit_now(143)
-    if model.dtem and is_main:
-        save_metric_layers(model, {"params": jax.device_get(state.params)}, workdir / "metric_layers.safetensors")
-    if isinstance(model.reduction, reduce.DiffRate) and model.reduction.searching and is_main:
-        save_diffrate_schedule(model, jax.device_get(state.params), workdir / "diffrate_schedule.json")
+    if is_main:
+        write_method_outputs(model, jax.device_get(state.params), workdir)
     return {**eval_metrics, **meta}
 
 
-def save_diffrate_schedule(model: ViT, params, path) -> dict[str, Any]:
-    """Writes the schedule a DiffRate search found (JSON), with its GFLOPs and the eval.py command.
+def write_method_outputs(model: ViT, params, workdir: pathlib.Path) -> None:
+    """Writes the files the reduction method leaves after training (`Reduction.outputs`: DTEM's
+    metric layers, DiffRate's searched schedule) to the workdir, and names them."""
+    def gflops(method, r):
+        return budget.gflops_per_image(model.clone(reduction=method), {"params": params}, r)
 
-    `gflops` is the authors' count (`diffrate.schedule_flops`, the search's
-    target); `xla_gflops` is XLA's count of the hard model, as eval.py reports it.
-    """
-    method = model.reduction
-    found = diffrate.schedule_from_logits(
-        [params[f"blocks_{i}"]["diffrate_prune"] for i in range(model.depth)],
-        [params[f"blocks_{i}"]["diffrate_merge"] for i in range(model.depth)],
-        tokens=model.num_tokens,
-        granularity=method.granularity,
-        num_prefix_tokens=model.num_prefix_tokens,
-    )
-    hard = model.clone(reduction=reduce.DiffRate(prune=found.prune))
-    r, prune = str(list(found.r)), str(tuple(found.prune))
-    record = {
-        **found._asdict(),
-        "gflops": float(model.diffrate_gflops(found.prune_kept, found.merge_kept)),
-        "xla_gflops": budget.gflops_per_image(hard, {"params": params}, list(found.r)),
-        "eval": f'python eval.py --config.method=diffrate --config.r="{r}" --config.diffrate.prune="{prune}"',
-    }
-    pathlib.Path(path).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"DiffRate schedule: {record['gflops']:.4f} GFLOPs; {record['eval']}", flush=True)
-    return record
+    for name, contents in model.method.outputs(model, params, gflops).items():
+        (workdir / name).write_bytes(contents)
+        print(f"wrote {workdir / name}", flush=True)
 
 
 def train_augment(config, size) -> augment.TrainAugment:

@@ -294,7 +294,7 @@ def visualize(
     """
     if model.num_frames is not None:
         raise ValueError("visualize draws image models; a video model's token groups span frames")
-    reduce.check_tracks_sources(model.reduction)
+    reduce.check_tracks_sources(model.method)
     r_values = [r] if isinstance(r, numbers.Integral) else list(r)
     display = np.stack([as_float_image(image) for image in display_images])
     if len(display) != len(images):

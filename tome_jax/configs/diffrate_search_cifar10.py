@@ -2,11 +2,11 @@
 
     python train.py --config configs/diffrate_search_cifar10.py --workdir workdirs/diffrate_0.25
     python train.py --config configs/diffrate_search_cifar10.py --workdir DIR \
-        --config.diffrate.search_gflops=0.2
+        --config.diffrate_search.target_gflops=0.2
 
 The ViT stays frozen; only the blocks' rate logits learn, as in the authors'
 search: AdamW at 0.01 falling to 0.001 by a cosine, no weight decay, against the
-classification loss plus `flops_weight * (GFLOPs - search_gflops)^2`, GFLOPs in
+classification loss plus `flops_weight * (GFLOPs - target_gflops)^2`, GFLOPs in
 the authors' count (`diffrate.schedule_flops`: the unreduced model has 0.365).
 The schedule found is written to WORKDIR/diffrate_schedule.json, with the
 eval.py command that runs it (`--config.method=diffrate --config.r=...
@@ -19,14 +19,14 @@ from tome_jax.configs import train_cifar10
 
 def get_config():
     config = train_cifar10.get_config()
-    config.method = "diffrate"
-    config.diffrate.search_gflops = 0.25
+    config.method = "diffrate_search"
+    config.diffrate_search.target_gflops = 0.25
     # The authors' weight is 5 on DeiT-S (4.6 GFLOPs); the penalty is quadratic in
     # GFLOPs, so on this 0.37-GFLOP model it scales by (4.6 / 0.37) ** 2.
-    config.diffrate.flops_weight = 800.0
-    config.diffrate.granularity = 2  # 32 candidate counts over 64 patches (the authors: 4 over 196)
+    config.diffrate_search.flops_weight = 800.0
+    config.diffrate_search.granularity = 2  # 32 candidate counts over 64 patches (the authors: 4 over 196)
     config.trainable = "diffrate"  # the rate logits: a regex over parameter paths
-    config.r = "0"  # a searching model ignores r
+    config.r = "0"  # the search keeps every token: r is not used
     config.eval_r = "0"
     config.num_epochs = 1.0  # the authors search 3 ImageNet epochs
     config.learning_rate = 0.01

@@ -16,9 +16,9 @@ def get_config():
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
     config.pretrained = True  # False: the registry architecture of that name, random init
     config.model_overrides = ml_collections.ConfigDict()  # ViT attributes, e.g. img_size
-    # How blocks remove tokens: "tome" (merge on attention keys), "dtem" (ToMe on DTEM
-    # metric layers), or another tome_jax.reduce method: "pitome", "mctf", "tofu", "dct",
-    # "evit", "random_drop"; its settings are config.<method> (e.g. --config.pitome.margin=0.5).
+    # How blocks remove tokens: "tome" (merge on attention keys), or another tome_jax.reduce
+    # method: "pitome", "mctf", "tofu", "dct", "evit", "random_drop", "diffrate", "dtem" (ToMe
+    # on DTEM's learned metric layers); its settings are config.<method> (--config.pitome.margin=0.5).
     add_methods(config)
     config.metric_layers = ""  # DTEM metric layers saved alone (train.py's metric_layers.safetensors)
     config.params_from = ""  # a train.py workdir: evaluate its checkpoint's parameters

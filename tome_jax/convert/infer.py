@@ -13,8 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tome_jax import reduce
 from tome_jax.convert.layouts import Checkpoint
-from tome_jax.vit import pair
+from tome_jax.layers import pair
 
 
 # Heads of the standard ViT widths where `width // 64` is wrong (H/14, g/14, G/14).
@@ -183,10 +184,10 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
         no_embed_class=no_embed_class,
         # Any value turns LayerScale on; the checkpoint's gamma replaces it.
         layer_scale_init=1e-5 if has("blocks.0.ls1.gamma") else None,
-        # A DTEM export (to_timm_state_dict of a DTEM model) carries its metric layers.
-        dtem=has("blocks.0.metric.weight"),
-        dtem_dim=arrays["blocks.0.metric.weight"].shape[0] if has("blocks.0.metric.weight") else None,
     )
+    if has("blocks.0.metric.weight") and "reduction" not in overrides:
+        # A DTEM export (to_timm_state_dict of a DTEM model) carries its metric layers.
+        config["reduction"] = reduce.DTEM(dim=arrays["blocks.0.metric.weight"].shape[0])
     return {**config, **overrides}, ((steps, *grid) if video else grid)
 
 

@@ -6,6 +6,7 @@ a plain timm checkpoint start as ToMe's metric.
 
 from __future__ import annotations
 
+import pathlib
 import re
 
 import jax
@@ -14,9 +15,10 @@ import numpy as np
 from flax import traverse_util
 
 from tome_jax.convert.layouts import Checkpoint
-from tome_jax.convert.names import flat_params, param_shapes, timm_axes, timm_key, to_timm_state_dict
+from tome_jax.convert.names import flat_params, param_shapes, timm_axes, timm_key
 from tome_jax.convert.readers import read_safetensors
 from tome_jax.convert.resample import fit_patch_embed, fit_pos_embed
+from tome_jax.reduce.dtem import metric_layers_file
 from tome_jax.vit import ViT
 
 
@@ -63,6 +65,11 @@ def params_from_timm(checkpoint: Checkpoint, model: ViT, old_grid, inflation: st
         for title, lines in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
         if lines
     ]
+    if any(".metric." in key for key in left):
+        problems.append(
+            "the checkpoint carries DTEM metric layers: build the model with reduction=reduce.DTEM() "
+            "(eval.py: --config.method=dtem)"
+        )
     if problems:
         raise ValueError(f"the checkpoint does not fit {_describe(model)}:\n" + "\n".join(problems))
     return traverse_util.unflatten_dict(params)
@@ -122,10 +129,6 @@ def with_metric_layers(checkpoint: Checkpoint, path) -> Checkpoint:
 def save_metric_layers(model: ViT, variables, path) -> None:
     """Saves a DTEM model's metric layers alone (timm layout, safetensors), for
     `from_timm(base_source, metric_layers=path)`; the ViT itself is not repeated."""
-    from safetensors.numpy import save_file
-
-    if not model.dtem:
-        raise ValueError("the model has no DTEM metric layers (dtem=False)")
-    state = to_timm_state_dict(model, variables)
-    layers = {k: v for k, v in state.items() if ".metric." in k}
-    save_file(layers, str(path), metadata={"dtem_dim": str(model.metric_dim), "depth": str(model.depth)})
+    if "metric" not in variables["params"].get("blocks_0", {}):
+        raise ValueError("the model has no DTEM metric layers (its reduction is not reduce.DTEM)")
+    pathlib.Path(path).write_bytes(metric_layers_file(variables["params"], model.depth))

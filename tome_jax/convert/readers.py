@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from tome_jax.convert.layouts import Checkpoint, to_timm_layout
-from tome_jax.vit import ACTIVATIONS
+from tome_jax.layers import ACTIVATIONS
 
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -195,7 +195,7 @@ def _layer_hints(model, activations, problems: list[str], kind: str) -> dict[str
 
 
 def _map_head_problems(model) -> list[str]:
-    """What in timm's AttentionPoolLatent differs from SigLIP's MAP head (`vit.AttentionPool`)."""
+    """What in timm's AttentionPoolLatent differs from SigLIP's MAP head (`layers.AttentionPool`)."""
     pool = model.attn_pool
     if type(pool).__name__ != "AttentionPoolLatent":
         return [f"attn_pool is {type(pool).__name__}, not AttentionPoolLatent"]

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tome_jax.vit import ViT, pair
+from tome_jax.layers import pair
+from tome_jax.vit import ViT
 
 
 # --- position embeddings -----------------------------------------------------------

@@ -5,6 +5,9 @@
 
 `METHODS` maps the command-line names (`--config.method=`) to the classes;
 `create` builds one by name, `default_settings` lists every method's settings.
+Two methods train something and leave files behind: `DTEM` (its metric layers,
+learned through a soft merge) and `DiffRateSearch` (a per-block schedule that
+`DiffRate` then runs).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from tome_jax.reduce.base import (
     Reduced,
     Reduction,
     Step,
+    check_method,
     check_tracks_sources,
     class_attention,
 )
 from tome_jax.reduce.dct import DCT
-from tome_jax.reduce.diffrate import DiffRate
+from tome_jax.reduce.diffrate import DiffRate, DiffRateSearch
+from tome_jax.reduce.dtem import DTEM
 from tome_jax.reduce.mctf import MCTF
 from tome_jax.reduce.pitome import PiToMe
 from tome_jax.reduce.prune import EViT, RandomDrop
@@ -32,7 +37,8 @@ from tome_jax.reduce.tofu import ToFu
 from tome_jax.reduce.tome import ToMe
 
 METHODS: dict[str, type[Reduction]] = {
-    method.name: method for method in (ToMe, PiToMe, MCTF, ToFu, DCT, EViT, RandomDrop, DiffRate)
+    method.name: method
+    for method in (ToMe, PiToMe, MCTF, ToFu, DCT, EViT, RandomDrop, DiffRate, DiffRateSearch, DTEM)
 }
 
 
@@ -62,7 +68,9 @@ __all__ = [
     "AFTER_MLP",
     "BEFORE_ATTENTION",
     "DCT",
+    "DTEM",
     "DiffRate",
+    "DiffRateSearch",
     "EViT",
     "MCTF",
     "METHODS",
@@ -74,6 +82,7 @@ __all__ = [
     "Step",
     "ToFu",
     "ToMe",
+    "check_method",
     "check_tracks_sources",
     "class_attention",
     "create",

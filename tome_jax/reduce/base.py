@@ -8,17 +8,20 @@ the method module's pure functions: a plan from the step's metric or scores,
 then the plan applied to every per-token array (`tome_jax.merge`).
 
 Every method removes exactly `step.r` tokens (static), so shapes are known at
-trace time; `r` is already clamped to half the tokens after the prefix.
+trace time; `r` is already clamped to the method's `max_r` (half the tokens
+after the prefix for most). The two that train something keep every token
+instead: DTEM's soft merge fades merged tokens out, DiffRate's search masks them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 
 from tome_jax import merge
+from tome_jax.tokens import Tokens
 
 # Where in the block a method runs (`Reduction.position`).
 AFTER_ATTENTION = "after_attention"  # between attention and MLP, as ToMe
@@ -31,23 +34,25 @@ class Step(NamedTuple):
     """One block's reduction step: what the block hands its method.
 
     Attributes:
-      x: [batch, tokens, width] the tokens at the method's position.
-      size: [batch, tokens] input tokens (patches) each token holds.
-      metric: [batch, tokens, channels] the keys' mean over heads (DTEM: its
-        learned metric); None before attention, where there are no keys yet.
-      r: tokens to remove, a static int, already clamped and > 0.
-      num_prefix_tokens: leading tokens (class, distillation) that stay first, unmerged.
+      tokens: the tokens at the method's position (`x`, `size`, `state` read through).
+      metric: [batch, tokens, channels] the merge metric: the keys' mean over
+        heads, or what the method's `metric` made of it (DTEM's learned one);
+        None before attention, where there are no keys yet.
+      r: tokens to remove, a static int, already clamped.
+      num_prefix_tokens: leading tokens (class, distillation, registers) that stay first, unmerged.
       layer: the block's index; num_layers: the model's depth.
       weights: [batch, heads, tokens, tokens] the block's attention weights
-        (softmax, with the size bias under proportional attention), only for a
-        method with `needs_weights`; else None.
+        (softmax, with the size bias under proportional attention, then the
+        method's `adjust_weights`), only for a method with `needs_weights`; else None.
       rng: a PRNG key, only for a method with `needs_rng` and only when the
         caller passed one (`rngs={"reduction": key}`); else None.
       implementation: how plans are applied (`merge.merge_sum`); None: the default.
+      train: whether the model is applied for training (`ViT.__call__(train=)`).
+      block: the Flax block the step runs in, where a method with parameters
+        of its own creates them (`block.param(...)`, `block.dense(...)`).
     """
 
-    x: jax.Array
-    size: jax.Array
+    tokens: Tokens
     metric: jax.Array | None
     r: int
     num_prefix_tokens: int
@@ -56,25 +61,45 @@ class Step(NamedTuple):
     weights: jax.Array | None = None
     rng: jax.Array | None = None
     implementation: str | None = None
+    train: bool = False
+    block: Any = None
+
+    @property
+    def x(self) -> jax.Array:
+        """[batch, tokens, width]."""
+        return self.tokens.x
+
+    @property
+    def size(self) -> jax.Array:
+        """[batch, tokens]."""
+        return self.tokens.size
+
+    @property
+    def state(self) -> Any:
+        """The method's state from the previous block (`Reduction.start` made the first)."""
+        return self.tokens.state
 
 
 class Reduced(NamedTuple):
-    """A method's result.
+    """A method's result. Every other per-token field follows `plan` (`tome_jax.tokens`).
 
     Attributes:
-      x: [batch, tokens - r, width].
-      size: [batch, tokens - r].
-      plan: where each input token went (source tracking follows it), or None
-        for a method that mixes tokens (`Reduction.tracks_sources` False).
-      weights: [batch, heads, tokens - r, tokens - r] attention weights the block
+      x: [batch, tokens', width] (tokens' = tokens - r, or tokens for a step that keeps them all).
+      size: [batch, tokens'].
+      plan: where each input token went (`merge.MergePlan`; DTEM's soft merge
+        gives a `dtem.SoftPlan`), or None for a method that mixes tokens
+        (`Reduction.tracks_sources` False) or keeps them all masked.
+      weights: [batch, heads, tokens', tokens'] attention weights the block
         must attend with instead of computing its own (MCTF's one-step-ahead
         attention; only from a `BEFORE_ATTENTION` method), or None.
+      state: the method's state for the next block (None for a method without one).
     """
 
     x: jax.Array
     size: jax.Array
-    plan: merge.MergePlan | None
+    plan: Any
     weights: jax.Array | None = None
+    state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +115,12 @@ class Reduction:
       tracks_sources: its plans say which token holds each patch (pictures).
       prop_attn: proportional attention when the caller does not say
         (`ViT.__call__(prop_attn=None)`): what the method's authors run.
+
+    A method implements `__call__` (one block's step); the other methods have
+    defaults that a method with more to it overrides: parameters of its own
+    (`metric`, or `step.block`), state from block to block (`start`), an
+    attention it reshapes (`adjust_weights`), a step at every block whatever
+    `r` (`acts`), a loss (`finish`), files a training run leaves (`outputs`).
     """
 
     name: ClassVar[str] = ""
@@ -103,6 +134,37 @@ class Reduction:
         """The most tokens one step may remove (a larger `r` is clamped): half those after the prefix."""
         return merge.max_r(tokens, num_prefix_tokens)
 
+    def acts(self, r: int) -> bool:
+        """Whether a block whose (clamped) `r` is this runs the step at all."""
+        return r > 0
+
+    def start(self, tokens: Tokens, model, train: bool) -> Tokens:
+        """The tokens entering the first block, given the model (`tome_jax.ViT`); adds the method's state."""
+        return tokens
+
+    def metric(self, keys: jax.Array | None, normed: jax.Array, block) -> jax.Array | None:
+        """The merge metric: by default the keys' mean over heads [batch, tokens, head_dim].
+
+        Called in every block, whatever `r`, so parameters made here exist in each.
+        `normed` is the attention's input, the block's normalised tokens.
+        """
+        return keys
+
+    def adjust_weights(self, weights: jax.Array, tokens: Tokens) -> jax.Array:
+        """The attention weights the block attends with, from its own (for a method with `needs_weights`)."""
+        return weights
+
+    def finish(self, tokens: Tokens, model) -> None:
+        """After the last block, given the model (`tome_jax.ViT`, inside its apply): sows a loss if any."""
+
+    def outputs(self, model, params, gflops: Callable[[Reduction, Any], float]) -> dict[str, bytes]:
+        """Files a training run writes to its workdir at the end: {file name: contents}.
+
+        `gflops(method, r)` is XLA's GFLOPs per image of `model` run with
+        `method` at `r`, as eval.py reports them.
+        """
+        return {}
+
     def __call__(self, step: Step) -> Reduced:
         raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
 
@@ -115,6 +177,15 @@ def class_attention(step: Step) -> jax.Array:
     if step.num_prefix_tokens < 1:
         raise ValueError("ranking tokens by class attention needs a class token; this model has none")
     return step.weights[:, :, 0, step.num_prefix_tokens :].mean(axis=1)
+
+
+def check_method(method) -> Reduction:
+    """`method`, if it is a reduction method a block can run; else an error that says what is."""
+    if not isinstance(method, Reduction):
+        raise TypeError(f"reduction must be a tome_jax.reduce method (e.g. reduce.PiToMe()), got {method!r}")
+    if method.position not in POSITIONS:
+        raise ValueError(f"{type(method).__name__}.position must be one of {POSITIONS}")
+    return method
 
 
 def check_tracks_sources(method: Reduction | None) -> None:

@@ -21,11 +21,15 @@ hard schedule: per layer `r` tokens removed, of which `prune` pruned.
 
     model = tome_jax.create_model("deit_small_patch16_224", reduction=reduce.DiffRate(prune=prune))
     logits = model.apply(variables, images, r=r)
+    searching = model.clone(reduction=reduce.DiffRateSearch(target_gflops=2.9))  # train.py searches
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import warnings
 from typing import ClassVar, NamedTuple, Sequence
 
 import jax
@@ -35,6 +39,7 @@ import numpy as np
 from tome_jax import merge
 from tome_jax.reduce.base import Reduced, Reduction, Step, class_attention
 from tome_jax.reduce.prune import prefix_first
+from tome_jax.tokens import Tokens
 
 
 @jax.custom_vjp
@@ -123,23 +128,34 @@ def policy_weights(weights: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 class SearchState(NamedTuple):
-    """What a searching block hands the next: the mask, and its counts for the FLOPs.
+    """What a searching block hands the next: the mask, and the counts so far for the FLOPs.
 
     Attributes:
       mask: [batch, tokens] 1 for the alive tokens, 0 for the pruned and the
         merged-away ones (forward values; straight-through gradients).
-      prune_kept, merge_kept: the block's counts (floats, straight-through).
+      prune_kept, merge_kept: each block's counts so far (floats, straight-through).
     """
 
     mask: jax.Array
-    prune_kept: jax.Array | None = None
-    merge_kept: jax.Array | None = None
+    prune_kept: tuple[jax.Array, ...] = ()
+    merge_kept: tuple[jax.Array, ...] = ()
+
+
+def _alive_by_class_attention(x, size, mask, alive, weights, prefix):
+    """x, size and mask in the order: the prefix tokens, the alive ones by class attention, the dead."""
+    batch = x.shape[0]
+    class_attn = weights[:, :, 0, prefix:].mean(axis=1)
+    score = jnp.where(alive[:, prefix:], class_attn, -1.0)  # attention >= 0: the dead go last
+    head = jnp.broadcast_to(jnp.arange(prefix), (batch, prefix))
+    order = jnp.concatenate([head, prefix + jnp.argsort(-score, axis=1, stable=True)], axis=1)
+    x = jnp.take_along_axis(x, order[..., None], axis=1)
+    return (x, *(jnp.take_along_axis(a, order, axis=1) for a in (size, mask)))
 
 
 def search_step(
     x: jax.Array,
     size: jax.Array,
-    mask: jax.Array,
+    state: SearchState,
     weights: jax.Array,
     prune_logits: jax.Array,
     merge_logits: jax.Array,
@@ -155,30 +171,19 @@ def search_step(
     them too.
 
     Args:
-      x: [batch, tokens, width]; size: [batch, tokens]; mask: [batch, tokens].
+      x: [batch, tokens, width]; size: [batch, tokens]; state: the previous block's.
       weights: [batch, heads, tokens, tokens] the block's masked attention map
         (`policy_weights`); the class token's row, mean over heads, ranks the tokens.
       prune_logits, merge_logits: [num_candidates] the block's rate logits; the
         number of candidates and `granularity` say which counts they choose from.
 
     Returns:
-      x, size and the new SearchState.
+      x, size and the new SearchState (this block's counts added).
     """
-    batch, tokens, _ = x.shape
-    prefix = num_prefix_tokens
+    tokens, prefix = x.shape[1], num_prefix_tokens
     patches = tokens - prefix
-    alive = mask > 0.5  # forward values are exactly 0 or 1 up to rounding
-    class_attn = weights[:, :, 0, prefix:].mean(axis=1)
-    score = jnp.where(alive[:, prefix:], class_attn, -1.0)  # attention >= 0: the dead go last
-    order = jnp.concatenate(
-        [
-            jnp.broadcast_to(jnp.arange(prefix), (batch, prefix)),
-            prefix + jnp.argsort(-score, axis=1, stable=True),
-        ],
-        axis=1,
-    )
-    x = jnp.take_along_axis(x, order[..., None], axis=1)
-    size, mask = (jnp.take_along_axis(a, order, axis=1) for a in (size, mask))
+    alive = state.mask > 0.5  # forward values are exactly 0 or 1 up to rounding
+    x, size, mask = _alive_by_class_attention(x, size, state.mask, alive, weights, prefix)
     last = jnp.sum(alive[0], dtype=jnp.int32)  # the same for every example
     position = np.arange(tokens)
 
@@ -205,7 +210,7 @@ def search_step(
     size = scaled + jnp.einsum("bij,bi->bj", assign, scaled)
     merge_mask = rate_mask(merge_logits, merge_kept, mid, granularity, prefix, tokens)
     mask = mask * jnp.where(merging, merge_mask, 1.0)
-    return x, size, SearchState(mask, prune_kept, merge_kept)
+    return x, size, SearchState(mask, (*state.prune_kept, prune_kept), (*state.merge_kept, merge_kept))
 
 
 def schedule_flops(
@@ -315,16 +320,13 @@ class DiffRate(Reduction):
     """DiffRate's inference: per block, prune by class attention, then merge into the most similar kept token.
 
     The model's `r` gives each block's tokens removed; `prune` how many of them
-    are pruned (the rest merge). Both come from a search (`diffrate_schedule.json`
-    in the train.py workdir of configs/diffrate_search_cifar10.py).
+    are pruned (the rest merge). Both come from a search (`DiffRateSearch`,
+    which writes them to `diffrate_schedule.json` in its train.py workdir).
 
     Settings:
       prune: tokens pruned by each block (missing blocks: 0).
-      search_gflops: > 0 makes the model search instead (its blocks get rate
-        logits as parameters and run `search_step`): the FLOPs target, in the
-        authors' count (`schedule_flops`), in GFLOPs.
-      flops_weight: the weight of `(gflops - search_gflops) ** 2` in the loss.
-      granularity: the gap between candidate kept counts.
+      search_gflops, flops_weight, granularity: deprecated; `search_gflops > 0`
+        gives `DiffRateSearch(target_gflops=search_gflops, ...)` instead.
     """
 
     name: ClassVar[str] = "diffrate"
@@ -335,12 +337,24 @@ class DiffRate(Reduction):
     flops_weight: float = 5.0
     granularity: int = 4
 
+    def __new__(cls, *args, **settings):
+        names = [field.name for field in dataclasses.fields(cls)]
+        settings = {**dict(zip(names, args)), **settings}
+        if settings.get("search_gflops", 0.0) > 0:
+            warnings.warn(
+                "DiffRate(search_gflops=...) is deprecated; search with reduce.DiffRateSearch(target_gflops=...) "
+                "(on the command line --config.method=diffrate_search --config.diffrate_search.target_gflops=...)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return DiffRateSearch(
+                target_gflops=settings["search_gflops"],
+                **{k: settings[k] for k in ("flops_weight", "granularity") if k in settings},
+            )
+        return super().__new__(cls)
+
     def __post_init__(self):
         object.__setattr__(self, "prune", tuple(int(k) for k in self.prune))  # hashable, as a model attribute
-
-    @property
-    def searching(self) -> bool:
-        return self.search_gflops > 0
 
     def max_r(self, tokens: int, num_prefix_tokens: int) -> int:
         """A block may remove all but one token after the prefix."""
@@ -361,3 +375,104 @@ class DiffRate(Reduction):
         x = merge.merge_mean(plan, step.x, jnp.ones_like(step.size), implementation=step.implementation)
         size = merge.merge_sum(plan, step.size * scale, implementation=step.implementation)
         return Reduced(x, size, plan)
+
+
+def search_gflops(model, prune_kept: Sequence[jax.Array], merge_kept: Sequence[jax.Array]) -> jax.Array:
+    """The authors' GFLOPs (`schedule_flops`) of per-block kept counts, for a `tome_jax.ViT`."""
+    return schedule_flops(
+        prune_kept,
+        merge_kept,
+        tokens=model.num_tokens,
+        width=model.width,
+        patch_pixels=math.prod(model.patch_kernel) * model.in_chans,
+        num_classes=model.num_classes,
+    ) / 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffRateSearch(Reduction):
+    """DiffRate's search: every block's prune and merge counts learned by gradient for a FLOPs target.
+
+    Each block owns two logit vectors over candidate kept counts (parameters
+    `blocks_i/diffrate_prune`, `blocks_i/diffrate_merge`; the first block has one
+    candidate, all patches) and runs `search_step` between attention and MLP
+    whatever `r`: the sequence keeps its length, a straight-through mask takes
+    the removed tokens out of the attention's keys. After the last block the
+    model sows `flops_weight * (gflops - target_gflops) ** 2` in the "losses"
+    collection (train.py adds it to the loss) and the GFLOPs in "metrics". At
+    the end of training, `outputs` writes the schedule found.
+
+    Settings:
+      target_gflops: the FLOPs target, in the authors' count (`schedule_flops`), in GFLOPs; > 0.
+      flops_weight: the penalty's weight.
+      granularity: the gap between candidate kept counts.
+    """
+
+    name: ClassVar[str] = "diffrate_search"
+    needs_weights: ClassVar[bool] = True
+    target_gflops: float = 0.0
+    flops_weight: float = 5.0
+    granularity: int = 4
+
+    def max_r(self, tokens: int, num_prefix_tokens: int) -> int:
+        """The search keeps every token: `r` is not used."""
+        return 0
+
+    def acts(self, r: int) -> bool:
+        return True
+
+    def start(self, tokens: Tokens, model, train: bool) -> Tokens:
+        if not self.target_gflops > 0:
+            raise ValueError(
+                f"DiffRateSearch needs target_gflops > 0 (the FLOPs to search for), got {self.target_gflops}"
+            )
+        if model.num_prefix_tokens != 1 or not model.class_token:
+            raise ValueError("the DiffRate search ranks tokens by class attention: it needs one class token")
+        return tokens.replace(state=SearchState(jnp.ones(tokens.size.shape, jnp.float32)))
+
+    def adjust_weights(self, weights: jax.Array, tokens: Tokens) -> jax.Array:
+        """Attention over the alive keys only (`policy_weights`)."""
+        return policy_weights(weights, tokens.state.mask)
+
+    def __call__(self, step: Step) -> Reduced:
+        prefix = step.num_prefix_tokens
+        count = 1 if step.layer == 0 else num_candidates(step.x.shape[1] - prefix, self.granularity)
+        prune_logits, merge_logits = (
+            step.block.param(f"diffrate_{kind}", jax.nn.initializers.zeros, (count,), jnp.float32)
+            for kind in ("prune", "merge")
+        )
+        x, size, state = search_step(
+            step.x, step.size, step.state, step.weights, prune_logits, merge_logits,
+            granularity=self.granularity, num_prefix_tokens=prefix,
+        )  # fmt: skip
+        return Reduced(x, size, None, state=state)
+
+    def finish(self, tokens: Tokens, model) -> None:
+        gflops = search_gflops(model, tokens.state.prune_kept, tokens.state.merge_kept)
+        keep = dict(reduce_fn=lambda _, value: value, init_fn=lambda: 0.0)
+        model.sow("losses", "diffrate_flops", self.flops_weight * (gflops - self.target_gflops) ** 2, **keep)
+        model.sow("metrics", "diffrate_gflops", gflops, **keep)
+
+    def found(self, model, params) -> Schedule:
+        """The schedule the search's rate logits stand for."""
+        return schedule_from_logits(
+            [params[f"blocks_{i}"]["diffrate_prune"] for i in range(model.depth)],
+            [params[f"blocks_{i}"]["diffrate_merge"] for i in range(model.depth)],
+            tokens=model.num_tokens,
+            granularity=self.granularity,
+            num_prefix_tokens=model.num_prefix_tokens,
+        )
+
+    def outputs(self, model, params, gflops) -> dict[str, bytes]:
+        """`diffrate_schedule.json`: the schedule found, its GFLOPs in the authors' count (`gflops`, the
+        search's target) and in XLA's of the hard model (`xla_gflops`, what eval.py reports), and the
+        eval.py command that runs it."""
+        found = self.found(model, params)
+        r, prune = str(list(found.r)), str(tuple(found.prune))
+        record = {
+            **found._asdict(),
+            "gflops": float(search_gflops(model, found.prune_kept, found.merge_kept)),
+            "xla_gflops": gflops(DiffRate(prune=found.prune), list(found.r)),
+            "eval": f'python eval.py --config.method=diffrate --config.r="{r}" --config.diffrate.prune="{prune}"',
+        }
+        return {"diffrate_schedule.json": (json.dumps(record, indent=1) + "\n").encode()}
