@@ -59,19 +59,19 @@ def params_from_timm(checkpoint: Checkpoint, model: ViT, old_grid, inflation: st
             misshaped.append(f"{named(key)}: expected {expected}, got {tuple(value.shape)}")
             continue
         params[path] = jnp.asarray(value.transpose(np.argsort(axes)), model.param_dtype)
-    unexpected = [checkpoint.source_names.get(k, k) for k in sorted(left)]
+    metric_layers = [k for k in left if re.fullmatch(r"blocks\.\d+\.metric\.(weight|bias)", k)]
+    unexpected = [checkpoint.source_names.get(k, k) for k in sorted(left) if k not in metric_layers]
     problems = [
         _listing(title, lines)
         for title, lines in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
         if lines
     ]
-    if any(".metric." in key for key in left):
-        problems.append(
-            "the checkpoint carries DTEM metric layers: build the model with reduction=reduce.DTEM() "
-            "(eval.py: --config.method=dtem)"
-        )
+    if metric_layers:  # first (on the first line when alone): it is the likely fix
+        problems.insert(0, "it carries DTEM metric layers (blocks.*.metric) but the model's reduction is not "
+                        "DTEM: build it with reduction=reduce.DTEM() (eval.py: --config.method=dtem)")
     if problems:
-        raise ValueError(f"the checkpoint does not fit {_describe(model)}:\n" + "\n".join(problems))
+        separator = " " if len(problems) == 1 and metric_layers else "\n"
+        raise ValueError(f"the checkpoint does not fit {_describe(model)}:{separator}" + "\n".join(problems))
     return traverse_util.unflatten_dict(params)
 
 
