@@ -15,7 +15,7 @@ import pytest
 
 import tiny_train_config
 from test_train import REPO, build, config_args, losses, run_train, tiny_config
-from tome_jax import checkpoints, data, evaluate, train_lib
+from tome_jax import checkpoints, data, evaluate, sharding, train_lib
 from tome_jax.data import augment
 
 NO_META = {"best_top1": None, "best_step": None}
@@ -24,7 +24,7 @@ NO_META = {"best_top1": None, "best_step": None}
 @pytest.fixture(scope="module")
 def tiny_state():
     """The tiny model's training state on one device (faster to save than on eight)."""
-    state, shardings, _ = build(tiny_config("unused"), train_lib.make_mesh(1, jax.devices()[:1]), total_steps=10)
+    state, shardings, _ = build(tiny_config("unused"), sharding.make_mesh(1, jax.devices()[:1]), total_steps=10)
     return state, shardings
 
 
@@ -148,7 +148,7 @@ def test_training_stops_on_non_finite_numbers_and_never_saves_them(small_cifar, 
     assert "\n" not in str(error.value)
     saved = checkpoints.Checkpoints(tmp_path / "checkpoints")
     assert saved.manager.all_steps() == [1, 2]
-    like, shardings, _ = build(config, train_lib.make_mesh(1), total_steps=config.num_steps)
+    like, shardings, _ = build(config, sharding.make_mesh(1), total_steps=config.num_steps)
     for step in (1, 2):
         state, _ = saved.restore(step, like, shardings)
         assert bool(train_lib.all_finite((state.params, state.opt_state)))
