@@ -9,7 +9,7 @@ from flax import traverse_util
 
 import tiny_train_config
 import tome_jax
-from tome_jax import data, evaluate, sharding, train_lib
+from tome_jax import data, evaluate, optim, sharding, train_lib
 
 SMALL = dict(num_classes=10, img_size=32, patch_size=8, width=48, depth=3, num_heads=3, dtem=True)
 
@@ -84,7 +84,7 @@ def build(config, total_steps=4):
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree_util.tree_leaves(params))))
     params = jax.tree_util.tree_map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params)
-    tx, schedule = train_lib.make_optimizer(config, params, total_steps)
+    tx, schedule = optim.make_optimizer(config, params, total_steps)
     state, shardings = train_lib.create_state(
         model, tx, mesh, rng=jax.random.key(0), params=params
     )
