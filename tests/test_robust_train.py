@@ -15,7 +15,7 @@ import pytest
 
 import tiny_train_config
 from test_train import REPO, build, config_args, losses, run_train, tiny_config
-from tome_jax import checkpoints, data, evaluate, sharding, train_lib
+from tome_jax import checkpoints, data, divergence, evaluate, sharding, train_lib
 from tome_jax.data import augment
 
 NO_META = {"best_top1": None, "best_step": None}
@@ -121,13 +121,13 @@ def test_metrics_past_the_restored_step_are_dropped(tmp_path):
     train_lib.drop_metrics_after(tmp_path / "absent.jsonl", 4)  # a fresh run has none
 
 def test_non_finite_numbers_are_found_in_metrics_and_in_the_state():
-    train_lib.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(1.0)}, 7, 5)
-    with pytest.raises(train_lib.NonFiniteError, match=r"^step 7: loss 2.3, gradient norm inf \(checked every log_every=5"):
-        train_lib.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(np.inf)}, 7, 5)
+    divergence.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(1.0)}, 7, 5)
+    with pytest.raises(divergence.NonFiniteError, match=r"^step 7: loss 2.3, gradient norm inf \(checked every log_every=5"):
+        divergence.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(np.inf)}, 7, 5)
     state = {"count": jnp.zeros((), jnp.int32), "mu": [jnp.ones(3), jnp.ones((2, 2), jnp.bfloat16)]}
-    assert bool(train_lib.all_finite(state))
+    assert bool(divergence.all_finite(state))
     for bad in (np.nan, np.inf, -np.inf):
-        assert not bool(train_lib.all_finite({**state, "mu": [jnp.ones(3), jnp.ones((2, 2)).at[1, 0].set(bad)]}))
+        assert not bool(divergence.all_finite({**state, "mu": [jnp.ones(3), jnp.ones((2, 2)).at[1, 0].set(bad)]}))
 
 
 @pytest.mark.slow
@@ -143,7 +143,7 @@ def test_training_stops_on_non_finite_numbers_and_never_saves_them(small_cifar, 
     # Warmup gives step 1 a learning rate of 0 and step 2 one of 5e37: parameters
     # near 1e38 make step 3's logits overflow.
     config = tiny_config(f"folder:{small_cifar}", learning_rate=1e38, log_every=log_every, checkpoint_every=1)
-    with pytest.raises(train_lib.NonFiniteError, match=message) as error:
+    with pytest.raises(divergence.NonFiniteError, match=message) as error:
         train_lib.train_and_evaluate(config, str(tmp_path))
     assert "\n" not in str(error.value)
     saved = checkpoints.Checkpoints(tmp_path / "checkpoints")
@@ -151,7 +151,7 @@ def test_training_stops_on_non_finite_numbers_and_never_saves_them(small_cifar, 
     like, shardings, _ = build(config, sharding.make_mesh(1), total_steps=config.num_steps)
     for step in (1, 2):
         state, _ = saved.restore(step, like, shardings)
-        assert bool(train_lib.all_finite((state.params, state.opt_state)))
+        assert bool(divergence.all_finite((state.params, state.opt_state)))
 
 
 @pytest.mark.slow

@@ -142,7 +142,7 @@ def train_main() -> None:
     def main(argv):
         _no_positional(argv)
         _quiet_logs()
-        from tome_jax import train_lib
+        from tome_jax import divergence, train_lib
 
         if step_time_r.value:
             _run(step_times, flags.FLAGS.traceback)
@@ -152,7 +152,7 @@ def train_main() -> None:
         def train():
             try:
                 return train_lib.train_and_evaluate(config.value, workdir.value)
-            except train_lib.NonFiniteError as error:  # the run diverged: no mistake in the input
+            except divergence.NonFiniteError as error:  # the run diverged: no mistake in the input
                 if flags.FLAGS.traceback:
                     raise
                 print(f"error: {error}", file=sys.stderr)

@@ -20,7 +20,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -31,6 +30,7 @@ from tome_jax.data import augment, mixing
 from tome_jax.reduce import diffrate
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import save_metric_layers
+from tome_jax.divergence import DIVERGED_HINT, NonFiniteError, all_finite, check_finite_metrics
 from tome_jax.optim import make_optimizer
 from tome_jax.sharding import batch_sharding, global_batch, make_mesh, process_rows, shardings_for
 from tome_jax.vit import ViT, init_params
@@ -261,32 +261,6 @@ def _with_r(config, r: str):
     changed = config.copy_and_resolve_references()
     changed.r = r
     return changed
-
-
-class NonFiniteError(FloatingPointError):
-    """Training diverged: a NaN or infinite loss, gradient or parameter."""
-
-
-DIVERGED_HINT = (
-    "Every checkpoint saved holds finite values; resume from the latest with a lower "
-    "learning_rate or a grad_clip, or start afresh in another workdir."
-)
-
-
-def check_finite_metrics(metrics: dict[str, Any], step: int, every: int) -> None:
-    """Raises NonFiniteError when the fetched loss or gradient norm is NaN or infinite."""
-    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-        raise NonFiniteError(
-            f"step {step}: loss {float(metrics['loss']):.4g}, gradient norm {float(metrics['grad_norm']):.4g} "
-            f"(checked every log_every={every} steps); training stopped. {DIVERGED_HINT}"
-        )
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """True when every float in `tree` is finite: checked on device before a save."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def exit_now(status: int) -> None:
