@@ -142,7 +142,7 @@ def train_main() -> None:
     def main(argv):
         _no_positional(argv)
         _quiet_logs()
-        from tome_jax import divergence, train_lib
+        from tome_jax import divergence, preemption, train_lib
 
         if step_time_r.value:
             _run(step_times, flags.FLAGS.traceback)
@@ -156,7 +156,7 @@ def train_main() -> None:
                 if flags.FLAGS.traceback:
                     raise
                 print(f"error: {error}", file=sys.stderr)
-                train_lib.exit_now(1)  # at once: tf.data's teardown takes tens of seconds
+                preemption.exit_now(1)  # at once: tf.data's teardown takes tens of seconds
 
         _run(train, flags.FLAGS.traceback)
 

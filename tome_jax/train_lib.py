@@ -9,11 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import pathlib
-import signal
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -21,7 +18,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -32,6 +28,7 @@ from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import save_metric_layers
 from tome_jax.divergence import DIVERGED_HINT, NonFiniteError, all_finite, check_finite_metrics
 from tome_jax.optim import make_optimizer
+from tome_jax.preemption import Preemption, exit_now
 from tome_jax.sharding import batch_sharding, global_batch, make_mesh, process_rows, shardings_for
 from tome_jax.vit import ViT, init_params
 
@@ -261,50 +258,6 @@ def _with_r(config, r: str):
     changed = config.copy_and_resolve_references()
     changed.r = r
     return changed
-
-
-def exit_now(status: int) -> None:
-    """Ends the process with `status` at once, all processes together.
-
-    Skips the interpreter's teardown, where tf.data's iterators (shuffle buffers,
-    parallel decoding threads) took tens of seconds, longer than a preemption's
-    grace period. Callers first finish what must reach disk (checkpoints, metrics).
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if jax.process_count() > 1:
-        jax.distributed.shutdown()  # waits for every process, so none is cut off mid-save
-    os._exit(status)
-
-
-class Preemption:
-    """Turns SIGTERM into "save at the next step boundary, then exit".
-
-    On one process a Python handler notes the signal. On several, JAX's preemption
-    service (started by `jax.distributed.initialize`) receives it and names one
-    step for all processes, so none waits in a collective for one that stopped;
-    a Python handler would replace the service's, so none is installed.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def close(self) -> None:
-        """Gives SIGTERM back to the handler it had before."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def reached(self, step: int) -> bool:
-        """True on every process at the same step once any must stop."""
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
