@@ -4,9 +4,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from test_train import REPO, build, config_args, losses, run_train, tiny_config
+from test_train import REPO, build, committed_steps, config_args, losses, run_train, tiny_config
 from tome_jax import checkpoints, data, divergence, evaluate, sharding, train_lib
 from tome_jax.data import augment
 
@@ -223,30 +225,41 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_processes(script: str, args: list[str], count: int, devices: int) -> list[str]:
+def start_processes(script: str, args: list[str], count: int, devices: int) -> list[subprocess.Popen]:
     """`script` as `count` processes of `devices` CPU devices each, joined through
-    jax.distributed on a free local port (CPU collectives through gloo); their outputs."""
+    jax.distributed on a free local port (CPU collectives through gloo)."""
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
     }
     join = [f"--config.coordinator_address=127.0.0.1:{free_port()}", f"--config.num_processes={count}"]
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, str(REPO / script), *args, *join, f"--config.process_id={i}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(count)
     ]  # fmt: skip
+
+
+def finish_processes(procs: list[subprocess.Popen], status: int = 0, before=None) -> list[str]:
+    """The outputs of `procs` once `before()` (if given) returned and all ended, each with `status`."""
     try:
+        if before is not None:
+            before()
         outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     finally:  # one that failed leaves the others waiting for it
         for proc in procs:
             proc.kill()
     for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out
+        assert proc.returncode == status, out
     return outputs
+
+
+def run_processes(script: str, args: list[str], count: int, devices: int) -> list[str]:
+    """`start_processes`, and their outputs once all ended with status 0."""
+    return finish_processes(start_processes(script, args, count, devices))
 
 
 @pytest.mark.slow
@@ -284,3 +297,23 @@ def test_two_processes_train_resume_and_evaluate_as_one_does(small_cifar, tmp_pa
     assert (row["top1"], row["top5"], row["count"]) == (alone["top1"], alone["top5"], alone["count"]) == (
         reference["top1"], reference["top5"], 80
     )
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_exits(small_cifar, tmp_path):
+    workdir = tmp_path / "two"
+    steps = {"num_steps": 1000, "checkpoint_every": 1000, "eval_every": 1000}
+    args = [f"--workdir={workdir}", *config_args(f"folder:{small_cifar}", **steps)]
+    procs = start_processes("train.py", args, count=2, devices=2)
+
+    def preempt_process_1():  # not the coordinator: JAX's preemption service names the step for both
+        deadline = time.time() + 600
+        while not (workdir / "metrics.jsonl").exists() or len(losses(workdir)) < 3:
+            assert all(proc.poll() is None for proc in procs) and time.time() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+
+    outputs = finish_processes(procs, status=143, before=preempt_process_1)
+    last_step = max(losses(workdir))
+    assert committed_steps(workdir) == [last_step]
+    assert f"preempted: saved step {last_step}, exiting" in outputs[0], outputs[0]

@@ -7,7 +7,6 @@ import signal
 import sys
 
 import jax
-from jax.experimental import multihost_utils
 
 
 def exit_now(status: int) -> None:
@@ -30,11 +29,14 @@ class Preemption:
     On one process a Python handler notes the signal. On several, JAX's preemption
     service (started by `jax.distributed.initialize`) receives it and names one
     step for all processes, so none waits in a collective for one that stopped;
-    a Python handler would replace the service's, so none is installed.
+    the run's orbax CheckpointManager asks it (`reached_preemption`). A Python
+    handler would replace the service's, so none is installed there.
     """
 
-    def __init__(self):
+    def __init__(self, manager):
+        """`manager`: the run's orbax CheckpointManager (`Checkpoints.manager`)."""
         self.requested = False
+        self._manager = manager
         self._previous = None
         if jax.process_count() == 1:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -50,5 +52,5 @@ class Preemption:
     def reached(self, step: int) -> bool:
         """True on every process at the same step once any must stop."""
         if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
+            return self._manager.reached_preemption(step)
         return self.requested

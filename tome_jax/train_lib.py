@@ -320,7 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         size=model.image_hw, mean=tuple(config.mean), std=tuple(config.std),
         crop_pct=config.eval_crop_pct, interpolation=config.interpolation,
     )
-    preemption = Preemption()
+    preemption = Preemption(checkpoints.manager)
 
     def run_eval():
         batches = data.eval_batches(
