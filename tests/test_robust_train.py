@@ -17,7 +17,7 @@ import pytest
 
 import tiny_train_config
 from test_train import REPO, build, committed_steps, config_args, losses, run_train, tiny_config
-from tome_jax import checkpoints, data, divergence, evaluate, sharding, train_lib
+from tome_jax import checkpoints, data, divergence, evaluate, metrics_log, sharding, train_lib
 from tome_jax.data import augment
 
 NO_META = {"best_top1": None, "best_step": None}
@@ -117,10 +117,10 @@ def test_metrics_past_the_restored_step_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "train/loss": 1.0 / s} for s in range(1, 7)] + [{"step": 4, "eval/top1": 0.5}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "train/lo')  # cut by a kill
-    train_lib.drop_metrics_after(path, 4)
+    metrics_log.drop_metrics_after(path, 4)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept == [r for r in rows if r["step"] <= 4]
-    train_lib.drop_metrics_after(tmp_path / "absent.jsonl", 4)  # a fresh run has none
+    metrics_log.drop_metrics_after(tmp_path / "absent.jsonl", 4)  # a fresh run has none
 
 def test_non_finite_numbers_are_found_in_metrics_and_in_the_state():
     divergence.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(1.0)}, 7, 5)

@@ -6,9 +6,7 @@ runs on one device, on many, and on many hosts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 import pathlib
 import statistics
 import time
@@ -27,6 +25,7 @@ from tome_jax.reduce import diffrate
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import save_metric_layers
 from tome_jax.divergence import DIVERGED_HINT, NonFiniteError, all_finite, check_finite_metrics
+from tome_jax.metrics_log import MetricWriter, drop_metrics_after
 from tome_jax.optim import make_optimizer
 from tome_jax.preemption import Preemption, exit_now
 from tome_jax.sharding import batch_sharding, global_batch, make_mesh, process_rows, shardings_for
@@ -143,69 +142,6 @@ def make_predict(model: ViT, r, mesh: Mesh, params_shardings):
 
 
 # ---------------------------------------------------------------- the loop
-
-
-class MetricWriter:
-    """Metrics to stdout and `metrics.jsonl` (process 0), and to TensorBoard event
-    files when the tensorboard package is installed."""
-
-    def __init__(self, workdir, enabled: bool = True):
-        self.enabled = enabled
-        self._file = None
-        self._summary = None
-        if enabled:
-            path = pathlib.Path(workdir)
-            path.mkdir(parents=True, exist_ok=True)
-            self._file = open(path / "metrics.jsonl", "a")
-            if importlib.util.find_spec("tensorboard") is not None:
-                import tensorflow as tf
-
-                self._tf = tf
-                self._summary = tf.summary.create_file_writer(str(path / "tensorboard"))
-
-    def write(self, step: int, metrics: dict[str, float | list[str]], prefix: str) -> None:
-        """One record; numbers are floats, lists (e.g. names of skipped images) kept."""
-        if not self.enabled:
-            return
-        values = {f"{prefix}/{k}": v if isinstance(v, list) else float(v) for k, v in metrics.items()}
-        record = {"step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._summary is not None:
-            with self._summary.as_default(step=step):
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, float):
-                        self._tf.summary.scalar(key, value)
-            self._summary.flush()
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        print(f"step {step}: {text}", flush=True)
-
-    def close(self):
-        if self._file:
-            self._file.close()
-        if self._summary is not None:
-            self._summary.close()
-
-
-def drop_metrics_after(path: pathlib.Path, step: int) -> None:
-    """Keeps the rows of a `metrics.jsonl` up to `step`: a run resumed from the
-    checkpoint of `step` redoes the steps after it and logs them again. A line cut
-    short by a kill is dropped too."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-
-    def logged_step(line: str) -> float:
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return math.inf
-
-    kept = [line for line in lines if line.endswith("\n") and logged_step(line) <= step]
-    if len(kept) < len(lines):
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text("".join(kept))
-        partial.replace(path)
 
 
 def build_model_and_optimizer(config, total_steps: int):
