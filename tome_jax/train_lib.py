@@ -164,7 +164,7 @@ def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[st
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
     dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     batch = next(data.train_batches(
-        dataset, config.train_split, train_augment(config, model.image_hw), config.batch_size,
+        dataset, config.train_split, augment.TrainAugment.from_config(config, model.image_hw), config.batch_size,
         seed=config.seed, limit=config.train_limit, shuffle_buffer=config.shuffle_buffer,
     ))
     batch = global_batch(batch, mesh)
@@ -241,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_iter = data.train_batches(
         train_data,
         config.train_split,
-        train_augment(config, model.image_hw),
+        augment.TrainAugment.from_config(config, model.image_hw),
         config.batch_size,
         seed=config.seed,
         start_step=start_step,
@@ -345,20 +345,3 @@ def save_diffrate_schedule(model: ViT, params, path) -> dict[str, Any]:
     pathlib.Path(path).write_text(json.dumps(record, indent=1) + "\n")
     print(f"DiffRate schedule: {record['gflops']:.4f} GFLOPs; {record['eval']}", flush=True)
     return record
-
-
-def train_augment(config, size) -> augment.TrainAugment:
-    """The config's augmentation settings (see augment.TrainAugment)."""
-    return augment.TrainAugment(
-        size=tuple(size),
-        mean=tuple(config.mean),
-        std=tuple(config.std),
-        crop=config.crop,
-        scale=tuple(config.crop_scale),
-        padding=config.crop_padding,
-        interpolation=config.interpolation,
-        hflip=config.flip,
-        rand_augment_layers=config.rand_augment_layers,
-        rand_augment_magnitude=config.rand_augment_magnitude,
-        erasing_prob=config.random_erasing,
-    )
