@@ -19,7 +19,7 @@ LAYERS = {
     "engine": [
         "tome_jax.measure", "tome_jax.report", "tome_jax.budget", "tome_jax.checkpoints", "tome_jax.evaluate",
         "tome_jax.sharding", "tome_jax.optim", "tome_jax.divergence", "tome_jax.preemption",
-        "tome_jax.metrics_log", "tome_jax.train_lib", "tome_jax.bench", "tome_jax.vis",
+        "tome_jax.metrics_log", "tome_jax.train_lib", "tome_jax.step_times", "tome_jax.bench", "tome_jax.vis",
     ],
     "scripts": ["tome_jax.cli", "tome_jax.__main__", "tome_jax.configs"],
 }  # fmt: skip

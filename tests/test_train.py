@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from tome_jax import checkpoints, evaluate, reduce, sharding, train_lib
+from tome_jax import checkpoints, evaluate, reduce, sharding, step_times, train_lib
 from tome_jax.configs import train_mctf_cifar10
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_a_few_steps_with_merging_lower_the_loss(dtype):
 @pytest.mark.slow
 def test_step_times_are_compared_side_by_side(small_cifar):
     config = tiny_config(f"folder:{small_cifar}")
-    rows = train_lib.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
+    rows = step_times.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
     assert [row["r"] for row in rows] == ["0", "(4, -1)"]
     assert rows[0]["speedup"] == 1.0
     for row in rows:

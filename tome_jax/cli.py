@@ -115,7 +115,8 @@ def eval_main() -> None:
 
 
 def train_main() -> None:
-    """tome-jax-train: train.py (`tome_jax.train_lib.train_and_evaluate`), or step times only."""
+    """tome-jax-train: train.py (`tome_jax.train_lib.train_and_evaluate`), or step times only
+    (`tome_jax.step_times.compare_step_times`)."""
     from absl import app, flags
 
     config = _config_flag("train_cifar10.py", "Training config (an ml_collections file).")
@@ -128,10 +129,11 @@ def train_main() -> None:
     rounds = flags.DEFINE_integer("rounds", 10, "Timed rounds for --step_time_r.")
 
     def step_times():
-        from tome_jax import schedules, train_lib
+        from tome_jax import schedules
+        from tome_jax.step_times import compare_step_times
 
         r_values = [schedules.r_label(r) for r in schedules.parse_r_values(step_time_r.value)]
-        rows = train_lib.compare_step_times(config.value, r_values, rounds.value)
+        rows = compare_step_times(config.value, r_values, rounds.value)
         print("| r | step time (s) | images/s | speed-up over the first r |\n|---|---|---|---|")
         for row in rows:
             print(
