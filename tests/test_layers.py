@@ -141,3 +141,13 @@ def test_import_is_light(statement):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]", f"{statement} imported {result.stdout.strip()}"
+
+
+def test_the_configs_load_without_tensorflow():
+    """absl reads a config before the command loads its model, which must come before
+    TensorFlow (see tome_jax.data): the configs name CIFAR-10's normalisation without it."""
+    names = sorted(path.stem for path in (PACKAGE / "configs").glob("*.py") if path.stem != "__init__")
+    loads = "; ".join(f"importlib.import_module('tome_jax.configs.{name}').get_config()" for name in names)
+    code = f"import importlib, sys; {loads}; print(sorted({{'tensorflow', 'torch'}} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]", f"the configs imported {result.stdout.strip()}"
