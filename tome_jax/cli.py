@@ -43,22 +43,10 @@ def _run(job: Callable[[], Any], traceback: bool) -> Any:
         _fail(error)
 
 
-def _triton_before_tensorflow() -> None:
-    """Loads triton (under torch, so under timm) now if it is installed: it and
-    TensorFlow both register LLVM options, and triton loaded after TensorFlow kills
-    the process (a segfault), e.g. on a timm model name. Configs load TensorFlow."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None:
-        import triton  # noqa: F401
-
-
 def _config_flag(default: str, help_text: str):
     """The --config flag; ml_collections applies the --config.KEY overrides here."""
     from absl import flags
     from ml_collections import config_flags
-
-    _triton_before_tensorflow()
 
     flags.DEFINE_bool("traceback", False, "On an error, show the whole traceback instead of one line.")
     try:
@@ -227,7 +215,6 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.images < 1 or args.offset < 0:
         parser.error(f"--images must be >= 1 and --offset >= 0, got {args.images} and {args.offset}")
-    _triton_before_tensorflow()
     _run(lambda: _visualize(args), args.traceback)
 
 

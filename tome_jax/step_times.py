@@ -8,7 +8,6 @@ import time
 import jax
 
 from tome_jax import data
-from tome_jax.data import augment
 from tome_jax.sharding import global_batch, make_mesh
 from tome_jax.train_lib import build_model_and_optimizer, create_state, make_train_step
 
@@ -24,7 +23,7 @@ def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[st
     mesh = make_mesh(config.fsdp)
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
     dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
-    augmentation = augment.TrainAugment.from_config(config, model.image_hw)
+    augmentation = data.TrainAugment.from_config(config, model.image_hw)
     batch = next(data.train_batches(
         dataset, config.train_split, augmentation, config.batch_size,
         seed=config.seed, limit=config.train_limit, shuffle_buffer=config.shuffle_buffer,

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from tome_jax import budget, data, evaluate, reduce, schedules
-from tome_jax.data import augment, mixing
+from tome_jax.data import mixing
 from tome_jax.reduce import diffrate
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import save_metric_layers
@@ -143,12 +143,17 @@ def make_predict(model: ViT, r, mesh: Mesh, params_shardings):
 # ---------------------------------------------------------------- the loop
 
 
+def build_optimizer(config, model: ViT, params, total_steps: int):
+    """The config's optimizer and learning-rate schedule for `model`'s parameters
+    (`params`; None: those of a fresh init)."""
+    abstract = params if params is not None else jax.eval_shape(lambda: init_params(model))
+    return make_optimizer(config, abstract, total_steps)
+
+
 def build_model_and_optimizer(config, total_steps: int):
     """The config's ViT, its initial parameters (None: fresh init) and optimizer."""
     model, params, _ = evaluate.load_model(config)
-    abstract = params if params is not None else jax.eval_shape(lambda: init_params(model))
-    tx, schedule = make_optimizer(config, abstract, total_steps)
-    return model, params, tx, schedule
+    return (model, params, *build_optimizer(config, model, params, total_steps))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -166,11 +171,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = make_mesh(config.fsdp)
     workdir = pathlib.Path(workdir)
 
+    # The model before the data: see tome_jax.data on the order of torch and TensorFlow.
+    model, params, _ = evaluate.load_model(config)
     train_data = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     steps_per_epoch = data.steps_per_epoch(train_data, config.train_split, config.batch_size, config.train_limit)
     data.check_batch_size(config.eval_batch_size // process_count, "eval_batch_size per process")
     total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
-    model, params, tx, schedule = build_model_and_optimizer(config, total_steps)
+    tx, schedule = build_optimizer(config, model, params, total_steps)
     evaluate.check_num_classes(model, train_data, config.dataset)
     rng = jax.random.key(config.seed)
     state, shardings = create_state(model, tx, mesh, rng=rng, params=params)
@@ -196,7 +203,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     train_iter = data.train_batches(
         train_data,
         config.train_split,
-        augment.TrainAugment.from_config(config, model.image_hw),
+        data.TrainAugment.from_config(config, model.image_hw),
         config.batch_size,
         seed=config.seed,
         start_step=start_step,
