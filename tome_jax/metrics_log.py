@@ -1,4 +1,10 @@
-"""A training run's metrics log: stdout, `metrics.jsonl`, TensorBoard; trimmed on resume."""
+"""A training run's metrics log: stdout, `metrics.jsonl`, TensorBoard; trimmed on resume.
+
+Not clu's metric writers: importing them needs the tensorboard package and loads
+TensorFlow (which must follow a timm model, see tome_jax.data), they write no
+JSON lines, and their logging writer goes to absl's log, which the commands keep
+at warnings.
+"""
 
 from __future__ import annotations
 
