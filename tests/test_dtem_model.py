@@ -9,7 +9,7 @@ from flax import traverse_util
 
 import tiny_train_config
 import tome_jax
-from tome_jax import data, evaluate, reduce, train_lib
+from tome_jax import data, evaluate, optim, reduce, sharding, train_lib
 
 SMALL = dict(num_classes=10, img_size=32, patch_size=8, width=48, depth=3, num_heads=3, reduction=reduce.DTEM())
 
@@ -76,11 +76,11 @@ def build(config, total_steps=4):
     """Model, mesh, state and train step, from a "trained" ViT: random non-zero weights,
     since a zero-initialised head would give every other parameter a zero gradient."""
     model, _, _ = evaluate.load_model(config)
-    mesh = train_lib.make_mesh(1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(1, devices=jax.devices()[:1])
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree_util.tree_leaves(params))))
     params = jax.tree_util.tree_map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), params)
-    tx, schedule = train_lib.make_optimizer(config, params, total_steps)
+    tx, schedule = optim.make_optimizer(config, params, total_steps)
     state, shardings = train_lib.create_state(
         model, tx, mesh, rng=jax.random.key(0), params=params
     )
@@ -110,7 +110,7 @@ def test_modular_training_moves_only_the_metric_layers_and_compiles_once(drop_re
     for i in range(3):  # new data every step, one compilation
         batch = {"images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
                  "labels": rng.integers(0, 10, 16).astype(np.int32)}
-        state, metrics = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
+        state, metrics = step(state, sharding.global_batch(batch, mesh), jax.random.key(1))
         assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     assert step._cache_size() == 1
     after = flat(jax.device_get(state.params))
@@ -131,7 +131,7 @@ def test_end_to_end_training_moves_everything():
     rng = np.random.default_rng(0)
     batch = {"images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
              "labels": rng.integers(0, 10, 16).astype(np.int32)}
-    state, _ = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
+    state, _ = step(state, sharding.global_batch(batch, mesh), jax.random.key(1))
     after = flat(jax.device_get(state.params))
     for name in before:
         moved = not np.array_equal(before[name], after[name])

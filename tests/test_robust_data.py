@@ -360,13 +360,32 @@ def test_eval_py_mistakes_end_with_one_line_and_status_2():
     for args, message in [
         (["--config.bach_size=4"], 'did you mean "batch_size"'),
         (["--config.r=0, 2, -3"], "r value '-3'"),
-        (["--config.model=vit_tiny_patch16_224"], "error: "),  # timm (after TensorFlow) loads, no crash
+        (["--config.model=vit_tiny_patch16_224"], "error: "),  # timm loads (before TensorFlow: no crash)
     ]:
         done = subprocess.run([sys.executable, "eval.py", *args], cwd=REPO, env=env, capture_output=True, text=True)
         assert done.returncode == 2, done.stderr
         error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
         assert len(error_lines) == 1 and message in error_lines[0], done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_the_commands_load_a_timm_model_before_tensorflow(tmp_path):
+    """triton (under timm) loaded after TensorFlow ends the process with a segfault,
+    so each command loads its model before its data (see tome_jax.data)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HF_HUB_OFFLINE": "1"}
+    timm_model = ["--config=tests/tiny_train_config.py", "--config.model=vit_tiny_patch16_224", "--config.pretrained=True"]
+    for args, status in [
+        # timm loads, then its weights cannot download here: the process lives to say so.
+        (["train.py", *timm_model, f"--workdir={tmp_path / 'train'}"], 2),
+        (["train.py", *timm_model, "--step_time_r=0"], 2),
+        # timm's preprocessing, then the data.
+        (["-m", "tome_jax", "vis", str(tmp_path / "vis.png"), "--model=vit_tiny_patch16_224", "--random-weights",
+          "--preprocess=timm", "--images=1", "--r=0"], 0),
+    ]:  # fmt: skip
+        done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
+        assert done.returncode == status, (args, done.returncode, done.stderr[-3000:])
+    assert (tmp_path / "vis.png").exists()
 
 
 # ---------------------------------------------------------------- 6. non-finite logits

@@ -4,9 +4,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,8 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from test_train import REPO, build, config_args, losses, run_train, tiny_config
-from tome_jax import checkpoints, data, evaluate, train_lib
+from test_train import REPO, build, committed_steps, config_args, losses, run_train, tiny_config
+from tome_jax import checkpoints, data, divergence, evaluate, metrics_log, sharding, train_lib
 from tome_jax.data import augment
 
 NO_META = {"best_top1": None, "best_step": None}
@@ -24,7 +26,7 @@ NO_META = {"best_top1": None, "best_step": None}
 @pytest.fixture(scope="module")
 def tiny_state():
     """The tiny model's training state on one device (faster to save than on eight)."""
-    state, shardings, _ = build(tiny_config("unused"), train_lib.make_mesh(1, jax.devices()[:1]), total_steps=10)
+    state, shardings, _ = build(tiny_config("unused"), sharding.make_mesh(1, jax.devices()[:1]), total_steps=10)
     return state, shardings
 
 
@@ -115,19 +117,19 @@ def test_metrics_past_the_restored_step_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "train/loss": 1.0 / s} for s in range(1, 7)] + [{"step": 4, "eval/top1": 0.5}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "train/lo')  # cut by a kill
-    train_lib.drop_metrics_after(path, 4)
+    metrics_log.drop_metrics_after(path, 4)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept == [r for r in rows if r["step"] <= 4]
-    train_lib.drop_metrics_after(tmp_path / "absent.jsonl", 4)  # a fresh run has none
+    metrics_log.drop_metrics_after(tmp_path / "absent.jsonl", 4)  # a fresh run has none
 
 def test_non_finite_numbers_are_found_in_metrics_and_in_the_state():
-    train_lib.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(1.0)}, 7, 5)
-    with pytest.raises(train_lib.NonFiniteError, match=r"^step 7: loss 2.3, gradient norm inf \(checked every log_every=5"):
-        train_lib.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(np.inf)}, 7, 5)
+    divergence.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(1.0)}, 7, 5)
+    with pytest.raises(divergence.NonFiniteError, match=r"^step 7: loss 2.3, gradient norm inf \(checked every log_every=5"):
+        divergence.check_finite_metrics({"loss": np.float32(2.3), "grad_norm": np.float32(np.inf)}, 7, 5)
     state = {"count": jnp.zeros((), jnp.int32), "mu": [jnp.ones(3), jnp.ones((2, 2), jnp.bfloat16)]}
-    assert bool(train_lib.all_finite(state))
+    assert bool(divergence.all_finite(state))
     for bad in (np.nan, np.inf, -np.inf):
-        assert not bool(train_lib.all_finite({**state, "mu": [jnp.ones(3), jnp.ones((2, 2)).at[1, 0].set(bad)]}))
+        assert not bool(divergence.all_finite({**state, "mu": [jnp.ones(3), jnp.ones((2, 2)).at[1, 0].set(bad)]}))
 
 
 @pytest.mark.slow
@@ -143,15 +145,15 @@ def test_training_stops_on_non_finite_numbers_and_never_saves_them(small_cifar, 
     # Warmup gives step 1 a learning rate of 0 and step 2 one of 5e37: parameters
     # near 1e38 make step 3's logits overflow.
     config = tiny_config(f"folder:{small_cifar}", learning_rate=1e38, log_every=log_every, checkpoint_every=1)
-    with pytest.raises(train_lib.NonFiniteError, match=message) as error:
+    with pytest.raises(divergence.NonFiniteError, match=message) as error:
         train_lib.train_and_evaluate(config, str(tmp_path))
     assert "\n" not in str(error.value)
     saved = checkpoints.Checkpoints(tmp_path / "checkpoints")
     assert saved.manager.all_steps() == [1, 2]
-    like, shardings, _ = build(config, train_lib.make_mesh(1), total_steps=config.num_steps)
+    like, shardings, _ = build(config, sharding.make_mesh(1), total_steps=config.num_steps)
     for step in (1, 2):
         state, _ = saved.restore(step, like, shardings)
-        assert bool(train_lib.all_finite((state.params, state.opt_state)))
+        assert bool(divergence.all_finite((state.params, state.opt_state)))
 
 
 @pytest.mark.slow
@@ -223,30 +225,41 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_processes(script: str, args: list[str], count: int, devices: int) -> list[str]:
+def start_processes(script: str, args: list[str], count: int, devices: int) -> list[subprocess.Popen]:
     """`script` as `count` processes of `devices` CPU devices each, joined through
-    jax.distributed on a free local port (CPU collectives through gloo); their outputs."""
+    jax.distributed on a free local port (CPU collectives through gloo)."""
     env = {
         **os.environ,
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
     }
     join = [f"--config.coordinator_address=127.0.0.1:{free_port()}", f"--config.num_processes={count}"]
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, str(REPO / script), *args, *join, f"--config.process_id={i}"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(count)
     ]  # fmt: skip
+
+
+def finish_processes(procs: list[subprocess.Popen], status: int = 0, before=None) -> list[str]:
+    """The outputs of `procs` once `before()` (if given) returned and all ended, each with `status`."""
     try:
+        if before is not None:
+            before()
         outputs = [proc.communicate(timeout=600)[0] for proc in procs]
     finally:  # one that failed leaves the others waiting for it
         for proc in procs:
             proc.kill()
     for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out
+        assert proc.returncode == status, out
     return outputs
+
+
+def run_processes(script: str, args: list[str], count: int, devices: int) -> list[str]:
+    """`start_processes`, and their outputs once all ended with status 0."""
+    return finish_processes(start_processes(script, args, count, devices))
 
 
 @pytest.mark.slow
@@ -284,3 +297,23 @@ def test_two_processes_train_resume_and_evaluate_as_one_does(small_cifar, tmp_pa
     assert (row["top1"], row["top5"], row["count"]) == (alone["top1"], alone["top5"], alone["count"]) == (
         reference["top1"], reference["top5"], 80
     )
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_exits(small_cifar, tmp_path):
+    workdir = tmp_path / "two"
+    steps = {"num_steps": 1000, "checkpoint_every": 1000, "eval_every": 1000}
+    args = [f"--workdir={workdir}", *config_args(f"folder:{small_cifar}", **steps)]
+    procs = start_processes("train.py", args, count=2, devices=2)
+
+    def preempt_process_1():  # not the coordinator: JAX's preemption service names the step for both
+        deadline = time.time() + 600
+        while not (workdir / "metrics.jsonl").exists() or len(losses(workdir)) < 3:
+            assert all(proc.poll() is None for proc in procs) and time.time() < deadline
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+
+    outputs = finish_processes(procs, status=143, before=preempt_process_1)
+    last_step = max(losses(workdir))
+    assert committed_steps(workdir) == [last_step]
+    assert f"preempted: saved step {last_step}, exiting" in outputs[0], outputs[0]

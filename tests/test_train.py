@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tiny_train_config
-from tome_jax import checkpoints, evaluate, reduce, train_lib
+from tome_jax import checkpoints, evaluate, reduce, sharding, step_times, train_lib
 from tome_jax.configs import train_mctf_cifar10
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ def build(config, mesh, total_steps):
 
 def one_step_loss(mesh, config, batch):
     state, _, step = build(config, mesh, total_steps=10)
-    state, metrics = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
-    state, metrics2 = step(state, train_lib.global_batch(batch, mesh), jax.random.key(1))
+    state, metrics = step(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+    state, metrics2 = step(state, sharding.global_batch(batch, mesh), jax.random.key(1))
     return float(metrics["loss"]), float(metrics2["loss"]), jax.device_get(state.params)
 
 
@@ -54,12 +54,12 @@ def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
         "labels": rng.integers(0, 10, 16).astype(np.int32),
     }
     meshes = {
-        "1 device": train_lib.make_mesh(1, devices=jax.devices()[:1]),
-        "8 data": train_lib.make_mesh(1),
-        "4 data x 2 fsdp": train_lib.make_mesh(2),
+        "1 device": sharding.make_mesh(1, devices=jax.devices()[:1]),
+        "8 data": sharding.make_mesh(1),
+        "4 data x 2 fsdp": sharding.make_mesh(2),
     }
     results = {name: one_step_loss(mesh, config, batch) for name, mesh in meshes.items()}
-    sharded = train_lib.shardings_for(results["1 device"][2], meshes["4 data x 2 fsdp"])
+    sharded = sharding.shardings_for(results["1 device"][2], meshes["4 data x 2 fsdp"])
     assert any(s.spec != () for s in jax.tree_util.tree_leaves(sharded)), "fsdp split nothing"
     first, second, params = results["1 device"]
     for name, (loss1, loss2, other) in results.items():
@@ -72,10 +72,10 @@ def test_loss_is_the_same_on_1_device_8_devices_and_a_4x2_fsdp_mesh():
 def test_a_few_steps_with_merging_lower_the_loss(dtype):
     config = tiny_config("bundled_cifar10", r="3", learning_rate=3e-3, label_smoothing=0.0)
     config.model_overrides = {**TINY, "dtype": dtype}  # bfloat16: compute only
-    mesh = train_lib.make_mesh(1)
+    mesh = sharding.make_mesh(1)
     state, _, step = build(config, mesh, total_steps=30)
     rng = np.random.default_rng(1)
-    batch = train_lib.global_batch(
+    batch = sharding.global_batch(
         {"images": rng.normal(size=(16, 32, 32, 3)).astype(np.float32), "labels": np.arange(16, dtype=np.int32) % 10},
         mesh,
     )
@@ -90,7 +90,7 @@ def test_a_few_steps_with_merging_lower_the_loss(dtype):
 @pytest.mark.slow
 def test_step_times_are_compared_side_by_side(small_cifar):
     config = tiny_config(f"folder:{small_cifar}")
-    rows = train_lib.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
+    rows = step_times.compare_step_times(config, ["0", "(4, -1)"], rounds=2)
     assert [row["r"] for row in rows] == ["0", "(4, -1)"]
     assert rows[0]["speedup"] == 1.0
     for row in rows:
@@ -128,7 +128,7 @@ def committed_steps(workdir) -> list[int]:
 def final_params(workdir):
     """The latest checkpoint's step and parameters."""
     config = tiny_config("unused")
-    like, shardings, _ = build(config, train_lib.make_mesh(1), config.num_steps)
+    like, shardings, _ = build(config, sharding.make_mesh(1), config.num_steps)
     saved = checkpoints.Checkpoints(pathlib.Path(workdir) / "checkpoints", async_save=False)
     step = saved.latest_step()
     state, _ = saved.restore(step, like, shardings)

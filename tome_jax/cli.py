@@ -43,22 +43,10 @@ def _run(job: Callable[[], Any], traceback: bool) -> Any:
         _fail(error)
 
 
-def _triton_before_tensorflow() -> None:
-    """Loads triton (under torch, so under timm) now if it is installed: it and
-    TensorFlow both register LLVM options, and triton loaded after TensorFlow kills
-    the process (a segfault), e.g. on a timm model name. Configs load TensorFlow."""
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is not None:
-        import triton  # noqa: F401
-
-
 def _config_flag(default: str, help_text: str):
     """The --config flag; ml_collections applies the --config.KEY overrides here."""
     from absl import flags
     from ml_collections import config_flags
-
-    _triton_before_tensorflow()
 
     flags.DEFINE_bool("traceback", False, "On an error, show the whole traceback instead of one line.")
     try:
@@ -115,7 +103,8 @@ def eval_main() -> None:
 
 
 def train_main() -> None:
-    """tome-jax-train: train.py (`tome_jax.train_lib.train_and_evaluate`), or step times only."""
+    """tome-jax-train: train.py (`tome_jax.train_lib.train_and_evaluate`), or step times only
+    (`tome_jax.step_times.compare_step_times`)."""
     from absl import app, flags
 
     config = _config_flag("train_cifar10.py", "Training config (an ml_collections file).")
@@ -128,10 +117,11 @@ def train_main() -> None:
     rounds = flags.DEFINE_integer("rounds", 10, "Timed rounds for --step_time_r.")
 
     def step_times():
-        from tome_jax import schedules, train_lib
+        from tome_jax import schedules
+        from tome_jax.step_times import compare_step_times
 
         r_values = [schedules.r_label(r) for r in schedules.parse_r_values(step_time_r.value)]
-        rows = train_lib.compare_step_times(config.value, r_values, rounds.value)
+        rows = compare_step_times(config.value, r_values, rounds.value)
         print("| r | step time (s) | images/s | speed-up over the first r |\n|---|---|---|---|")
         for row in rows:
             print(
@@ -142,7 +132,7 @@ def train_main() -> None:
     def main(argv):
         _no_positional(argv)
         _quiet_logs()
-        from tome_jax import train_lib
+        from tome_jax import divergence, preemption, train_lib
 
         if step_time_r.value:
             _run(step_times, flags.FLAGS.traceback)
@@ -152,11 +142,11 @@ def train_main() -> None:
         def train():
             try:
                 return train_lib.train_and_evaluate(config.value, workdir.value)
-            except train_lib.NonFiniteError as error:  # the run diverged: no mistake in the input
+            except divergence.NonFiniteError as error:  # the run diverged: no mistake in the input
                 if flags.FLAGS.traceback:
                     raise
                 print(f"error: {error}", file=sys.stderr)
-                train_lib.exit_now(1)  # at once: tf.data's teardown takes tens of seconds
+                preemption.exit_now(1)  # at once: tf.data's teardown takes tens of seconds
 
         _run(train, flags.FLAGS.traceback)
 
@@ -225,7 +215,6 @@ def vis_main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.images < 1 or args.offset < 0:
         parser.error(f"--images must be >= 1 and --offset >= 0, got {args.images} and {args.offset}")
-    _triton_before_tensorflow()
     _run(lambda: _visualize(args), args.traceback)
 
 

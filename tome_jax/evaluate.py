@@ -260,11 +260,12 @@ class _Setup(NamedTuple):
 def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
     """Loads the model and its data; each of `r_values` is checked against the model
     (and described) before any data loads."""
-    data.check_batch_size(config.batch_size)
     maybe_initialize_distributed(config)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
+    # The model before the data: see tome_jax.data on the order of torch and TensorFlow.
     model, params, source = load_model(config)
+    data.check_batch_size(config.batch_size)
     for r in r_values:
         try:
             described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, model.method.max_r)

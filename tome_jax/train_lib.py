@@ -1,44 +1,32 @@
-"""Training with token merging: mesh and shardings, optimizer, steps, checkpoints.
+"""Training with token merging: the train state, the steps, the loop with its checkpoints.
 
-Sharding is the pjit way: one `jax.jit` with `NamedSharding`s over a
-`("data", "fsdp")` device mesh. The batch is split over both axes; with
-`fsdp > 1` every parameter and optimizer moment is split over "fsdp" along its
-largest divisible dimension, and XLA inserts the gathers and reductions. The same
-code runs on one device, on many, and on many hosts (after
-`jax.distributed.initialize()`), each host feeding its own share of the batch.
+The steps are sharded over a device mesh (`tome_jax.sharding`): the same code
+runs on one device, on many, and on many hosts.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
-import os
+import dataclasses
 import pathlib
-import re
-import signal
-import statistics
-import sys
 import time
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from tome_jax import budget, data, evaluate, schedules
-from tome_jax.data import augment, mixing
+from tome_jax.data import mixing
 from tome_jax.checkpoints import Checkpoints
+from tome_jax.divergence import DIVERGED_HINT, NonFiniteError, all_finite, check_finite_metrics
+from tome_jax.metrics_log import MetricWriter, drop_metrics_after
+from tome_jax.optim import make_optimizer
+from tome_jax.preemption import Preemption, exit_now
+from tome_jax.sharding import batch_sharding, global_batch, make_mesh, process_rows, shardings_for
 from tome_jax.vit import ViT, init_params
-
-BATCH_AXES = ("data", "fsdp")
-# Parameters smaller than this stay replicated: splitting them saves nothing.
-MIN_FSDP_SIZE = 2**12
 
 
 @flax.struct.dataclass
@@ -51,112 +39,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (all devices of all processes by default)."""
-    devices = list(devices if devices is not None else jax.devices())
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
-    return jax.make_mesh(
-        (len(devices) // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices
-    )
-
-
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-    """Splits the largest dimension divisible by `fsdp_size` over "fsdp"; else replicated."""
-    if fsdp_size == 1 or math.prod(shape) < MIN_FSDP_SIZE:
-        return P()
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-        if shape[dim] % fsdp_size == 0:
-            return P(*[("fsdp" if d == dim else None) for d in range(len(shape))])
-    return P()
-
-
-def shardings_for(tree, mesh: Mesh):
-    """NamedShardings for a pytree of arrays or ShapeDtypeStructs, by `fsdp_spec`."""
-    size = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(lambda a: NamedSharding(mesh, fsdp_spec(a.shape, size)), tree)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over every device."""
-    return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def process_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
-    """The rows [start, stop) of each global batch that this process's devices hold
-    under `batch_sharding`: what `global_batch` expects its local rows to be."""
-    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,)).values()
-    rows = sorted({index[0].indices(global_batch_size)[:2] for index in indices})
-    start, stop = rows[0][0], rows[-1][1]
-    if sum(b - a for a, b in rows) != stop - start:
-        raise ValueError(f"this process's devices hold rows {rows} of each batch, not one run of rows")
-    return start, stop
-
-
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays split over the mesh (multi-host safe)."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-# ---------------------------------------------------------------- optimizer
-
-NO_DECAY = ("pos_embed", "cls_token", "dist_token")
-
-
-def decay_mask(params) -> Any:
-    """True where weight decay applies: matrices and kernels, not norms, biases,
-    LayerScale, position embeddings or prefix tokens (timm's rule)."""
-    def decays(path, leaf):
-        name = jax.tree_util.keystr(path)
-        return leaf.ndim >= 2 and not any(n in name for n in NO_DECAY)
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def trainable_mask(params, pattern: str | None) -> Any:
-    """True for parameters whose path matches `pattern` (a regex); all when None."""
-    regex = re.compile(pattern) if pattern else None
-
-    def trains(path, _):
-        return regex is None or bool(regex.search(jax.tree_util.keystr(path)))
-
-    mask = jax.tree_util.tree_map_with_path(trains, params)
-    if not any(jax.tree_util.tree_leaves(mask)):
-        raise ValueError(f"no parameter matches trainable pattern {pattern!r}")
-    return mask
-
-
-def make_optimizer(config, params, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with warmup + cosine, clipping, decay mask, freezing and accumulation.
-
-    Returns the transformation and the learning-rate schedule (for logging), in
-    optimizer updates (train steps / `grad_accum`).
-    """
-    updates = max(total_steps // config.grad_accum, 1)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=min(config.warmup_steps, updates - 1),
-        decay_steps=updates,
-        end_value=config.min_learning_rate,
-    )
-    tx = optax.adamw(
-        schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask(params)
-    )
-    if config.grad_clip:
-        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
-    trainable = trainable_mask(params, config.get("trainable") or None)
-    if not all(jax.tree_util.tree_leaves(trainable)):
-        # Frozen parameters get no update and no optimizer state; since nothing
-        # reads their gradients, XLA drops the weight-gradient computations.
-        labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    if config.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum)
-    return tx, schedule
 
 
 # ---------------------------------------------------------------- state and steps
@@ -259,189 +141,17 @@ def make_predict(model: ViT, r, mesh: Mesh, params_shardings):
 # ---------------------------------------------------------------- the loop
 
 
-class MetricWriter:
-    """Metrics to stdout and `metrics.jsonl` (process 0), and to TensorBoard event
-    files when the tensorboard package is installed."""
-
-    def __init__(self, workdir, enabled: bool = True):
-        self.enabled = enabled
-        self._file = None
-        self._summary = None
-        if enabled:
-            path = pathlib.Path(workdir)
-            path.mkdir(parents=True, exist_ok=True)
-            self._file = open(path / "metrics.jsonl", "a")
-            if importlib.util.find_spec("tensorboard") is not None:
-                import tensorflow as tf
-
-                self._tf = tf
-                self._summary = tf.summary.create_file_writer(str(path / "tensorboard"))
-
-    def write(self, step: int, metrics: dict[str, float | list[str]], prefix: str) -> None:
-        """One record; numbers are floats, lists (e.g. names of skipped images) kept."""
-        if not self.enabled:
-            return
-        values = {f"{prefix}/{k}": v if isinstance(v, list) else float(v) for k, v in metrics.items()}
-        record = {"step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._summary is not None:
-            with self._summary.as_default(step=step):
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, float):
-                        self._tf.summary.scalar(key, value)
-            self._summary.flush()
-        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        print(f"step {step}: {text}", flush=True)
-
-    def close(self):
-        if self._file:
-            self._file.close()
-        if self._summary is not None:
-            self._summary.close()
-
-
-def drop_metrics_after(path: pathlib.Path, step: int) -> None:
-    """Keeps the rows of a `metrics.jsonl` up to `step`: a run resumed from the
-    checkpoint of `step` redoes the steps after it and logs them again. A line cut
-    short by a kill is dropped too."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-
-    def logged_step(line: str) -> float:
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return math.inf
-
-    kept = [line for line in lines if line.endswith("\n") and logged_step(line) <= step]
-    if len(kept) < len(lines):
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text("".join(kept))
-        partial.replace(path)
+def build_optimizer(config, model: ViT, params, total_steps: int):
+    """The config's optimizer and learning-rate schedule for `model`'s parameters
+    (`params`; None: those of a fresh init)."""
+    abstract = params if params is not None else jax.eval_shape(lambda: init_params(model))
+    return make_optimizer(config, abstract, total_steps)
 
 
 def build_model_and_optimizer(config, total_steps: int):
     """The config's ViT, its initial parameters (None: fresh init) and optimizer."""
     model, params, _ = evaluate.load_model(config)
-    abstract = params if params is not None else jax.eval_shape(lambda: init_params(model))
-    tx, schedule = make_optimizer(config, abstract, total_steps)
-    return model, params, tx, schedule
-
-
-def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[str, float]]:
-    """Train-step time at each r, measured side by side: every round times one step
-    of each r in turn (same batch, each r training its own copy of the state), so
-    load drift hits all alike; medians over rounds after one warm-up round.
-
-    Returns one row per r with `step_time_s`, `images_per_s` and `speedup` over
-    the first r.
-    """
-    mesh = make_mesh(config.fsdp)
-    model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
-    dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
-    batch = next(data.train_batches(
-        dataset, config.train_split, train_augment(config, model.image_hw), config.batch_size,
-        seed=config.seed, limit=config.train_limit, shuffle_buffer=config.shuffle_buffer,
-    ))
-    batch = global_batch(batch, mesh)
-    rng = jax.random.key(config.seed)
-    runs = []
-    for r in r_values:
-        state, shardings = create_state(model, tx, mesh, rng=rng, params=params)
-        step = make_train_step(model, tx, schedule, _with_r(config, r), mesh, shardings)
-        runs.append({"r": r, "step": step, "state": state, "times": []})
-    for round_index in range(rounds + 1):
-        for run in runs:
-            start = time.perf_counter()
-            run["state"], metrics = run["step"](run["state"], batch, rng)
-            jax.block_until_ready(metrics)
-            if round_index:  # round 0 compiles and warms up
-                run["times"].append(time.perf_counter() - start)
-    rows = []
-    for run in runs:
-        median = statistics.median(run["times"])
-        rows.append({"r": run["r"], "step_time_s": median, "images_per_s": config.batch_size / median})
-    for row in rows:
-        row["speedup"] = rows[0]["step_time_s"] / row["step_time_s"]
-    return rows
-
-
-def _with_r(config, r: str):
-    changed = config.copy_and_resolve_references()
-    changed.r = r
-    return changed
-
-
-class NonFiniteError(FloatingPointError):
-    """Training diverged: a NaN or infinite loss, gradient or parameter."""
-
-
-DIVERGED_HINT = (
-    "Every checkpoint saved holds finite values; resume from the latest with a lower "
-    "learning_rate or a grad_clip, or start afresh in another workdir."
-)
-
-
-def check_finite_metrics(metrics: dict[str, Any], step: int, every: int) -> None:
-    """Raises NonFiniteError when the fetched loss or gradient norm is NaN or infinite."""
-    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-        raise NonFiniteError(
-            f"step {step}: loss {float(metrics['loss']):.4g}, gradient norm {float(metrics['grad_norm']):.4g} "
-            f"(checked every log_every={every} steps); training stopped. {DIVERGED_HINT}"
-        )
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """True when every float in `tree` is finite: checked on device before a save."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
-
-
-def exit_now(status: int) -> None:
-    """Ends the process with `status` at once, all processes together.
-
-    Skips the interpreter's teardown, where tf.data's iterators (shuffle buffers,
-    parallel decoding threads) took tens of seconds, longer than a preemption's
-    grace period. Callers first finish what must reach disk (checkpoints, metrics).
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if jax.process_count() > 1:
-        jax.distributed.shutdown()  # waits for every process, so none is cut off mid-save
-    os._exit(status)
-
-
-class Preemption:
-    """Turns SIGTERM into "save at the next step boundary, then exit".
-
-    On one process a Python handler notes the signal. On several, JAX's preemption
-    service (started by `jax.distributed.initialize`) receives it and names one
-    step for all processes, so none waits in a collective for one that stopped;
-    a Python handler would replace the service's, so none is installed.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def close(self) -> None:
-        """Gives SIGTERM back to the handler it had before."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def reached(self, step: int) -> bool:
-        """True on every process at the same step once any must stop."""
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+    return (model, params, *build_optimizer(config, model, params, total_steps))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -454,21 +164,49 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     the state before every evaluation and save, so no checkpoint holds them.
     """
     evaluate.maybe_initialize_distributed(config)
-    process_index, process_count = jax.process_index(), jax.process_count()
-    is_main = process_index == 0
+    is_main = jax.process_index() == 0
     mesh = make_mesh(config.fsdp)
     workdir = pathlib.Path(workdir)
 
+    # The model before the data: see tome_jax.data on the order of torch and TensorFlow.
+    model, params, _ = evaluate.load_model(config)
     train_data = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     steps_per_epoch = data.steps_per_epoch(train_data, config.train_split, config.batch_size, config.train_limit)
-    data.check_batch_size(config.eval_batch_size // process_count, "eval_batch_size per process")
+    data.check_batch_size(config.eval_batch_size // jax.process_count(), "eval_batch_size per process")
     total_steps = config.num_steps or int(config.num_epochs * steps_per_epoch)
-    model, params, tx, schedule = build_model_and_optimizer(config, total_steps)
+    tx, schedule = build_optimizer(config, model, params, total_steps)
     evaluate.check_num_classes(model, train_data, config.dataset)
-    rng = jax.random.key(config.seed)
-    state, shardings = create_state(model, tx, mesh, rng=rng, params=params)
-
+    state, shardings = create_state(model, tx, mesh, rng=jax.random.key(config.seed), params=params)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+    state, meta = _resume(checkpoints, state, shardings, workdir, is_main)
+
+    writer = MetricWriter(workdir, enabled=is_main)
+    # Undecodable images, each logged once and recorded at the step whose batch
+    # (or evaluation) met it: the data iterators call this inside next().
+    skipped = data.SkippedExamples(lambda names: writer.write(loop.step, {"skipped": names}, "data"))
+    loop = _Loop(
+        config, total_steps, steps_per_epoch, state, meta,
+        train_step=make_train_step(model, tx, schedule, config, mesh, shardings),
+        batches=_train_batches(config, model, train_data, mesh, int(jax.device_get(state.step)), skipped),
+        evaluate=_evaluator(config, model, train_data, mesh, shardings, skipped),
+        checkpoints=checkpoints, writer=writer, preemption=Preemption(checkpoints.manager), mesh=mesh,
+    )  # fmt: skip
+    try:
+        loop.run()
+    finally:  # also when training stops on an error: a save in flight reaches disk
+        loop.close()
+    if loop.preempted:
+        if is_main:
+            print(f"preempted: saved step {loop.step}, exiting", flush=True)
+        exit_now(143)
+    if is_main:
+        write_method_outputs(model, jax.device_get(loop.state.params), workdir)
+    return {**loop.eval_metrics, **loop.meta}
+
+
+def _resume(checkpoints: Checkpoints, state: TrainState, shardings, workdir: pathlib.Path, is_main: bool):
+    """The latest intact checkpoint's state and meta (else `state` and empty meta), checked finite;
+    metrics.jsonl trimmed to its step."""
     meta = {"best_top1": None, "best_step": None}
     restored = checkpoints.restore_latest(state, shardings)
     if restored is not None:
@@ -481,15 +219,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         raise NonFiniteError(f"the state at step {start_step} (initial or restored) holds NaN or infinity")
     if is_main:
         drop_metrics_after(workdir / "metrics.jsonl", start_step)
+    return state, meta
 
-    writer = MetricWriter(workdir, enabled=is_main)
-    # Undecodable images, each logged once and recorded at the step whose batch
-    # (or evaluation) met it: the data iterators call this inside next().
-    skipped = data.SkippedExamples(lambda names: writer.write(step, {"skipped": names}, "data"))
-    train_iter = data.train_batches(
+
+def _train_batches(config, model: ViT, train_data, mesh: Mesh, start_step: int, skipped):
+    """This process's rows of the training batches from `start_step` on (the order derives from the step)."""
+    return data.train_batches(
         train_data,
         config.train_split,
-        train_augment(config, model.image_hw),
+        data.TrainAugment.from_config(config, model.image_hw),
         config.batch_size,
         seed=config.seed,
         start_step=start_step,
@@ -498,72 +236,102 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         rows=process_rows(mesh, config.batch_size),
         on_skip=skipped,
     )
-    train_step = make_train_step(model, tx, schedule, config, mesh, shardings)
+
+
+def _evaluator(config, model: ViT, train_data, mesh: Mesh, shardings, skipped) -> Callable[[Any], dict]:
+    """`params -> eval metrics` on the config's eval split, each process evaluating its share."""
     predict = make_predict(model, schedules.parse_r_value(config.eval_r), mesh, shardings.params)
-    eval_preprocess = data.Preprocess(
+    preprocess = data.Preprocess(
         size=model.image_hw, mean=tuple(config.mean), std=tuple(config.std),
         crop_pct=config.eval_crop_pct, interpolation=config.interpolation,
-    )
-    preemption = Preemption()
+    )  # fmt: skip
+    process_index, process_count = jax.process_index(), jax.process_count()
 
-    def run_eval():
+    def run(params):
         batches = data.eval_batches(
-            train_data, config.eval_split, eval_preprocess, config.eval_batch_size // process_count,
-            limit=config.eval_limit, process_index=process_index, process_count=process_count,
-            on_skip=skipped,
-        )
-        return evaluate.accuracy(predict, state.params, batches, put=lambda b: global_batch(b, mesh))
+            train_data, config.eval_split, preprocess, config.eval_batch_size // process_count,
+            limit=config.eval_limit, process_index=process_index, process_count=process_count, on_skip=skipped,
+        )  # fmt: skip
+        return evaluate.accuracy(predict, params, batches, put=lambda b: global_batch(b, mesh))
 
-    eval_metrics = {}
-    last_log, last_log_step = time.perf_counter(), start_step
-    progress = tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
-    preempted = False
-    try:
-        for step in range(start_step + 1, total_steps + 1):
-            state, metrics = train_step(state, global_batch(next(train_iter), mesh), rng)
-            progress.update()
-            if step % config.log_every == 0 or step == total_steps:
-                metrics = jax.device_get(metrics)
-                check_finite_metrics(metrics, step, config.log_every)
-                elapsed = time.perf_counter() - last_log
-                metrics["step_time_s"] = elapsed / (step - last_log_step)
-                metrics["images_per_s"] = config.batch_size / metrics["step_time_s"]
-                metrics["epoch"] = step / steps_per_epoch
-                writer.write(step, metrics, "train")
-                last_log, last_log_step = time.perf_counter(), step
+    return run
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The training loop: each step trains, and logs, evaluates and saves when due."""
+
+    config: Any
+    total_steps: int
+    steps_per_epoch: int
+    state: TrainState
+    meta: dict
+    train_step: Callable
+    batches: Any
+    evaluate: Callable[[Any], dict]
+    checkpoints: Checkpoints
+    writer: MetricWriter
+    preemption: Preemption
+    mesh: Mesh
+    eval_metrics: dict = dataclasses.field(default_factory=dict)
+    preempted: bool = False
+
+    def __post_init__(self):
+        self.step = int(jax.device_get(self.state.step))
+        self._progress = tqdm(
+            total=self.total_steps, initial=self.step, disable=not self.writer.enabled, desc="train", unit="step"
+        )
+        self._last_log, self._last_log_step = time.perf_counter(), self.step
+
+    def run(self) -> None:
+        """The steps after the state's; stops early, saved, on preemption."""
+        rng = jax.random.key(self.config.seed)
+        for self.step in range(self.step + 1, self.total_steps + 1):
+            self.state, metrics = self.train_step(self.state, global_batch(next(self.batches), self.mesh), rng)
+            self._progress.update()
+            if self.step % self.config.log_every == 0 or self.step == self.total_steps:
+                self._log(self.step, metrics)
             # Checked first: an evaluation is not worth a preemption's grace period.
-            preempted = preemption.reached(step)
-            evaluating = (step % config.eval_every == 0 or step == total_steps) and not preempted
-            saving = evaluating or preempted or step % config.checkpoint_every == 0
-            if (evaluating or saving) and not bool(all_finite((state.params, state.opt_state))):
-                raise NonFiniteError(
-                    f"step {step}: the parameters or optimizer state hold NaN or infinity (training "
-                    f"diverged since the last check); not evaluating or saving them. {DIVERGED_HINT}"
-                )
-            if evaluating:
-                eval_metrics = run_eval()
-                writer.write(step, eval_metrics, "eval")
-                # Ties go to the later step, as orbax's BestN keeps the latest of equals.
-                if meta["best_top1"] is None or eval_metrics["top1"] >= meta["best_top1"]:
-                    meta = {"best_top1": eval_metrics["top1"], "best_step": step}
-                last_log = time.perf_counter()  # evaluation time is not training time
-            if saving:
-                checkpoints.save(state, meta, metrics={"top1": eval_metrics["top1"]} if evaluating else None)
-            if preempted:
-                break
-    finally:  # also when training stops on an error: a save in flight reaches disk
-        preemption.close()
-        progress.close()
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
-    if preempted:
-        if is_main:
-            print(f"preempted: saved step {step}, exiting", flush=True)
-        exit_now(143)
-    if is_main:
-        write_method_outputs(model, jax.device_get(state.params), workdir)
-    return {**eval_metrics, **meta}
+            self.preempted = self.preemption.reached(self.step)
+            self._evaluate_and_save(self.step)
+            if self.preempted:
+                return
+
+    def _log(self, step: int, metrics) -> None:
+        metrics = jax.device_get(metrics)
+        check_finite_metrics(metrics, step, self.config.log_every)
+        metrics["step_time_s"] = (time.perf_counter() - self._last_log) / (step - self._last_log_step)
+        metrics["images_per_s"] = self.config.batch_size / metrics["step_time_s"]
+        metrics["epoch"] = step / self.steps_per_epoch
+        self.writer.write(step, metrics, "train")
+        self._last_log, self._last_log_step = time.perf_counter(), step
+
+    def _evaluate_and_save(self, step: int) -> None:
+        config = self.config
+        evaluating = (step % config.eval_every == 0 or step == self.total_steps) and not self.preempted
+        saving = evaluating or self.preempted or step % config.checkpoint_every == 0
+        if (evaluating or saving) and not bool(all_finite((self.state.params, self.state.opt_state))):
+            raise NonFiniteError(
+                f"step {step}: the parameters or optimizer state hold NaN or infinity (training "
+                f"diverged since the last check); not evaluating or saving them. {DIVERGED_HINT}"
+            )
+        if evaluating:
+            self.eval_metrics = self.evaluate(self.state.params)
+            self.writer.write(step, self.eval_metrics, "eval")
+            # Ties go to the later step, as orbax's BestN keeps the latest of equals.
+            if self.meta["best_top1"] is None or self.eval_metrics["top1"] >= self.meta["best_top1"]:
+                self.meta = {"best_top1": self.eval_metrics["top1"], "best_step": step}
+            self._last_log = time.perf_counter()  # evaluation time is not training time
+        if saving:
+            top1 = {"top1": self.eval_metrics["top1"]} if evaluating else None
+            self.checkpoints.save(self.state, self.meta, metrics=top1)
+
+    def close(self) -> None:
+        self.preemption.close()
+        self._progress.close()
+        self.checkpoints.wait()
+        self.checkpoints.close()
+        self.writer.close()
 
 
 def write_method_outputs(model: ViT, params, workdir: pathlib.Path) -> None:
@@ -575,20 +343,3 @@ def write_method_outputs(model: ViT, params, workdir: pathlib.Path) -> None:
     for name, contents in model.method.outputs(model, params, gflops).items():
         (workdir / name).write_bytes(contents)
         print(f"wrote {workdir / name}", flush=True)
-
-
-def train_augment(config, size) -> augment.TrainAugment:
-    """The config's augmentation settings (see augment.TrainAugment)."""
-    return augment.TrainAugment(
-        size=tuple(size),
-        mean=tuple(config.mean),
-        std=tuple(config.std),
-        crop=config.crop,
-        scale=tuple(config.crop_scale),
-        padding=config.crop_padding,
-        interpolation=config.interpolation,
-        hflip=config.flip,
-        rand_augment_layers=config.rand_augment_layers,
-        rand_augment_magnitude=config.rand_augment_magnitude,
-        erasing_prob=config.random_erasing,
-    )

@@ -52,14 +52,18 @@ def get_config():
     config.timing_runs = 3  # images/s: median of this many timed batches per r
     config.workdir = "results/eval_cifar10"
 
-    # Several processes (hosts) each evaluate a share: jax.distributed.initialize
-    # "auto" when a cluster (SLURM, TPU pod) is detected or the three keys below
-    # are set, "on" always, "off" never.
+    # Several processes (hosts) each evaluate a share.
+    add_distributed(config)
+    return config
+
+
+def add_distributed(config: ml_collections.ConfigDict) -> None:
+    """jax.distributed.initialize's settings: "auto" when a cluster (SLURM, TPU pod) is
+    detected or the three keys are set, "on" always, "off" never."""
     config.distributed = "auto"
     config.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0
     config.num_processes = ml_collections.config_dict.placeholder(int)
     config.process_id = ml_collections.config_dict.placeholder(int)  # 0 .. num_processes - 1
-    return config
 
 
 def add_methods(config: ml_collections.ConfigDict) -> None:

@@ -39,21 +39,7 @@ def get_config():
     config.eval_limit = ml_collections.config_dict.placeholder(int)
     config.shuffle_buffer = 50_000
 
-    # Augmentation: the recipe the checkpoint was trained with (crop + flip).
-    config.mean = data.CIFAR10_MEAN
-    config.std = data.CIFAR10_STD
-    config.crop = "padded"  # or "random_resized" (ImageNet)
-    config.crop_padding = 4
-    config.crop_scale = (0.08, 1.0)
-    config.interpolation = "bicubic"
-    config.eval_crop_pct = 1.0
-    config.flip = True
-    config.rand_augment_layers = 0  # DeiT: 2 layers at magnitude 9 (rand-m9-mstd0.5-inc1)
-    config.rand_augment_magnitude = 9.0
-    config.random_erasing = 0.0
-    config.mixup_alpha = 0.0
-    config.cutmix_alpha = 0.0
-    config.label_smoothing = 0.1
+    add_augmentation(config)
 
     # Optimisation.
     config.batch_size = 128  # global, over all devices and hosts
@@ -71,12 +57,7 @@ def get_config():
 
     # Parallelism: a (data, fsdp) mesh over all devices of all processes (hosts).
     config.fsdp = 1
-    # jax.distributed.initialize: "auto" when a cluster (SLURM, TPU pod) is detected
-    # or the three keys below are set, "on" always, "off" never.
-    config.distributed = "auto"
-    config.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0
-    config.num_processes = ml_collections.config_dict.placeholder(int)
-    config.process_id = ml_collections.config_dict.placeholder(int)  # 0 .. num_processes - 1
+    eval_cifar10.add_distributed(config)
 
     config.seed = 0
     config.log_every = 50
@@ -84,3 +65,21 @@ def get_config():
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
     return config
+
+
+def add_augmentation(config: ml_collections.ConfigDict) -> None:
+    """Augmentation: the recipe the checkpoint was trained with (crop + flip)."""
+    config.mean = data.CIFAR10_MEAN
+    config.std = data.CIFAR10_STD
+    config.crop = "padded"  # or "random_resized" (ImageNet)
+    config.crop_padding = 4
+    config.crop_scale = (0.08, 1.0)
+    config.interpolation = "bicubic"
+    config.eval_crop_pct = 1.0
+    config.flip = True
+    config.rand_augment_layers = 0  # DeiT: 2 layers at magnitude 9 (rand-m9-mstd0.5-inc1)
+    config.rand_augment_magnitude = 9.0
+    config.random_erasing = 0.0
+    config.mixup_alpha = 0.0
+    config.cutmix_alpha = 0.0
+    config.label_smoothing = 0.1

@@ -643,6 +643,25 @@ class TrainAugment:
         if self.erasing_mode not in _ERASING_MODES:
             raise ValueError(f"erasing_mode must be one of {_ERASING_MODES}, got {self.erasing_mode!r}")
 
+    @classmethod
+    def from_config(cls, config, size) -> TrainAugment:
+        """The augmentation a train.py config sets (its keys `mean`, `std`, `crop`,
+        `crop_scale`, `crop_padding`, `interpolation`, `flip`, `rand_augment_layers`,
+        `rand_augment_magnitude`, `random_erasing`), for images of `size`."""
+        return cls(
+            size=tuple(size),
+            mean=tuple(config.mean),
+            std=tuple(config.std),
+            crop=config.crop,
+            scale=tuple(config.crop_scale),
+            padding=config.crop_padding,
+            interpolation=config.interpolation,
+            hflip=config.flip,
+            rand_augment_layers=config.rand_augment_layers,
+            rand_augment_magnitude=config.rand_augment_magnitude,
+            erasing_prob=config.random_erasing,
+        )
+
     @property
     def fill(self) -> tuple[int, int, int]:
         """What timm's training transform gives RandAugment to fill with: the mean in 8 bits."""

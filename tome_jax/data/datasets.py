@@ -19,71 +19,24 @@ logged warning.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
-import pathlib
 import random
-import tarfile
 from typing import Callable, Iterator, Union
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tome_jax.data import augment
+from tome_jax.data import augment, bundled
 from tome_jax.data.images import Preprocess, decode_image, preprocess_eval
 
-# The repository around the package: its assets/ hold the bundled model and data.
-REPO = pathlib.Path(__file__).resolve().parents[2]
-ASSETS = REPO / "assets"
-BUNDLED_CIFAR10 = ASSETS / "cifar10-jpg.tar.gz"
-BUNDLED_CIFAR10_SHA256 = "98d6573b2eb3a94d49785094465846f7dd26b797ddaa64b429b6317e6a74d5bd"
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # Image files an ImageFolder reads (tfds.ImageFolder's; any case); other files are ignored.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # The one split of a `root/<class>/<image>` folder.
 FLAT_SPLIT = "all"
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> pathlib.Path:
-    """Where extracted data lives: $TOME_JAX_CACHE, else ~/.cache/tome_jax."""
-    return pathlib.Path(os.environ.get("TOME_JAX_CACHE", "~/.cache/tome_jax")).expanduser()
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def extract_bundled_cifar10(target: pathlib.Path | None = None) -> pathlib.Path:
-    """Extracts the bundled CIFAR-10 JPEG tree once and returns its root."""
-    root = (target or cache_dir()) / "cifar10-jpg"
-    done = root / ".complete"
-    if done.exists():
-        return root
-    if not BUNDLED_CIFAR10.exists():
-        raise FileNotFoundError(f"bundled CIFAR-10 archive missing: {BUNDLED_CIFAR10}")
-    digest = _sha256(BUNDLED_CIFAR10)
-    if digest != BUNDLED_CIFAR10_SHA256:
-        raise ValueError(f"{BUNDLED_CIFAR10} is corrupt: sha256 {digest}")
-    partial = root.with_name(root.name + f".partial-{os.getpid()}")
-    with tarfile.open(BUNDLED_CIFAR10) as archive:
-        archive.extractall(partial, filter="data")
-    # A rename is atomic, so concurrent first uses never see half a tree.
-    try:
-        partial.rename(root)
-    except OSError:
-        if not done.exists():
-            raise
-    done.touch()
-    return root
 
 
 def builder(name: str, data_dir: str | None = None, *, download: bool = True) -> Dataset:
@@ -93,7 +46,7 @@ def builder(name: str, data_dir: str | None = None, *, download: bool = True) ->
     `tfds.load` would; with `download=False` that is an error instead.
     """
     if name == "bundled_cifar10":
-        return ImageFolder.scan(extract_bundled_cifar10())
+        return ImageFolder.scan(bundled.extract_bundled_cifar10())
     if name.startswith("folder:"):
         return ImageFolder.scan(name[len("folder:") :])
     data = tfds.builder(name, data_dir=data_dir)
