@@ -204,7 +204,7 @@ def tome_jax_calls(model, variables, r_values: dict, images) -> tuple[dict, dict
     for label, r in r_values.items():
         predict, cost = measure.compile_predict(model, r, variables, images[0])
         calls[f"tome_jax {label}"] = measure.jax_call(predict, variables, images)
-        schedule = schedules.effective_schedule(model.num_tokens, schedules.parse_r(model.depth, r), model.num_prefix_tokens)
+        schedule = model.effective_schedule(r)
         if any(schedule):
             sliced_predict, _ = measure.compile_predict(sliced, r, variables, images[0])
             calls[f"slice {label}"] = measure.jax_call(sliced_predict, variables, images)

@@ -152,12 +152,10 @@ def _choose_with_inflection(
 ) -> tuple[RChoice | None, float | None]:
     """The smallest `(r, inflection)` that `meets` the target, by bisection, and else None and the
     cost (GFLOPs, or the speed-up when `speedup` is given) the most merging schedule reaches."""
-    tokens, depth, protected = model.num_tokens, model.depth, model.num_prefix_tokens
-
     def schedule(r):
-        return schedules.effective_schedule(tokens, schedules.parse_r(depth, (r, inflection)), protected)
+        return model.effective_schedule((r, inflection))
 
-    limit = schedules.most_merging_r(tokens, depth, inflection)
+    limit = schedules.most_merging_r(model.num_tokens, model.depth, inflection)
     r = schedules.smallest_fitting_r(lambda r: meets(schedule(r)), limit)
     if r is None:
         return None, gflops(schedule(limit)) if speedup is None else speedup(schedule(limit))

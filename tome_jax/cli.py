@@ -234,7 +234,7 @@ def _visualize(args: argparse.Namespace) -> None:
     else:
         model, variables = from_timm(source)
     for r_value in r_values:
-        print(schedules.describe_r(r_value, model.num_tokens, model.depth, model.num_prefix_tokens))
+        print(model.describe_r(r_value))
     # The options carry the preprocessing fields of an eval.py config.
     preprocess = evaluate.preprocess_for(args, model, source)
     count = args.offset + args.images

@@ -89,8 +89,7 @@ def sweep(
     rows = []
     for r in tqdm(r_values, desc="r sweep", unit="r"):
         predict, cost = compile_predict(model, r, variables, timing_images[0], prop_attn=prop_attn)
-        schedule = schedules.parse_r(model.depth, r)
-        effective = schedules.effective_schedule(model.num_tokens, schedule, model.num_prefix_tokens, model.method.max_r)
+        effective = model.effective_schedule(r)
         row = {"r": schedules.r_label(r), "schedule": list(effective), "tokens_left": model.num_tokens - sum(effective)}
         row.update(cost)
         row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
@@ -268,7 +267,7 @@ def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
     data.check_batch_size(config.batch_size)
     for r in r_values:
         try:
-            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, model.method.max_r)
+            described = model.describe_r(r)
         except (TypeError, ValueError) as error:
             raise ValueError(f"r={schedules.r_label(r)} does not fit the model: {error}") from None
         if is_main:
@@ -330,8 +329,7 @@ def run(config) -> list[dict[str, Any]]:
         # A speed-up target is measured on each process: all take process 0's choice.
         r = schedules.parse_r_value(text_of_process_zero(schedules.r_label(r)))
         if setup.is_main:
-            described = schedules.describe_r(r, model.num_tokens, model.depth, model.num_prefix_tokens, model.method.max_r)
-            print(f"{target}: {described}")
+            print(f"{target}: {model.describe_r(r)}")
         r_values.append(r)
     rows = sweep(
         model,

@@ -1,6 +1,6 @@
 """The layers of tome_jax's ViT: patches, activations, MLPs, LayerScale, the MAP head and the block.
 
-Parameter names follow timm (`fc1`, `ls1`-style `ls_1/gamma`, `attn_pool/latent`, ...).
+Parameter names follow timm's where they can (`fc1`, `fc2`, `attn_pool/latent`, `gamma`).
 """
 
 from __future__ import annotations
@@ -201,8 +201,8 @@ class Block(nn.Module):
         plan = weights = None
         if acts and method.position == reduce.BEFORE_ATTENTION:
             # The map of the unreduced tokens, for a method that reads it (its output goes unused).
-            seen = attn(norm1(tokens.x), sizes(tokens), return_weights=True) if method.needs_weights else None
-            tokens, plan, weights = step(tokens, None, seen and seen.weights)
+            seen = attn(norm1(tokens.x), sizes(tokens), return_weights=True).weights if method.needs_weights else None
+            tokens, plan, weights = step(tokens, None, seen)
         normed = norm1(tokens.x)
         adjust = functools.partial(method.adjust_weights, tokens=tokens)
         reads_weights = acts and method.needs_weights and method.position == reduce.AFTER_ATTENTION

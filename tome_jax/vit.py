@@ -165,6 +165,15 @@ class ViT(nn.Module):
             return dtem_method.from_legacy(self.reduction, self.dtem_dim, self.dtem_soft_merge._asdict())
         return reduce.check_method(reduce.ToMe() if self.reduction is None else self.reduction)
 
+    def effective_schedule(self, r: schedules.RSpec) -> tuple[int, ...]:
+        """Each block's `r` after the clamp to its method's `max_r`, for this model's tokens."""
+        schedule = schedules.parse_r(self.depth, r)
+        return schedules.effective_schedule(self.num_tokens, schedule, self.num_prefix_tokens, self.method.max_r)
+
+    def describe_r(self, r: schedules.RSpec) -> str:
+        """One line: `r`, the tokens it leaves at the head, and any clamp (`schedules.describe_r`)."""
+        return schedules.describe_r(r, self.num_tokens, self.depth, self.num_prefix_tokens, self.method.max_r)
+
     @property
     def metric_dim(self) -> int | None:
         """Width of the DTEM metric layers (None without DTEM)."""
@@ -385,7 +394,8 @@ class ViT(nn.Module):
             implementation=self.attn_implementation, **kinds,
         )  # fmt: skip
         mlp_norm = self.norm_eps if self.scale_mlp_norm else None
-        mlp = functools.partial(Mlp, int(self.width * self.mlp_ratio), self.act_layer, self.mlp_layer, mlp_norm, **kinds)
+        hidden = int(self.width * self.mlp_ratio)
+        mlp = functools.partial(Mlp, hidden, self.act_layer, self.mlp_layer, mlp_norm, **kinds)
         layer_scale = None
         if self.layer_scale_init is not None:
             layer_scale = functools.partial(LayerScale, self.layer_scale_init, self.param_dtype)
