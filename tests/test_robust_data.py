@@ -379,13 +379,16 @@ def test_the_commands_load_a_timm_model_before_tensorflow(tmp_path):
         # timm loads, then its weights cannot download here: the process lives to say so.
         (["train.py", *timm_model, f"--workdir={tmp_path / 'train'}"], 2),
         (["train.py", *timm_model, "--step_time_r=0"], 2),
-        # timm's preprocessing, then the data.
+        # timm's preprocessing, then the data; ViT attributes set from the command line.
+        (["eval.py", "--config.model=vit_tiny_patch16_224", "--config.pretrained=False", "--config.preprocess=timm",
+          "--config.model_overrides.num_classes=10", "--config.model_overrides.depth=1", "--config.limit=2",
+          "--config.batch_size=2", "--config.r=0", "--config.timing_runs=1", f"--config.workdir={tmp_path / 'eval'}"], 0),
         (["-m", "tome_jax", "vis", str(tmp_path / "vis.png"), "--model=vit_tiny_patch16_224", "--random-weights",
           "--preprocess=timm", "--images=1", "--r=0"], 0),
     ]:  # fmt: skip
         done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
         assert done.returncode == status, (args, done.returncode, done.stderr[-3000:])
-    assert (tmp_path / "vis.png").exists()
+    assert (tmp_path / "vis.png").exists() and (tmp_path / "eval" / "sweep.json").exists()
 
 
 # ---------------------------------------------------------------- 6. non-finite logits

@@ -163,7 +163,8 @@ def load_model(config) -> tuple[ViT, Any, str]:
     ("best", "latest" or a step).
     """
     source = resolve_source(config.model)
-    overrides = {"reduction": reduction_from_config(config), **dict(config.model_overrides)}
+    given = {k: v for k, v in dict(config.model_overrides).items() if v is not None}  # unset: the model's own
+    overrides = {"reduction": reduction_from_config(config), **given}
     if not config.pretrained:
         model, params = create_model(source, **overrides), None
     else:
@@ -262,8 +263,10 @@ def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
     maybe_initialize_distributed(config)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
-    # The model before the data: see tome_jax.data on the order of torch and TensorFlow.
+    # The model (and timm's preprocessing, for a timm name) before the data: see tome_jax.data
+    # on the order of torch and TensorFlow.
     model, params, source = load_model(config)
+    preprocess = preprocess_for(config, model, source)
     data.check_batch_size(config.batch_size)
     for r in r_values:
         try:
@@ -274,7 +277,6 @@ def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
             print(described)
     dataset = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     check_num_classes(model, dataset, config.dataset)
-    preprocess = preprocess_for(config, model, source)
     count = data.num_examples(dataset, config.split, config.limit)
     if count == 0:
         raise ValueError(f"split {config.split!r} of {config.dataset} has no examples")

@@ -7,6 +7,7 @@
 import ml_collections
 
 from tome_jax import data, reduce
+from tome_jax.vit import ViT
 
 
 def get_config():
@@ -15,7 +16,8 @@ def get_config():
     # torchvision ViT state dict. Relative paths are relative to the repository.
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
     config.pretrained = True  # False: the registry architecture of that name, random init
-    config.model_overrides = ml_collections.ConfigDict()  # ViT attributes, e.g. img_size
+    # ViT attributes (--config.model_overrides.num_classes=10); those left unset keep the model's own.
+    config.model_overrides = model_overrides()
     # How blocks remove tokens: "tome" (merge on attention keys), or another tome_jax.reduce
     # method: "pitome", "mctf", "tofu", "dct", "evit", "random_drop", "diffrate", "dtem" (ToMe
     # on DTEM's learned metric layers); its settings are config.<method> (--config.pitome.margin=0.5).
@@ -55,6 +57,21 @@ def get_config():
     # Several processes (hosts) each evaluate a share.
     add_distributed(config)
     return config
+
+
+def model_overrides(**values) -> ml_collections.ConfigDict:
+    """Every `tome_jax.ViT` attribute a command line can set, unset (None) but typed, so that
+    `--config.model_overrides.<attribute>=` works; `values` set some."""
+    fields = {}
+    for name, field in ViT.__dataclass_fields__.items():
+        kind = next((t for t in (bool, int, float, str) if t.__name__ in str(field.type).split(" | ")[0]), None)
+        if str(field.type) == "Any":  # dtype, param_dtype: by name ("bfloat16")
+            kind = str
+        if kind is not None and name not in ("parent", "name", "dtem", "dtem_dim"):
+            fields[name] = ml_collections.config_dict.placeholder(kind)
+    overrides = ml_collections.ConfigDict(fields)
+    overrides.update(values)
+    return overrides
 
 
 def add_distributed(config: ml_collections.ConfigDict) -> None:

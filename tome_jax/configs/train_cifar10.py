@@ -21,7 +21,7 @@ def get_config():
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
     config.pretrained = True
     # ViT attributes. dtype "bfloat16": bfloat16 compute, float32 parameters and loss.
-    config.model_overrides = ml_collections.ConfigDict({"drop_path_rate": 0.0, "dtype": "float32"})
+    config.model_overrides = eval_cifar10.model_overrides(drop_path_rate=0.0, dtype="float32")
     # Merge schedules (int, "(r, inflection)" or per-layer list), as strings.
     config.r = "(8, -1)"  # while training
     config.eval_r = "(8, -1)"  # while evaluating
