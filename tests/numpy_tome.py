@@ -1,5 +1,5 @@
-"""A plain NumPy ToMe, one example at a time, written from the conventions the README states
-(its sections "The merge as a function" and "The ViT").
+"""A plain NumPy ToMe, one example at a time, written from the conventions docs/models.md states
+(its sections "The ViT" and "Merging rules").
 
 It is deliberately naive (Python loops, lists of groups) so that it shares no code
 and no vectorisation trick with tome_jax.

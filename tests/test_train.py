@@ -192,7 +192,7 @@ def test_sigterm_saves_the_step_it_was_at_exits_at_once_and_resumes(small_cifar,
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     seconds = time.perf_counter() - start
-    print(f"SIGTERM to exit: {seconds:.2f} s")  # the README's figure (pytest -s)
+    print(f"SIGTERM to exit: {seconds:.2f} s")  # docs/benchmarks.md's figure (pytest -s)
     assert proc.returncode == 143, out
     # The tiny model's step takes milliseconds: what remains is the save and the exit.
     # Before exit_now, tearing down tf.data alone took 26-42 s. Generous for a loaded machine.

@@ -1,5 +1,5 @@
-"""A plain PyTorch DTEM soft merge, one example at a time, written from the conventions the
-README states (its section "DTEM's soft merge (training)").
+"""A plain PyTorch DTEM soft merge, one example at a time, written from the conventions
+docs/methods.md states (its section "DTEM's soft merge").
 
 Deliberately naive (Python loops over tokens, float64, autograd for gradients) so
 that it shares no code and no vectorisation trick with tome_jax.dtem.

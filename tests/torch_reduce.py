@@ -5,7 +5,7 @@ mlvlab/MCTF; EViT: youweiliang/evit; ToFu and DCT: Westlake-AI/OpenToMe), batche
 with torch's sorts, top-k and scatters rather than tome_jax's rank counting and
 plans. Each method is a block function; `forward` runs a timm model with one.
 
-Conventions shared with tome_jax (the README's "Merging rules"): prefix tokens
+Conventions shared with tome_jax (docs/models.md, "Merging rules"): prefix tokens
 (class, distillation) never merge and stay first; stable sorts (ties by
 position); a token's `dest` is its output slot, -1 when pruned. A block function
 returns (x, size, dest) with dest None when the tokens were mixed (DCT).

@@ -31,7 +31,7 @@ def _head_major_attention(query, key, value, bias):
     Logits and softmax in float32 whatever the input dtype. The softmax is
     normalised after the product with the values, on [.., tokens, head_dim]
     instead of [.., tokens, tokens]: on CPU that saves XLA a pass over the
-    weights (the README's Speed section has the measurement).
+    weights (docs/benchmarks.md, Where the time goes).
     """
     scaled = query * jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
     logits = jnp.einsum("bhqd,bhkd->bhqk", scaled, key, preferred_element_type=jnp.float32)
@@ -49,9 +49,8 @@ def _head_major_attention(query, key, value, bias):
 def default_implementation() -> str:
     """The attention implementation measured fastest on the default backend.
 
-    On CPU, head-major einsums beat jax.nn.dot_product_attention (measured, see
-    the README's Speed section), because XLA's batched matmuls then need no
-    transposes and the softmax is normalised late; elsewhere JAX picks (cuDNN's
+    On CPU, head-major einsums beat jax.nn.dot_product_attention, because XLA's
+    batched matmuls then need no transposes and the softmax is normalised late; elsewhere JAX picks (cuDNN's
     fused attention on GPU where it applies).
     """
     return "einsum" if jax.default_backend() == "cpu" else "auto"

@@ -45,8 +45,8 @@ def gflops_per_image(
 ) -> float:
     """XLA's FLOP count of one forward, per image, without compiling.
 
-    The lowered program's count is within 0.1% of the compiled one's
-    (`measure.compile_predict`), for a fraction of the time.
+    The lowered program's count is close to the compiled one's
+    (`measure.compile_predict`), without the compilation.
     """
     images = jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32)
     lowered = jax.jit(lambda v, x: model.apply(v, x, r=r, prop_attn=prop_attn)).lower(variables, images)
@@ -107,7 +107,7 @@ def choose_r(
         the default device at `batch_size`: each schedule tried is compiled and
         timed (`timing_runs` rounds, alternating with r = 0). Bisection bounds
         the tries to about log2 of `schedules.most_merging_r` per inflection (8 to 11
-        for ViT-B/16), each a compilation (seconds to a minute on a CPU).
+        for ViT-B/16), each a compilation.
       batch_size: the batch the costs are taken at.
       inflections: the schedule shapes to consider (see `schedules.parse_r`).
       images: batches for timing, [batch_size, *model.input_shape]; None: random.

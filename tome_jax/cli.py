@@ -146,7 +146,7 @@ def train_main() -> None:
                 if flags.FLAGS.traceback:
                     raise
                 print(f"error: {error}", file=sys.stderr)
-                preemption.exit_now(1)  # at once: tf.data's teardown takes tens of seconds
+                preemption.exit_now(1)  # at once: tf.data's teardown is slow
 
         _run(train, flags.FLAGS.traceback)
 

@@ -357,7 +357,7 @@ def dtem_soft_merge(
         no longer sees them. Not in the official code, where an A token merged
         only in part keeps part of its size there for good, which leaves the soft
         merge far more accurate than the hard merge it stands in for, and so
-        little for training to lower (measured in the README's DTEM results).
+        little for training to lower (docs/training.md, DTEM results).
         Total size is then not conserved.
 
     Returns:

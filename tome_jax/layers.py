@@ -43,7 +43,7 @@ def gelu(x: jax.Array) -> jax.Array:
 
     flax's default is the tanh approximation, and `nn.gelu(approximate=False)` goes
     through erfc, whose XLA expansion (two branches, exp, divisions) makes the pass
-    over the hidden activations several times slower on CPU (README, Speed).
+    over the hidden activations slower on CPU (docs/benchmarks.md, Where the time goes).
     """
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
 

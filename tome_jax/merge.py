@@ -123,7 +123,7 @@ def descending_rank(score: jax.Array) -> jax.Array:
     Counted (the entries ahead: higher, or equal and earlier) rather than sorted,
     like the other plan helpers: n is half a sequence, so the [batch, n, n]
     comparison is cheap, and it compiles to far fewer XLA kernels than a sort
-    and scatters, which made merging models several times slower to compile.
+    and scatters, which made merging models slower to compile.
     """
     n = score.shape[-1]
     earlier = np.arange(n)[:, None] < np.arange(n)[None, :]  # [i, j]: i precedes j
@@ -331,8 +331,8 @@ MERGE_IMPLEMENTATIONS = ("scatter", "segment_sum", "onehot")
 def default_merge_implementation(backend: str | None = None) -> str:
     """The merge implementation for a JAX backend (default: the current one).
 
-    CPU: measured in whole-model interleaved A/B (see the README's Speed section).
-    GPU and TPU were not measured here; the choice follows from their structure.
+    CPU: chosen by timing the whole model with each, interleaved. GPU and TPU: not
+    timed; the choice follows from their structure.
     On TPU, scatters and gathers are serialised row by row while the matrix unit
     is idle, so the one-hot product wins. On GPU, the gather and `r`-row scatter
     move little memory with atomics and add no FLOPs.

@@ -13,8 +13,7 @@ def exit_now(status: int) -> None:
     """Ends the process with `status` at once, all processes together.
 
     Skips the interpreter's teardown, where tf.data's iterators (shuffle buffers,
-    parallel decoding threads) took tens of seconds, longer than a preemption's
-    grace period. Callers first finish what must reach disk (checkpoints, metrics).
+    parallel decoding threads) can outlast a preemption's grace period. Callers first finish what must reach disk (checkpoints, metrics).
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,5 +1,5 @@
-"""ToMe in PyTorch for timm's VisionTransformer, written from the conventions the README states
-(its sections "The merge as a function" and "The ViT").
+"""ToMe in PyTorch for timm's VisionTransformer, written from the conventions docs/models.md
+states (its sections "The ViT" and "Merging rules").
 
 Optional: the only tome_jax module that needs torch (and timm), imported by the
 tests and by `tome_jax.bench` alone, never by the library itself.

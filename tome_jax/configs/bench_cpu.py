@@ -1,4 +1,4 @@
-"""The side-by-side speed benchmark on CPU (see the README's Speed section).
+"""The side-by-side speed benchmark on CPU (docs/benchmarks.md, Speed beside PyTorch ToMe).
 
     tome-jax-bench --config configs/bench_cpu.py
     tome-jax-bench --config configs/bench_cpu.py --config.models=vit_small_patch16_224 \

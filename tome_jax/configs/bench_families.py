@@ -1,4 +1,4 @@
-"""The benchmark's CLIP, SigLIP and DINOv2 rows on CPU (README, Speed).
+"""The benchmark's CLIP, SigLIP and DINOv2 rows on CPU (docs/benchmarks.md, CLIP, SigLIP and DINOv2 towers).
 
     tome-jax-bench --config configs/bench_families.py
     tome-jax-bench --config configs/bench_families.py --config.models=vit_base_patch16_siglip_224

@@ -118,7 +118,7 @@ def pretrained_data_config(source) -> dict | None:
     `interpolation` and `crop_mode`, as `timm.data.resolve_data_config`. For a
     `.safetensors` file: its `pretrained_cfg` metadata entry (a JSON object with
     at least `mean` and `std`, timm's keys), those keys. Other files say nothing:
-    pass the family's values yourself (README, Pretrained weights).
+    pass the family's values yourself (docs/models.md, Pretrained weights).
     """
     path = pathlib.Path(source) if isinstance(source, (str, pathlib.PurePath)) else None
     if path is not None and path.suffix == ".safetensors" and path.is_file():
