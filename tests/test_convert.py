@@ -429,7 +429,7 @@ def test_overrides_win_over_inference():
         (dict(act_layer="relu"), r"blocks.0.mlp.act is ReLU, not one of \['gelu'"),
         (dict(mlp_layer=timm.layers.GluMlp), r"GluMlp gating its second half \(gate_last=True\)"),
         (dict(global_pool="avgmax"), "global_pool='avgmax'"),
-        (dict(global_pool="avg", pool_include_prefix=True), "pool_include_prefix=True"),
+        (dict(global_pool="avg", pool_include_prefix=True), "pool_include_prefix=True with global_pool=.avg."),
         (dict(block_fn=timm.models.vision_transformer.ResPostBlock), "blocks.0 is ResPostBlock"),
     ],
     ids=["relu", "glu_gate_last", "avgmax_pool", "pool_include_prefix", "res_post_block"],

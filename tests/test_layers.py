@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tome_jax"
 # must not form a cycle (checked below over the whole package).
 LAYERS = {
     "algorithm": [
-        "tome_jax.merge", "tome_jax.schedules", "tome_jax.tokens", "tome_jax.dtem", "tome_jax.attention",
+        "tome_jax.merge", "tome_jax.schedules", "tome_jax.tokens", "tome_jax.rope", "tome_jax.dtem", "tome_jax.attention",
         "tome_jax.reduce",
     ],
     "model": ["tome_jax.layers", "tome_jax.vit", "tome_jax.registry", "tome_jax.features", "tome_jax.torch_tome"],

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tome_jax import rope
+
 
 def layer_norm(name: str, dtype: Any, param_dtype: Any, epsilon: float = 1e-6) -> nn.LayerNorm:
     """LayerNorm, by default with timm's ViT epsilon (1e-6; CLIP's is 1e-5)."""
@@ -171,7 +173,13 @@ class Attended(NamedTuple):
 
 
 class Attention(nn.Module):
-    """timm-layout attention (one fused `qkv` projection, then `proj`) with proportional attention."""
+    """timm-layout attention (one fused `qkv` projection, then `proj`) with proportional attention.
+
+    For timm's rotary ViTs (`Eva`): queries and keys rotated by per-token angles
+    (`rope.rotate`, after any qk-norm), a LayerNorm on the output before `proj`
+    (`inner_norm`, timm's `scale_attn_inner`), and the merge metric from the keys
+    before rotation or after it (`rotated_metric`).
+    """
 
     num_heads: int
     qkv_bias: bool = True
@@ -180,6 +188,9 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     implementation: str | None = None
+    inner_norm: bool = False
+    rope_half: bool = False
+    rotated_metric: bool = False
 
     @nn.compact
     def __call__(
@@ -190,6 +201,7 @@ class Attention(nn.Module):
         weights: jax.Array | None = None,
         return_weights: bool = False,
         adjust_weights: Callable[[jax.Array], jax.Array] | None = None,
+        rope_angles: jax.Array | None = None,
     ) -> Attended:
         """x: [batch, tokens, dim]; size: [batch, tokens] or None (plain attention).
 
@@ -201,6 +213,8 @@ class Attention(nn.Module):
             then computed from them, whatever `implementation`).
           adjust_weights: a function of the weights that gives the ones to
             attend with (DiffRate's search masks keys); implies `return_weights`.
+          rope_angles: [batch, heads or 1, tokens, head_dim / 2] the rotation of each
+            token's query and key (`rope.rotation_angles`); None: no rotation.
         """
         batch, tokens, dim = x.shape
         if dim % self.num_heads:
@@ -208,27 +222,34 @@ class Attention(nn.Module):
         head_dim = dim // self.num_heads
         qkv = FusedQKV(3 * dim, self.qkv_bias, self.dtype, self.param_dtype, name="qkv")
         heads = lambda t: t.reshape(batch, tokens, -1, self.num_heads, head_dim)  # noqa: E731
-        norm = lambda name, t: (  # noqa: E731
-            layer_norm(name, self.dtype, self.param_dtype, self.norm_eps)(t) if self.qk_norm else t
-        )
         metric = None
         if weights is not None:
             out = attend(weights, heads(qkv(x, "v"))[:, :, 0])
         elif return_weights or adjust_weights is not None:
             # The values apart: a step that reads only the map leaves them unused, for XLA to drop.
             query_key, value = heads(qkv(x, "qk")), heads(qkv(x, "v"))[:, :, 0]
-            query, key = norm("q_norm", query_key[:, :, 0]), norm("k_norm", query_key[:, :, 1])
+            query, key, metric = self._positioned(query_key[:, :, 0], query_key[:, :, 1], rope_angles)
             weights = attention_weights(query, key, size)
             if adjust_weights is not None:
                 weights = adjust_weights(weights)
-            out, metric = attend(weights, value), key.mean(axis=2)
+            out = attend(weights, value)
         else:
             qkv_heads = heads(qkv(x))
-            query, key, value = qkv_heads[:, :, 0], qkv_heads[:, :, 1], qkv_heads[:, :, 2]
-            query, key = norm("q_norm", query), norm("k_norm", key)
-            out = proportional_attention(query, key, value, size, implementation=self.implementation)
-            metric = key.mean(axis=2)
-        out = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(
-            out.reshape(batch, tokens, dim)
-        )
+            query, key, metric = self._positioned(qkv_heads[:, :, 0], qkv_heads[:, :, 1], rope_angles)
+            out = proportional_attention(query, key, qkv_heads[:, :, 2], size, implementation=self.implementation)
+        out = out.reshape(batch, tokens, dim)
+        if self.inner_norm:
+            out = layer_norm("norm", self.dtype, self.param_dtype, self.norm_eps)(out)
+        out = nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(out)
         return Attended(out, metric, weights)
+
+    def _positioned(self, query, key, rope_angles):
+        """Query and key after qk-norm and rotation, and the merge metric (the keys' mean over heads)."""
+        if self.qk_norm:
+            query = layer_norm("q_norm", self.dtype, self.param_dtype, self.norm_eps)(query)
+            key = layer_norm("k_norm", self.dtype, self.param_dtype, self.norm_eps)(key)
+        metric = key.mean(axis=2)
+        if rope_angles is not None:
+            query, key = (rope.rotate(t, rope_angles, half=self.rope_half) for t in (query, key))
+            metric = key.mean(axis=2) if self.rotated_metric else metric
+        return query, key, metric

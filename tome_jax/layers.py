@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tome_jax import merge, reduce
+from tome_jax import merge, reduce, rope
 from tome_jax.attention import layer_norm, proportional_attention
 from tome_jax.tokens import Tokens
 
@@ -140,6 +140,20 @@ class AttentionPool(nn.Module):
         return out[:, 0]
 
 
+class RopeFrequencies(nn.Module):
+    """RoPE-Mixed's learned frequencies, `freqs` [2, depth, num_heads, head_dim / 2] (timm's `rope.freqs`)."""
+
+    depth: int
+    num_heads: int
+    head_dim: int
+    temperature: float
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        init = rope.mixed_frequencies_init(self.depth, self.num_heads, self.head_dim, self.temperature)
+        return self.param("freqs", init, (2, self.depth, self.num_heads, self.head_dim // 2), jnp.float32)
+
+
 class LayerScale(nn.Module):
     """timm's LayerScale: a learned per-channel factor on a residual branch (`gamma`)."""
 
@@ -181,8 +195,12 @@ class Block(nn.Module):
     merge_implementation: str | None = None
 
     @nn.compact
-    def __call__(self, tokens: Tokens, *, r: int, train: bool = False, prop_attn: bool | None = None) -> Tokens:
-        """Args: tokens of [batch, tokens, width]; r a static int; `prop_attn` None: the method's default.
+    def __call__(
+        self, tokens: Tokens, *, r: int, train: bool = False, prop_attn: bool | None = None, rope_freqs=None
+    ) -> Tokens:
+        """Args: tokens of [batch, tokens, width]; r a static int; `prop_attn` None: the method's default;
+        `rope_freqs` [heads or 1, 2, head_dim / 2] a rotary model's frequencies in this block
+        (`rope.rotation_angles` of the tokens' `rope.POSITION_FIELD`), None for no rotation.
 
         Returns the tokens after the block: [batch, tokens - r', width], r' being r
         after the clamp to the method's `max_r` (0 for a step that keeps every
@@ -191,9 +209,9 @@ class Block(nn.Module):
         (`plan`; the identity where it did not run, none where it gave no hard
         plan), which `tome_jax.features` reads.
         """
-        method, attn, norm1 = self.reduction, self.attn(name="attn"), self.norm(name="norm1")
+        method, norm1 = self.reduction, self.norm(name="norm1")
         prop_attn = method.prop_attn if prop_attn is None else prop_attn
-        sizes = lambda t: t.size if prop_attn else None  # noqa: E731
+        attend = functools.partial(self._attend, self.attn(name="attn"), prop_attn=prop_attn, rope_freqs=rope_freqs)
         tokens_in = tokens.x.shape[1]
         r = merge.clamp_r(r, tokens_in, self.num_prefix_tokens, method.max_r(tokens_in, self.num_prefix_tokens))
         acts = method.acts(r)
@@ -201,12 +219,12 @@ class Block(nn.Module):
         plan = weights = None
         if acts and method.position == reduce.BEFORE_ATTENTION:
             # The map of the unreduced tokens, for a method that reads it (its output goes unused).
-            seen = attn(norm1(tokens.x), sizes(tokens), return_weights=True).weights if method.needs_weights else None
+            seen = attend(norm1(tokens.x), tokens, return_weights=True).weights if method.needs_weights else None
             tokens, plan, weights = step(tokens, None, seen)
         normed = norm1(tokens.x)
         adjust = functools.partial(method.adjust_weights, tokens=tokens)
         reads_weights = acts and method.needs_weights and method.position == reduce.AFTER_ATTENTION
-        attended = attn(normed, sizes(tokens), weights=weights, adjust_weights=adjust if reads_weights else None)
+        attended = attend(normed, tokens, weights=weights, adjust_weights=adjust if reads_weights else None)
         metric = method.metric(attended.metric, normed, self)
         tokens = tokens.replace(x=self._residual(tokens.x, attended.out, "1", train))
         if acts and method.position == reduce.AFTER_ATTENTION:
@@ -217,6 +235,14 @@ class Block(nn.Module):
             tokens, plan, _ = step(tokens, metric, None)
         self._sow(tokens, merge.identity_plan(tokens.x.shape[0], tokens_in) if not acts else plan)
         return tokens
+
+    def _attend(self, attn, normed: jax.Array, tokens: Tokens, *, prop_attn: bool, rope_freqs, **options):
+        """The attention on `normed` (the normalised `tokens`): their sizes under proportional
+        attention, and their positions' rotation in a rotary model."""
+        angles = None
+        if rope_freqs is not None:
+            angles = rope.rotation_angles(tokens.fields[rope.POSITION_FIELD].value, rope_freqs)
+        return attn(normed, tokens.size if prop_attn else None, rope_angles=angles, **options)
 
     def _step(self, tokens: Tokens, metric, weights, *, r: int, train: bool):
         """The method's step on `tokens`: (the tokens after it, its plan, attention weights it gives)."""

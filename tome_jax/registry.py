@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tome_jax.rope import Rope
 from tome_jax.vit import ViT
 
 # timm architecture names -> ViT attributes. Pretrained tags (".augreg_in21k", ...)
@@ -32,6 +33,36 @@ _G_DINOV2 = dict(
 _VIDEO = dict(
     num_frames=16, tubelet_size=2, class_token=False, global_pool="avg", num_classes=400
 )
+
+
+
+def _swiglu(width: int, packed: bool) -> dict[str, Any]:
+    """EVA02's SwiGLU MLP at timm's `mlp_ratio = 4 * 2 / 3`: packed (one fc1, gate and value
+    halves) or separate with a norm inside (`scale_mlp`)."""
+    features = int(width * 4 * 2 / 3) * (2 if packed else 1)
+    ratio = features / width if int(width * (features / width)) == features else (features + 0.5) / width
+    return dict(mlp_ratio=ratio, act_layer="silu", mlp_layer="swiglu_packed" if packed else "swiglu",
+                scale_mlp_norm=not packed)  # fmt: skip
+
+
+# timm's Eva models. EVA02: average pooling, absolute and rotary positions (`cat`, the
+# frequencies at a 16 x 16 grid); the small ones with a packed SwiGLU, the larger with a
+# normed one. SBB and RoPE-ViT: no absolute positions, LayerScale. PE: a norm before the
+# blocks, the MAP head over every token (8 heads), rotary positions at x/y offset by 1,
+# CLIP's projection as the head. DINOv3: 4 registers, `dinov3` rotary positions in the
+# half layout, features.
+_EVA02 = dict(patch_size=14, global_pool="avg", rope=Rope("cat", ref_feat_shape=(16, 16)))
+_SBB = dict(patch_size=16, img_size=256, layer_scale_init=1e-5, class_token=False, global_pool="avg",
+            abs_pos_embed=False, rope=Rope("cat", ref_feat_shape=(16, 16)))  # fmt: skip
+_ROPE_VIT = dict(patch_size=16, layer_scale_init=1e-5, abs_pos_embed=False, rope=Rope("cat", 100.0, grid_indexing="xy"))
+_ROPE_MIXED = dict(_ROPE_VIT, rope=Rope("mixed", 10.0, grid_indexing="xy"))
+_ROPE_APE = dict(_ROPE_VIT, abs_pos_embed=True, no_embed_class=True)
+_PE = dict(pre_norm=True, norm_eps=1e-5, global_pool="map", pool_num_heads=8, pool_mlp_ratio=4.0,
+           pool_include_prefix=True)  # fmt: skip
+_PE_ROPE = dict(grid_offset=1.0, grid_indexing="xy")
+_DINOV3 = dict(patch_size=16, img_size=256, layer_scale_init=1e-5, reg_tokens=4, fc_norm=False, global_pool="avg",
+               abs_pos_embed=False, norm_eps=1e-5, num_classes=0, rope=Rope("dinov3", 100.0, half=True))  # fmt: skip
+_NO_QKV_BIAS = dict(qkv_bias=False)
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_tiny_patch16_224": dict(**_TI, patch_size=16),
     "vit_tiny_patch16_384": dict(**_TI, patch_size=16, img_size=384),
@@ -104,6 +135,49 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "audio_vit_base_patch16_128x1024": dict(
         **_B, patch_size=16, img_size=(128, 1024), in_chans=1, num_classes=527
     ),
+    "eva02_tiny_patch14_224": dict(**_TI, **_EVA02, **_swiglu(192, packed=True), num_classes=0),
+    "eva02_tiny_patch14_336": dict(**_TI, **_EVA02, **_swiglu(192, packed=True), img_size=336),
+    "eva02_small_patch14_224": dict(**_S, **_EVA02, **_swiglu(384, packed=True), num_classes=0),
+    "eva02_small_patch14_336": dict(**_S, **_EVA02, **_swiglu(384, packed=True), img_size=336),
+    "eva02_base_patch14_224": dict(**_B, **_EVA02, **_swiglu(768, packed=False), num_classes=0),
+    "eva02_base_patch14_448": dict(**_B, **_EVA02, **_swiglu(768, packed=False), img_size=448),
+    "eva02_large_patch14_224": dict(**_L, **_EVA02, **_swiglu(1024, packed=False), num_classes=0),
+    "eva02_large_patch14_448": dict(**_L, **_EVA02, **_swiglu(1024, packed=False), img_size=448),
+    "vit_medium_patch16_rope_reg1_gap_256": dict(width=512, num_heads=8, reg_tokens=1, **_SBB),
+    "vit_mediumd_patch16_rope_reg1_gap_256": dict(width=512, depth=20, num_heads=8, reg_tokens=1, **_SBB,
+                                                  **_NO_QKV_BIAS),  # fmt: skip
+    "vit_betwixt_patch16_rope_reg4_gap_256": dict(width=640, num_heads=10, reg_tokens=4, **_SBB),
+    "vit_base_patch16_rope_reg1_gap_256": dict(**_B, reg_tokens=1, **_SBB),
+    "vit_small_patch16_rope_224": dict(**_S, **_ROPE_VIT),
+    "vit_base_patch16_rope_224": dict(**_B, **_ROPE_VIT),
+    "vit_large_patch16_rope_224": dict(**_L, **_ROPE_VIT),
+    "vit_small_patch16_rope_mixed_224": dict(**_S, **_ROPE_MIXED),
+    "vit_base_patch16_rope_mixed_224": dict(**_B, **_ROPE_MIXED),
+    "vit_large_patch16_rope_mixed_224": dict(**_L, **_ROPE_MIXED),
+    "vit_small_patch16_rope_ape_224": dict(**_S, **_ROPE_APE),
+    "vit_base_patch16_rope_ape_224": dict(**_B, **_ROPE_APE),
+    "vit_large_patch16_rope_ape_224": dict(**_L, **_ROPE_APE),
+    "vit_pe_core_tiny_patch16_384": dict(**_TI, **_PE, patch_size=16, img_size=384, num_classes=512,
+                                         rope=Rope("cat", ref_feat_shape=(24, 24), **_PE_ROPE)),  # fmt: skip
+    "vit_pe_core_small_patch16_384": dict(**_S, **_PE, patch_size=16, img_size=384, num_classes=512,
+                                          rope=Rope("cat", ref_feat_shape=(24, 24), **_PE_ROPE)),  # fmt: skip
+    "vit_pe_core_base_patch16_224": dict(**_B, **_PE, patch_size=16, num_classes=1024,
+                                         rope=Rope("cat", ref_feat_shape=(14, 14), **_PE_ROPE)),  # fmt: skip
+    "vit_pe_core_large_patch14_336": dict(**_L, **_PE, patch_size=14, img_size=336, num_classes=1024,
+                                          rope=Rope("cat", ref_feat_shape=(24, 24), **_PE_ROPE)),  # fmt: skip
+    "vit_pe_core_gigantic_patch14_448": dict(
+        width=1536, depth=50, num_heads=16, mlp_ratio=8960 / 1536, class_token=False, **_PE, patch_size=14,
+        img_size=448, num_classes=1280, rope=Rope("cat", ref_feat_shape=(32, 32), grid_indexing="xy"),
+    ),
+    "vit_tiny_patch16_dinov3_qkvb": dict(**_TI, **_DINOV3),
+    "vit_small_patch16_dinov3": dict(**_S, **_DINOV3, **_NO_QKV_BIAS),
+    "vit_small_patch16_dinov3_qkvb": dict(**_S, **_DINOV3),
+    "vit_small_plus_patch16_dinov3": dict(**_S, **_DINOV3, **_NO_QKV_BIAS, mlp_layer="swiglu", act_layer="silu"),
+    "vit_small_plus_patch16_dinov3_qkvb": dict(**_S, **_DINOV3, mlp_layer="swiglu", act_layer="silu"),
+    "vit_base_patch16_dinov3": dict(**_B, **_DINOV3, **_NO_QKV_BIAS),
+    "vit_base_patch16_dinov3_qkvb": dict(**_B, **_DINOV3),
+    "vit_large_patch16_dinov3": dict(**_L, **_DINOV3, **_NO_QKV_BIAS),
+    "vit_large_patch16_dinov3_qkvb": dict(**_L, **_DINOV3),
 }
 
 

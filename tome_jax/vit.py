@@ -28,11 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tome_jax import reduce, schedules
+from tome_jax import reduce, rope, schedules
 from tome_jax.attention import Attention, layer_norm
-from tome_jax.layers import ACTIVATIONS, MLP_LAYERS, AttentionPool, Block, LayerScale, Mlp, pair, patchify
+from tome_jax.layers import ACTIVATIONS, MLP_LAYERS, AttentionPool, Block, LayerScale, Mlp, RopeFrequencies, pair, patchify
 from tome_jax.reduce import dtem as dtem_method
-from tome_jax.tokens import Field, TokenField, Tokens
+from tome_jax.rope import Rope
+from tome_jax.tokens import DEST, MEAN, Field, TokenField, Tokens
 
 
 class SoftMergeSettings(NamedTuple):
@@ -88,12 +89,30 @@ class ViT(nn.Module):
     fc_norm: bool | None = None
     pre_norm: bool = False
     no_embed_class: bool = False
+    # Learned absolute position embeddings (timm's `use_abs_pos_emb`); rotary models may go without.
+    abs_pos_embed: bool = True
     layer_scale_init: float | None = None
     act_layer: str = "gelu"
     mlp_layer: str = "mlp"
     scale_mlp_norm: bool = False
     norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
+    # The MAP head's own heads and MLP ratio (timm's `attn_pool_num_heads`, `attn_pool_mlp_ratio`);
+    # None: the blocks'.
+    pool_num_heads: int | None = None
+    pool_mlp_ratio: float | None = None
+    # The MAP head reads the prefix tokens too (timm's Eva always, its VisionTransformer when
+    # `pool_include_prefix`); else the patch tokens only.
+    pool_include_prefix: bool = False
+    # A LayerNorm on the attention's output before its projection (timm's `scale_attn_inner`).
+    attn_inner_norm: bool = False
+    # Rotary position embeddings (`rope.Rope`: timm's Eva models); None: none. Each patch
+    # token's grid coordinate follows the merges by `rope_position` ("mean": size-weighted, or
+    # "dest": the receiving token's), and the merge metric is the keys before rotation or after
+    # (`rope_metric`: "pre" or "post").
+    rope: Rope | None = None
+    rope_position: str = "mean"
+    rope_metric: str = "pre"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
@@ -202,6 +221,8 @@ class ViT(nn.Module):
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs a class token")
+        if self.pool_include_prefix and self.global_pool != "map":
+            raise ValueError("pool_include_prefix is the MAP head's (global_pool='map'); average pooling skips the prefix")
         if self.num_frames is None and self.tubelet_size != 1:
             raise ValueError("tubelet_size needs num_frames (a video model); images have no time axis")
         if self.num_frames is not None and (
@@ -211,6 +232,21 @@ class ViT(nn.Module):
                 f"num_frames {self.num_frames} is not a positive multiple of "
                 f"tubelet_size {self.tubelet_size}"
             )
+        self._validate_rope()
+
+    def _validate_rope(self):
+        if self.rope_position not in rope.POSITION_RULES:
+            raise ValueError(f"rope_position must be one of {rope.POSITION_RULES}, got {self.rope_position!r}")
+        if self.rope_metric not in rope.METRICS:
+            raise ValueError(f"rope_metric must be one of {rope.METRICS}, got {self.rope_metric!r}")
+        if self.rope is None:
+            return
+        if not isinstance(self.rope, Rope):
+            raise TypeError(f"rope must be a tome_jax.rope.Rope, got {self.rope!r}")
+        if self.num_frames is not None:
+            raise ValueError("rotary position embeddings are for 2-D patch grids; a video ViT (num_frames) has none")
+        if (self.width // self.num_heads) % 4:
+            raise ValueError(f"rotary embeddings need a head width divisible by 4, got {self.width // self.num_heads}")
 
     def _check_input(self, shape: tuple[int, ...]):
         """Clear errors for inputs that do not fit `input_shape` (batch first)."""
@@ -272,9 +308,11 @@ class ViT(nn.Module):
         prefix = [jnp.broadcast_to(p, (batch, *p.shape[1:])).astype(x.dtype) for p in prefix]
 
         pos_len = x.shape[1] + (0 if self.no_embed_class else self.num_prefix_tokens)
-        pos_embed = self.param(
-            "pos_embed", nn.initializers.normal(0.02), (1, pos_len, self.width), self.param_dtype
-        ).astype(x.dtype)
+        pos_embed = 0.0
+        if self.abs_pos_embed:
+            pos_embed = self.param(
+                "pos_embed", nn.initializers.normal(0.02), (1, pos_len, self.width), self.param_dtype
+            ).astype(x.dtype)
         if self.no_embed_class:
             x = jnp.concatenate(prefix + [x + pos_embed], axis=1)
         else:
@@ -289,22 +327,22 @@ class ViT(nn.Module):
     def _pool(self, x: jax.Array, size: jax.Array) -> jax.Array:
         """[batch, tokens, width] -> [batch, width] (or [batch, 2, width] distilled).
 
-        "avg" and "map" pool the tokens after the prefix, as timm does, counting
-        patches rather than merged tokens: a size-weighted mean, or `log(size)`
-        added to the attention pool's logits.
+        "avg" pools the tokens after the prefix, as timm does, and so does "map" unless
+        `pool_include_prefix`. Both count patches rather than merged tokens: a
+        size-weighted mean, or `log(size)` added to the attention pool's logits.
         """
         patches, patch_size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.global_pool == "map":
             return AttentionPool(
-                self.num_heads,
-                mlp_ratio=self.mlp_ratio,
+                self.pool_num_heads or self.num_heads,
+                mlp_ratio=self.pool_mlp_ratio or self.mlp_ratio,
                 act_layer=self.act_layer,
                 norm_eps=self.norm_eps,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 attn_implementation=self.attn_implementation,
                 name="attn_pool",
-            )(patches, patch_size)
+            )(*((x, size) if self.pool_include_prefix else (patches, patch_size)))
         if self.global_pool == "avg":
             weights = patch_size[..., None].astype(jnp.float32)
             return ((patches.astype(jnp.float32) * weights).sum(1) / weights.sum(1)).astype(x.dtype)
@@ -378,10 +416,10 @@ class ViT(nn.Module):
         x = self._embed(images)
         tokens = Tokens(x, jnp.ones(x.shape[:2], jnp.float32), self._initial_fields(x.shape[0]))
         tokens = method.start(tokens, self, train)
-        block = self._block(method)
+        block, frequencies = self._block(method), self._rope_frequencies()
         for i, block_r in enumerate(schedule):
             tokens = block(layer=i, drop_path=self.drop_path_rate * i / max(self.depth - 1, 1), name=f"blocks_{i}")(
-                tokens, r=block_r, train=train, prop_attn=prop_attn
+                tokens, r=block_r, train=train, prop_attn=prop_attn, rope_freqs=frequencies[i]
             )
         method.finish(tokens, self)
         return self._head(self._pool_features(tokens))
@@ -391,7 +429,8 @@ class ViT(nn.Module):
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = functools.partial(
             Attention, self.num_heads, qkv_bias=self.qkv_bias, qk_norm=self.qk_norm, norm_eps=self.norm_eps,
-            implementation=self.attn_implementation, **kinds,
+            implementation=self.attn_implementation, inner_norm=self.attn_inner_norm,
+            rope_half=self.rope is not None and self.rope.half, rotated_metric=self.rope_metric == "post", **kinds,
         )  # fmt: skip
         mlp_norm = self.norm_eps if self.scale_mlp_norm else None
         hidden = int(self.width * self.mlp_ratio)
@@ -414,9 +453,25 @@ class ViT(nn.Module):
 
     def _initial_fields(self, batch: int) -> dict[str, Field]:
         names = [field.name for field in self.token_fields]
-        if len(set(names)) != len(names) or not all(names):
-            raise ValueError(f"token_fields need distinct, non-empty names; got {names}")
-        return {field.name: Field(field.initial(self, batch), field.rule) for field in self.token_fields}
+        if len(set(names)) != len(names) or not all(names) or rope.POSITION_FIELD in names:
+            raise ValueError(f"token_fields need distinct names, none empty or {rope.POSITION_FIELD!r}; got {names}")
+        fields = {field.name: Field(field.initial(self, batch), field.rule) for field in self.token_fields}
+        if self.rope is not None:  # the patches' grid coordinates; the prefix tokens' are 0: never rotated
+            coords = rope.grid_coordinates(self.rope, self.grid_size)
+            coords = jnp.concatenate([jnp.zeros((self.num_prefix_tokens, 2), jnp.float32), coords])
+            rule = MEAN if self.rope_position == "mean" else DEST
+            fields[rope.POSITION_FIELD] = Field(jnp.broadcast_to(coords, (batch, *coords.shape)), rule)
+        return fields
+
+    def _rope_frequencies(self) -> list[jax.Array | None]:
+        """Each block's rotary frequencies [heads or 1, 2, head_dim / 2], or None without rotation."""
+        if self.rope is None:
+            return [None] * self.depth
+        head_dim = self.width // self.num_heads
+        if self.rope.kind != "mixed":
+            return [jnp.asarray(rope.fixed_frequencies(self.rope, head_dim))[None]] * self.depth
+        learned = RopeFrequencies(self.depth, self.num_heads, head_dim, self.rope.temperature, name="rope")()
+        return [learned[:, i].transpose(1, 0, 2) for i in range(self.depth)]
 
     def _pool_features(self, tokens: Tokens) -> jax.Array:
         """The final norm, recorded (`tokens`, `size`), then pooling (with fc_norm after it)."""

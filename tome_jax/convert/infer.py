@@ -148,9 +148,8 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
     class_token, distill_token = has("cls_token"), has("dist_token")
     reg_tokens = _required(arrays, "reg_token", 3).shape[1] if has("reg_token") else 0
     prefix = int(class_token) + int(distill_token) + reg_tokens
-    pos_len = _required(arrays, "pos_embed", 3).shape[1]
     stated = checkpoint.hints.get("img_size")
-    grid, no_embed_class = _position_grid(pos_len, prefix, patch, stated, overrides.get("img_size"), steps)
+    grid, no_embed_class = _checkpoint_grid(arrays, prefix, patch, stated, overrides.get("img_size"), steps)
     fc_norm = has("fc_norm.weight")
     if has("attn_pool.latent"):
         global_pool = "map"
@@ -184,11 +183,48 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
         no_embed_class=no_embed_class,
         # Any value turns LayerScale on; the checkpoint's gamma replaces it.
         layer_scale_init=1e-5 if has("blocks.0.ls1.gamma") else None,
+        **_eva_config(arrays, hints, width),
     )
     if has("blocks.0.metric.weight") and "reduction" not in overrides:
         # A DTEM export (to_timm_state_dict of a DTEM model) carries its metric layers.
         config["reduction"] = reduce.DTEM(dim=arrays["blocks.0.metric.weight"].shape[0])
     return {**config, **overrides}, ((steps, *grid) if video else grid)
+
+
+def _checkpoint_grid(arrays, prefix: int, patch, stated, requested, steps: int) -> tuple[tuple[int, int], bool]:
+    """The patch grid the checkpoint was trained at and `no_embed_class`: from its position
+    embeddings, or, for a rotary model without them, from the stated or requested image size."""
+    if "pos_embed" in arrays:
+        return _position_grid(_required(arrays, "pos_embed", 3).shape[1], prefix, patch, stated, requested, steps)
+    size = stated if stated is not None else requested
+    if size is None:
+        raise ValueError("the checkpoint has no position embeddings to read its image size from; pass img_size=")
+    return tuple(s // p for s, p in zip(pair(size), patch)), False
+
+
+def _eva_config(arrays: Mapping[str, np.ndarray], hints: Mapping[str, Any], width: int) -> dict[str, Any]:
+    """The attributes of timm's Eva models (rotary ones among them) that its tensors or hints show.
+
+    A rotary embedding shows in no tensor but RoPE-Mixed's learned `rope.freqs`: it comes
+    from the source (a timm name or module) or the caller (`rope=tome_jax.rope.Rope(...)`).
+    """
+    config = dict(abs_pos_embed="pos_embed" in arrays, attn_inner_norm="blocks.0.attn.norm.weight" in arrays)
+    if "attn_pool.mlp.fc1.weight" in arrays:
+        config["pool_mlp_ratio"] = _mlp_ratio(width, arrays["attn_pool.mlp.fc1.weight"].shape[0])
+    for key in ("rope", "pool_num_heads", "pool_include_prefix"):
+        if key in hints:
+            config[key] = hints[key]
+    if "rope.freqs" in arrays and "rope" not in config:
+        raise ValueError(
+            "the checkpoint holds RoPE-Mixed frequencies (rope.freqs) but does not say its grid; "
+            "pass rope=tome_jax.rope.Rope('mixed', temperature=..., grid_indexing=...) or load it by its timm name"
+        )
+    if "pos_embed" not in arrays and "rope" not in config:
+        raise ValueError(
+            "the checkpoint has no position embeddings, so it is a rotary model whose rotary embedding "
+            "no tensor shows; pass rope=tome_jax.rope.Rope(...) or load it by its timm name or module"
+        )
+    return config
 
 
 def _video_config(tubelet: int | None, hints: Mapping[str, Any]) -> dict[str, int]:

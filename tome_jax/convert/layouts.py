@@ -238,10 +238,43 @@ def _openai_clip_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     return Checkpoint(out, source_names, {"norm_eps": 1e-5})
 
 
+def _fused_eva_attention(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+    """timm's Eva attention -> its VisionTransformer's fused `qkv.weight` and `qkv.bias`.
+
+    Eva keeps a bias-free `qkv` with `q_bias` and `v_bias` beside it (the keys have no
+    bias), or separate `q_proj`, `k_proj`, `v_proj`; either computes the same as one
+    fused projection with the biases concatenated (zeros for a missing one).
+    """
+    out, source_names = dict(arrays), {}
+    for key in [k for k in arrays if re.search(r"\.attn\.(q_bias|q_proj\.weight)$", k)]:
+        prefix = key[: key.index(".attn.") + len(".attn.")]
+        if key.endswith("q_bias"):
+            names = [f"{prefix}q_bias", None, f"{prefix}v_bias"]
+            out[f"{prefix}qkv.bias"] = _concatenated_biases(out, names, out[f"{prefix}qkv.weight"].shape[0] // 3)
+            source_names[f"{prefix}qkv.bias"] = f"{prefix}q_bias, {prefix}v_bias (keys: zeros)"
+            continue
+        weights = [f"{prefix}{part}_proj.weight" for part in "qkv"]
+        out[f"{prefix}qkv.weight"] = np.concatenate([out.pop(name) for name in weights])
+        source_names[f"{prefix}qkv.weight"] = ", ".join(weights)
+        biases = [f"{prefix}{part}_proj.bias" if f"{prefix}{part}_proj.bias" in out else None for part in "qkv"]
+        if any(biases):
+            out[f"{prefix}qkv.bias"] = _concatenated_biases(out, biases, out[f"{prefix}qkv.weight"].shape[0] // 3)
+            source_names[f"{prefix}qkv.bias"] = ", ".join(b or "zeros" for b in biases)
+    return out, source_names
+
+
+def _concatenated_biases(arrays: dict, names: list[str | None], width: int) -> np.ndarray:
+    """The biases `names` (popped from `arrays`; None: zeros) end to end, in the first one's dtype."""
+    present = next(arrays[n] for n in names if n is not None)
+    return np.concatenate([arrays.pop(n) if n is not None else np.zeros(width, present.dtype) for n in names])
+
+
 def to_timm_layout(arrays: Mapping[str, np.ndarray], hints: dict[str, Any]) -> Checkpoint:
     """Recognises the layout by its patch-embedding name and renames it into timm's."""
     if "patch_embed.proj.weight" in arrays:
-        return Checkpoint(*_rename(arrays, _TIMM_RENAMES), hints)
+        fused, fused_names = _fused_eva_attention(arrays)
+        renamed, source_names = _rename(fused, _TIMM_RENAMES)
+        return Checkpoint(renamed, {**fused_names, **source_names}, hints)
     if "conv_proj.weight" in arrays:
         return Checkpoint(*_rename(arrays, _TORCHVISION_RENAMES), hints)
     if "conv1.weight" in arrays or "visual.conv1.weight" in arrays:

@@ -17,6 +17,7 @@ import numpy as np
 
 from tome_jax.convert.layouts import Checkpoint, to_timm_layout
 from tome_jax.layers import ACTIVATIONS
+from tome_jax.rope import Rope
 
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -31,12 +32,11 @@ _INVISIBLE_TIMM_OPTIONS = {
     "attn_layer": None,
     "mlp_layer": None,
     "embed_layer": None,
-    "pool_include_prefix": False,
     "final_norm": True,
 }
 # Attributes a `config` states that the tensors leave open: timm's constructor
 # arguments, and `norm_eps` (timm's `norm_layer` is a class, not JSON).
-_CONFIG_HINTS = ("num_heads", "img_size", "global_pool", "act_layer", "norm_eps")
+_CONFIG_HINTS = ("num_heads", "img_size", "global_pool", "act_layer", "norm_eps", "pool_include_prefix")
 # timm's activation modules by class name -> `ViT.act_layer` (nn.GELU by its `approximate`).
 _ACTIVATION_NAMES = {
     "GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "Swish": "silu"
@@ -205,7 +205,6 @@ def _map_head_problems(model) -> list[str]:
         "token pooling": pool.pool == "token",
         "a query projection": type(pool.q).__name__ == "Linear",
         "no qk-norm": type(pool.q_norm).__name__ == "Identity",
-        "the blocks' heads": pool.num_heads == model.blocks[0].attn.num_heads,
         "an MLP": type(pool.mlp).__name__ == "Mlp",
     }
     return [f"attn_pool lacks {what}" for what, holds in checks.items() if not holds]
@@ -216,8 +215,8 @@ def _timm_module_hints(model) -> dict[str, Any]:
     problems = []
     if model.global_pool not in ("token", "avg", "map"):
         problems.append(f"global_pool={model.global_pool!r}")
-    if getattr(model, "pool_include_prefix", False):
-        problems.append("pool_include_prefix=True")
+    if getattr(model, "pool_include_prefix", False) and model.global_pool != "map":
+        problems.append(f"pool_include_prefix=True with global_pool={model.global_pool!r}")
     activations = []
     for i, block in enumerate(model.blocks):
         kinds = (type(block).__name__, type(block.attn).__name__, type(block.mlp).__name__)
@@ -235,11 +234,76 @@ def _timm_module_hints(model) -> dict[str, Any]:
         activations.append(("attn_pool.mlp.act", model.attn_pool.mlp.act))
     hints = _layer_hints(model, activations, problems, "timm")
     img_size = model.patch_embed.img_size
+    if model.global_pool == "map":
+        hints.update(pool_num_heads=model.attn_pool.num_heads, pool_include_prefix=model.pool_include_prefix)
     return dict(
         num_heads=model.blocks[0].attn.num_heads,
         global_pool=model.global_pool,
         **hints,
         **({} if img_size is None else dict(img_size=tuple(img_size))),
+    )
+
+
+# timm's rotary embedding classes -> `rope.Rope.kind`.
+_ROPE_KINDS = {"RotaryEmbeddingCat": "cat", "RotaryEmbeddingDinoV3": "dinov3", "RotaryEmbeddingMixed": "mixed"}
+
+
+def _rope_hint(model, problems: list[str]) -> Rope | None:
+    """The rotary embedding of a timm Eva model as a `rope.Rope`, None without one."""
+    module = model.rope
+    if module is None:
+        return None
+    kind = _ROPE_KINDS.get(type(module).__name__)
+    if kind is None:
+        problems.append(f"rope is {type(module).__name__}, not one of {sorted(_ROPE_KINDS)}")
+        return None
+    unsupported = {
+        "pixel grids": kind == "cat" and (module.in_pixels or module.grid_type != "index"),
+        "normalize_coords other than 'separate'": getattr(module, "normalize_coords", "separate") != "separate",
+        "min/max periods": getattr(module, "min_period", None) is not None,
+    }
+    problems += [f"rope uses {what}" for what, uses in unsupported.items() if uses]
+    ref = getattr(module, "ref_feat_shape", None)
+    return Rope(
+        kind=kind,
+        temperature=float(module.temperature),
+        ref_feat_shape=None if ref is None else tuple(ref),
+        grid_offset=float(getattr(module, "grid_offset", 0.0)),
+        grid_indexing=module.grid_indexing,
+        half=bool(model.blocks[0].attn.rotate_half),
+    )
+
+
+def _eva_module_hints(model) -> dict[str, Any]:
+    """What a timm Eva model (EVA02, DINOv3, PE, RoPE-ViT) leaves open; refuses what ViT cannot run."""
+    problems, activations = [], []
+    if model.global_pool not in ("token", "avg", "map"):
+        problems.append(f"global_pool={model.global_pool!r}")
+    for i, block in enumerate(model.blocks):
+        attn, kinds = block.attn, (type(block).__name__, type(block.attn).__name__, type(block.mlp).__name__)
+        if kinds[:2] not in (("EvaBlock", "EvaAttention"), ("EvaBlock", "AttentionRope")):
+            problems.append(f"blocks.{i} is {'/'.join(kinds[:2])}, not timm's EvaBlock/EvaAttention or AttentionRope")
+        elif attn.gate is not None or getattr(attn, "num_kv_groups", 1) != 1:
+            problems.append(f"blocks.{i}.attn has a gate or grouped key/value heads")
+        elif attn.head_dim * attn.num_heads != model.embed_dim:
+            problems.append(f"blocks.{i}.attn has heads of {attn.head_dim}, not width / num_heads")
+        if (block.gamma_1 is None) != (block.gamma_2 is None):
+            problems.append(f"blocks.{i} scales one residual branch only (attn_only_layer_scale)")
+        activations.append((f"blocks.{i}.mlp.act", block.mlp.act))
+    if model.global_pool == "map":
+        problems += _map_head_problems(model)
+        activations.append(("attn_pool.mlp.act", model.attn_pool.mlp.act))
+    rope = _rope_hint(model, problems)
+    hints = _layer_hints(model, activations, problems, "timm Eva")
+    # Eva's MAP head reads every token, the prefix ones too.
+    pool = dict(pool_num_heads=model.attn_pool.num_heads, pool_include_prefix=True) if model.global_pool == "map" else {}
+    return dict(
+        num_heads=model.blocks[0].attn.num_heads,
+        global_pool=model.global_pool,
+        img_size=tuple(model.patch_embed.img_size),
+        **({"rope": rope} if rope is not None else {}),
+        **pool,
+        **hints,
     )
 
 
@@ -252,12 +316,14 @@ def _torchvision_module_hints(model) -> dict[str, Any]:
 
 
 def _read_module(model) -> Checkpoint:
-    if hasattr(model, "patch_embed") and hasattr(model, "blocks"):
+    if type(model).__name__ == "Eva":
+        hints = _eva_module_hints(model)
+    elif hasattr(model, "patch_embed") and hasattr(model, "blocks"):
         hints = _timm_module_hints(model)
     elif hasattr(model, "conv_proj") and hasattr(model, "encoder"):
         hints = _torchvision_module_hints(model)
     else:
-        raise TypeError(f"{type(model).__name__} is neither timm's nor torchvision's VisionTransformer")
+        raise TypeError(f"{type(model).__name__} is neither timm's VisionTransformer or Eva nor torchvision's ViT")
     return to_timm_layout(_state_dict_arrays(model.state_dict()), hints)
 
 
