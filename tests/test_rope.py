@@ -1,0 +1,115 @@
+"""Rotary ViTs (timm's Eva: EVA02, DINOv3, PE, RoPE-Mixed, SBB): timm's own forward at r = 0, the
+PyTorch reference (tome_jax.torch_tome) when merging under both position rules and both metrics,
+and every reduction method on a rotary model. Random weights at depth 2 (test_torch_rope.py)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tome_jax
+from tome_jax import reduce, rope
+
+torch = pytest.importorskip("torch", reason="compared with timm: pip install -e '.[torch]'")
+timm = pytest.importorskip("timm", reason="compared with timm: pip install -e '.[torch]'")
+
+from test_torch_rope import MODELS, images, relative_diff, timm_model  # noqa: E402
+from tome_jax import torch_tome  # noqa: E402
+
+
+@functools.cache
+def converted(name, size, **changes):
+    """tome_jax's model of `timm_model(name, size)` (DINOv3 is timm's dynamic-size model: told its size)."""
+    model, variables = tome_jax.from_timm(timm_model(name, size), img_size=size)
+    return model.clone(**changes), variables
+
+
+def run(model, variables, x, r):
+    """Logits and the last block's tokens, sizes and positions (jitted)."""
+    def apply(v, x):
+        logits, state = model.apply(v, x, r=r, mutable="intermediates")
+        record = state["intermediates"][f"blocks_{model.depth - 1}"]
+        return logits, record["size"][0], record["fields"][0][rope.POSITION_FIELD]
+
+    return jax.jit(apply)(variables, jnp.asarray(x.permute(0, 2, 3, 1).numpy()))
+
+
+@pytest.mark.parametrize("which", ["native", "other"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_at_r0_it_is_timm(name, which):
+    _, native, other = MODELS[name]
+    size = native if which == "native" else other
+    x = images(size, size)
+    with torch.no_grad():
+        want = timm_model(name, size)(x)
+    logits, _, _ = run(*converted(name, size), x, 0)
+    assert relative_diff(torch.from_numpy(np.array(logits)), want) < 1e-4
+
+
+CASES = [(rule, metric, 8) for rule in rope.POSITION_RULES for metric in rope.METRICS] + [("mean", "pre", (8, -1))]
+
+
+@pytest.mark.parametrize("rule, metric, r", CASES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_merging_matches_the_reference(name, rule, metric, r):
+    size = MODELS[name][1]
+    x = images(size, size)
+    model, variables = converted(name, size, rope_position=rule, rope_metric=metric)
+    logits, size_out, position = run(model, variables, x, r)
+    with torch.no_grad():
+        want = torch_tome.tome_tokens(timm_model(name, size), x, r, rope_position=rule, rope_metric=metric)
+        want_logits = torch_tome.eva_forward_head(timm_model(name, size), want.tokens, want.size)
+    assert relative_diff(torch.from_numpy(np.array(logits)), want_logits) < 1e-3
+    np.testing.assert_allclose(np.asarray(size_out), want.size.numpy())  # the same merges
+    prefix = model.num_prefix_tokens
+    np.testing.assert_allclose(np.asarray(position)[:, prefix:], want.coord.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def tiny_rotary(**changes):
+    settings = dict(num_classes=5, img_size=32, patch_size=4, width=32, depth=3, num_heads=2, reg_tokens=2)
+    model = tome_jax.ViT(**{**settings, **changes}, abs_pos_embed=False, rope=rope.Rope("dinov3", 100.0, half=True))
+    return model, jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+
+@pytest.mark.parametrize("name", sorted(reduce.METHODS))
+def test_every_method_runs_on_a_rotary_model_or_says_why_not(name):
+    settings = {"target_gflops": 1e-3} if name == "diffrate_search" else {}
+    model, images = tiny_rotary(reduction=reduce.create(name, **settings), reg_tokens=0)  # a class token alone
+    if name in ("dct", "diffrate_search"):  # no plan for the positions to follow
+        with pytest.raises(ValueError, match=r"gives no plan .* field\(s\) position cannot follow it"):
+            model.init(jax.random.key(1), images, r=4)
+        return
+    variables = model.init(jax.random.key(1), images)
+    logits = jax.jit(lambda v, x: model.apply(v, x, r=4, train=name == "dtem"))(variables, images)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_positions_follow_the_rule_and_the_metric_changes_the_merges():
+    model, images = tiny_rotary()
+    variables = model.init(jax.random.key(1), images)
+    coords = rope.grid_coordinates(model.rope, model.grid_size)
+
+    def final(**changes):
+        m = model.clone(**changes)
+        _, state = jax.jit(lambda v, x: m.apply(v, x, r=6, mutable="intermediates"))(variables, images)
+        features = tome_jax.token_features(state["intermediates"], block=-1)
+        position = state["intermediates"][f"blocks_{m.depth - 1}"]["fields"][0][rope.POSITION_FIELD]
+        return features, np.asarray(position)
+
+    prefix = model.num_prefix_tokens
+
+    def held(features, b):  # the grid coordinates of the patches each token holds
+        source = np.asarray(features.source)[b, prefix:]
+        return [coords[source == token] for token in range(features.tokens.shape[1])]
+
+    mean, mean_position = final()
+    dest, dest_position = final(rope_position="dest")
+    for b in range(2):
+        for token, patches in enumerate(held(mean, b)[prefix:], prefix):
+            np.testing.assert_allclose(mean_position[b, token], patches.mean(0), rtol=1e-5, atol=1e-6)
+        for token, patches in enumerate(held(dest, b)[prefix:], prefix):
+            assert any(np.array_equal(dest_position[b, token], c) for c in patches)
+    np.testing.assert_array_equal(mean_position[:, :prefix], 0.0)  # never rotated
+    assert (np.asarray(final(rope_metric="post")[0].source) != np.asarray(mean.source)).any()
