@@ -113,3 +113,18 @@ def test_positions_follow_the_rule_and_the_metric_changes_the_merges():
             assert any(np.array_equal(dest_position[b, token], c) for c in patches)
     np.testing.assert_array_equal(mean_position[:, :prefix], 0.0)  # never rotated
     assert (np.asarray(final(rope_metric="post")[0].source) != np.asarray(mean.source)).any()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3", "vit_pe_core_tiny_patch16_384",
+     "vit_small_patch16_rope_mixed_224", "vit_medium_patch16_rope_reg1_gap_256", "vit_small_plus_patch16_dinov3"],
+)  # fmt: skip
+def test_named_rotary_configs_have_timms_parameters(name):
+    """The registry's Eva models count timm's parameters, and one more bias where Eva's fused
+    projection leaves the keys without one (a zero there, folded into `qkv.bias`)."""
+    model = timm.create_model(name, pretrained=False)
+    zero_key_bias = sum(block.attn.q_bias.numel() for block in model.blocks if getattr(block.attn, "q_bias", None) is not None)
+    shapes = jax.eval_shape(lambda: tome_jax.init_params(tome_jax.create_model(name)))
+    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes))
+    assert count == sum(p.numel() for p in model.parameters()) + zero_key_bias

@@ -122,6 +122,9 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_huge_patch14_224_mae": dict(**_H, patch_size=14, global_pool="avg"),
     # The bundled CIFAR-10 model (assets/vit_tiny_p4_cifar10.safetensors).
     "vit_tiny_patch4_32": dict(**_TI, patch_size=4, img_size=32, num_classes=10),
+    # Its DINOv3-like rotary sibling (configs/train_rope_cifar10.py): no absolute positions, 4
+    # registers, `dinov3` rotary positions, average pooling after the final norm.
+    "vit_tiny_patch4_dinov3_32": dict(**_TI, **{**_DINOV3, "patch_size": 4, "img_size": 32, "num_classes": 10}),
     # Video (Kinetics-400), the ToMe paper's video setting (MAE-ST; VideoMAE alike):
     # 16 frames of 224x224 in 2x16x16 tubelets, 8 x 14 x 14 = 1568 tokens with joint
     # space-time attention, average pooling with fc_norm, no class token. One learned
