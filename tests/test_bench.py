@@ -45,19 +45,25 @@ def test_benchmark_command_writes_every_column(tmp_path):
 
 
 @pytest.mark.slow
-def test_families_rows_put_each_tower_beside_timm_and_the_reference():
-    """The CLIP, SigLIP and DINOv2 group (configs/bench_families.py), tiny: one block at 32 px."""
+@pytest.mark.parametrize("full", ["bench_families", "bench_rotary"])
+def test_family_rows_put_each_tower_beside_timm_and_the_reference(full):
+    """The CLIP, SigLIP and DINOv2 group (configs/bench_families.py) and the rotary one
+    (configs/bench_rotary.py: DINOv3, EVA02), tiny: one block at 32 px."""
     pytest.importorskip("timm", reason="the PyTorch columns need the torch extra: pip install -e '.[torch]'")
+    import importlib
+
     import tiny_bench_families_config
 
-    rows = bench.run(tiny_bench_families_config.get_config())["rows"]
-    models = ("vit_base_patch16_clip_224", "vit_base_patch16_siglip_224", "vit_small_patch14_reg4_dinov2")
+    config = tiny_bench_families_config.get_config()
+    config.models = importlib.import_module(f"tome_jax.configs.{full}").get_config().models
+    rows = bench.run(config)["rows"]
+    models = [name.strip() for name in config.models.split(",")]
     assert [(row["model"], row["r"]) for row in rows] == [(m, r) for m in models for r in ("0", "1")]
     for row in rows:
         for key in ("tome_jax_img_s", "reference_img_s", "timm_r0_img_s", "gflops"):
             assert row[key] > 0, (row["model"], key)
-    # 2 x 2 patches after 1 class token, none, or 1 class token and 4 registers: r = 1 merges one.
-    assert [row["schedule"] for row in rows] == [[0], [1]] * 3
+    # Each has a prefix token or none and a few patches: r = 1 merges one.
+    assert [row["schedule"] for row in rows] == [[0], [1]] * len(models)
     gflops = {(row["model"], row["r"]): row["gflops"] for row in rows}
     assert all(gflops[m, "1"] < gflops[m, "0"] for m in models)
 

@@ -193,8 +193,14 @@ class KeepFirstTokens(reduce.Reduction):
     tracks_sources: ClassVar[bool] = False
 
     def __call__(self, step: reduce.Step) -> reduce.Reduced:
-        kept = step.x.shape[1] - step.r
-        return reduce.Reduced(step.x[:, :kept], step.size[:, :kept], None)
+        batch, tokens = step.size.shape
+        kept = tokens - step.r
+        # The plan of the slice, for per-token fields (a rotary model's positions) to follow.
+        order = jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+        plan = merge.MergePlan(
+            dest=jnp.where(order < kept, order, merge.DROPPED), kept=order[:, :kept], merged=order[:, :0]
+        )
+        return reduce.Reduced(step.x[:, :kept], step.size[:, :kept], plan)
 
 
 def tome_jax_calls(model, variables, r_values: dict, images) -> tuple[dict, dict]:
