@@ -128,3 +128,20 @@ def test_named_rotary_configs_have_timms_parameters(name):
     shapes = jax.eval_shape(lambda: tome_jax.init_params(tome_jax.create_model(name)))
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes))
     assert count == sum(p.numel() for p in model.parameters()) + zero_key_bias
+
+
+def test_dense_features_of_a_rotary_model_follow_the_merges():
+    """DINOv3's dense features (`patch_features`): at r = 0 its patch tokens; merged, each patch
+    gets the token holding it."""
+    model, images = tiny_rotary()
+    variables = model.init(jax.random.key(1), images)
+    for r in (0, 6):
+        _, state = jax.jit(lambda v, x: model.apply(v, x, r=r, mutable="intermediates"))(variables, images)
+        final = tome_jax.token_features(state["intermediates"])
+        dense = np.asarray(tome_jax.patch_features(model, state["intermediates"]))
+        assert dense.shape == (2, *model.grid_size, model.width)
+        source = np.asarray(final.source)[:, model.num_prefix_tokens :]
+        want = np.take_along_axis(np.asarray(final.tokens), source[..., None], axis=1)
+        np.testing.assert_array_equal(dense.reshape(want.shape), want)
+        if r == 0:
+            np.testing.assert_array_equal(source, np.arange(model.num_prefix_tokens, model.num_tokens)[None].repeat(2, 0))
