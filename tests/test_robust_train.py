@@ -60,6 +60,19 @@ DAMAGE = {
 }
 
 
+def test_a_relative_checkpoint_directory_saves_and_restores(tmp_path, monkeypatch, tiny_state):
+    """`--workdir runs/x` is relative; orbax refuses relative paths at its first async save."""
+    state, shardings = tiny_state
+    monkeypatch.chdir(tmp_path)
+    saver = checkpoints.Checkpoints("runs/relative/checkpoints", async_save=True)
+    saver.save(state.replace(step=jnp.asarray(3, jnp.int32)), NO_META)
+    saver.wait()
+    assert saver.latest_step() == 3
+    restored, _ = saver.restore(3, state, shardings)
+    saver.close()
+    assert int(restored.step) == 3
+
+
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys, tiny_state, damage):
     like, shardings = tiny_state

@@ -68,10 +68,11 @@ class Checkpoints:
             preservation_policy=preserve, enable_async_checkpointing=async_save, create=True
         )
         self._ocp = ocp
-        self.directory = pathlib.Path(directory)
+        # orbax refuses a relative path, and only at the first asynchronous save.
+        self.directory = pathlib.Path(directory).absolute()
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         try:
-            self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         except Exception as error:  # noqa: BLE001 (orbax and TensorStore raise many kinds)
             raise CheckpointError(f"{directory}: {describe(error)}") from None
         # Restores read through the handlers, not the manager: the manager's restore
