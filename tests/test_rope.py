@@ -145,3 +145,27 @@ def test_dense_features_of_a_rotary_model_follow_the_merges():
         np.testing.assert_array_equal(dense.reshape(want.shape), want)
         if r == 0:
             np.testing.assert_array_equal(source, np.arange(model.num_prefix_tokens, model.num_tokens)[None].repeat(2, 0))
+
+
+def test_a_saved_rotary_model_reads_back_as_itself(tmp_path):
+    """save_checkpoint writes the rotary kind, which no tensor shows, into the file's config."""
+    model = tome_jax.ViT(**tome_jax.registry.MODEL_CONFIGS["vit_tiny_patch4_dinov3_32"], depth=2)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    path = tome_jax.save_checkpoint(model, variables, tmp_path / "rope.safetensors", test_acc=0.5)
+    loaded, loaded_variables = tome_jax.from_timm(path)
+    assert loaded.rope == model.rope and loaded.reg_tokens == 4 and not loaded.abs_pos_embed
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    np.testing.assert_array_equal(loaded.apply(loaded_variables, x, r=4), model.apply(variables, x, r=4))
+    assert tome_jax.convert.safetensors_metadata(path)["test_acc"] == "0.5"
+
+
+def test_a_checkpoint_whose_rope_is_not_a_rope_says_so(tmp_path):
+    from safetensors.numpy import save_file
+
+    model = tome_jax.ViT(**tome_jax.registry.MODEL_CONFIGS["vit_tiny_patch4_dinov3_32"], depth=2)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    path = tmp_path / "bad.safetensors"
+    config = '{"num_heads": 3, "rope": {"kind": "spiral"}}'
+    save_file(tome_jax.to_timm_state_dict(model, variables), path, metadata={"config": config})
+    with pytest.raises(ValueError, match="rope.*spiral"):
+        tome_jax.from_timm(path)

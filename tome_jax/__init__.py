@@ -5,6 +5,7 @@ from tome_jax.convert import (
     from_timm,
     pretrained_data_config,
     resample_pos_embed,
+    save_checkpoint,
     save_metric_layers,
     to_timm_state_dict,
 )

@@ -29,14 +29,16 @@ parameter tree, checked), with `names` (timm names <-> Flax paths) under them al
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 from tome_jax.convert.infer import infer_config
 from tome_jax.convert.names import to_timm_state_dict
 from tome_jax.convert.params import params_from_timm, save_metric_layers, with_metric_layers
-from tome_jax.convert.readers import import_timm, is_timm_name, read_source, safetensors_metadata
+from tome_jax.convert.readers import CONFIG_HINTS, import_timm, is_timm_name, read_source, safetensors_metadata
 from tome_jax.convert.resample import INFLATIONS, resample_pos_embed
+from tome_jax.layers import pair
 from tome_jax.vit import ViT
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "from_timm",
     "pretrained_data_config",
     "resample_pos_embed",
+    "save_checkpoint",
     "save_metric_layers",
     "to_timm_state_dict",
 ]
@@ -104,6 +107,51 @@ def from_timm(
     config, old_grid = infer_config(checkpoint, overrides)
     model = ViT(**config)
     return model, {"params": params_from_timm(checkpoint, model, old_grid, inflation)}
+
+
+# What a ViT is computed with, not what it is: a checkpoint does not hold these.
+_HOW_IT_RUNS = {
+    "parent", "name", "dtype", "param_dtype", "attn_implementation", "merge_implementation", "reduction",
+    "token_fields", "rope_position", "rope_metric", "drop_path_rate",
+}  # fmt: skip
+
+
+def save_checkpoint(model: ViT, variables, path, **metadata) -> pathlib.Path:
+    """Writes `variables` to a `.safetensors` file that `from_timm(path)` reads back as `model`.
+
+    The tensors are `to_timm_state_dict`'s (timm's names and layouts); the metadata holds
+    `config`, the attributes no tensor shows (as timm's hub files hold them, with the
+    rotary embedding as a `rope` object), and `metadata`, each value a string or written
+    as JSON (`pretrained_cfg={"mean": ..., "std": ...}` makes `pretrained_data_config`
+    and `eval.py` find the preprocessing).
+
+    The file is read back before it is kept: an architecture that does not survive the
+    round trip is a ValueError naming the attributes that differ, and no file is left.
+    """
+    from safetensors.numpy import save_file
+
+    path = pathlib.Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: save_checkpoint writes .safetensors files; name it {path.stem}.safetensors")
+    config = {key: getattr(model, key) for key in CONFIG_HINTS}
+    if model.rope is not None:
+        config["rope"] = dataclasses.asdict(model.rope)
+    entries = {"config": config, **metadata}
+    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in entries.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(to_timm_state_dict(model, variables), path, metadata=strings)
+    read_back, _ = from_timm(path)
+    # 32 and (32, 32) are one image size.
+    same = lambda key, a, b: pair(a) == pair(b) if key in ("img_size", "patch_size") else a == b  # noqa: E731
+    differ = {
+        key: (getattr(model, key), getattr(read_back, key))
+        for key in ViT.__dataclass_fields__
+        if key not in _HOW_IT_RUNS and not same(key, getattr(model, key), getattr(read_back, key))
+    }
+    if differ:
+        path.unlink()
+        raise ValueError(f"{path}: this model does not survive a checkpoint (saved, read back): {differ}")
+    return path
 
 
 # The preprocessing keys of timm's pretrained config.

@@ -35,8 +35,9 @@ _INVISIBLE_TIMM_OPTIONS = {
     "final_norm": True,
 }
 # Attributes a `config` states that the tensors leave open: timm's constructor
-# arguments, and `norm_eps` (timm's `norm_layer` is a class, not JSON).
-_CONFIG_HINTS = ("num_heads", "img_size", "global_pool", "act_layer", "norm_eps", "pool_include_prefix")
+# arguments, and `norm_eps` (timm's `norm_layer` is a class, not JSON); `rope` (a JSON
+# object of `rope.Rope`'s fields) is tome_jax's own, as timm's hub files give no rotary kind.
+CONFIG_HINTS = ("num_heads", "img_size", "global_pool", "act_layer", "norm_eps", "pool_include_prefix")
 # timm's activation modules by class name -> `ViT.act_layer` (nn.GELU by its `approximate`).
 _ACTIVATION_NAMES = {
     "GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "Swish": "silu"
@@ -75,7 +76,16 @@ def _config_hints(config: Mapping[str, Any]) -> dict[str, Any]:
         unsupported["act_layer"] = config["act_layer"]
     if unsupported:
         raise ValueError(f"tome_jax.ViT does not implement the timm options {unsupported}")
-    return {k: config[k] for k in _CONFIG_HINTS if k in config}
+    hints = {k: config[k] for k in CONFIG_HINTS if k in config}
+    if "rope" in config:
+        try:
+            hints["rope"] = Rope(**config["rope"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"the checkpoint's config metadata holds a rope that is not a tome_jax.rope.Rope "
+                f"({config['rope']!r}: {error}); fix it, or pass rope=tome_jax.rope.Rope(...)"
+            ) from None
+    return hints
 
 
 def _unreadable(path: pathlib.Path, kind: str, error: Exception) -> ValueError:
