@@ -66,7 +66,8 @@ def test_each_method_lands_at_each_budget_and_the_files_are_written(tmp_path):
 
     written = json.loads((tmp_path / "compare_methods.json").read_text())
     assert [row["method"] for row in written["rows"]] == [row["method"] for row in rows]
-    assert (tmp_path / "compare_methods.csv").read_text().startswith("method,budget,")
+    assert written["meta"]["methods"]["mctf"] == reduce.MCTF().settings  # each method with its settings
+    assert (tmp_path / "compare_methods.csv").read_text().startswith("method,settings,budget,")
     assert (tmp_path / "compare_methods.png").stat().st_size > 0
 
 

@@ -251,16 +251,17 @@ def test_methods_are_hashable_settings():
 
 
 def test_eval_config_selects_the_method_and_its_settings():
-    evaluate = pytest.importorskip("tome_jax.evaluate")
+    pytest.importorskip("ml_collections")
+    from tome_jax import method_config
     from tome_jax.configs import eval_cifar10
 
     config = eval_cifar10.get_config()
-    assert evaluate.reduction_from_config(config) == reduce.ToMe()
+    assert method_config.reduction(config) == reduce.ToMe()
     config.method = "pitome"
     config.pitome.margin = 0.6
-    assert evaluate.reduction_from_config(config) == reduce.PiToMe(margin=0.6)
+    assert method_config.reduction(config) == reduce.PiToMe(margin=0.6)
     config.method = "dct"
-    assert evaluate.reduction_from_config(config) == reduce.DCT()
+    assert method_config.reduction(config) == reduce.DCT()
 
 
 def test_plans_that_prune_and_merge_apply_alike_in_every_merge_implementation():

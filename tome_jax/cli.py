@@ -122,11 +122,11 @@ def train_main() -> None:
 
         r_values = [schedules.r_label(r) for r in schedules.parse_r_values(step_time_r.value)]
         rows = compare_step_times(config.value, r_values, rounds.value)
-        print("| r | step time (s) | images/s | speed-up over the first r |\n|---|---|---|---|")
+        print("| method | settings | r | step time (s) | images/s | speed-up over the first r |\n" + "|---" * 6 + "|")
         for row in rows:
             print(
-                f"| {row['r']} | {row['step_time_s']:.3f} | {row['images_per_s']:.1f} "
-                f"| {row['speedup']:.2f}x |"
+                f"| {row['method']} | {row['settings']} | {row['r']} | {row['step_time_s']:.3f} "
+                f"| {row['images_per_s']:.1f} | {row['speedup']:.2f}x |"
             )
 
     def main(argv):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from flax import traverse_util
 
-from tome_jax import budget, data, reduce, report, schedules
+from tome_jax import budget, data, method_config, report, schedules
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.convert import from_timm, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
@@ -90,7 +90,13 @@ def sweep(
     for r in tqdm(r_values, desc="r sweep", unit="r"):
         predict, cost = compile_predict(model, r, variables, timing_images[0], prop_attn=prop_attn)
         effective = model.effective_schedule(r)
-        row = {"r": schedules.r_label(r), "schedule": list(effective), "tokens_left": model.num_tokens - sum(effective)}
+        row = {
+            "method": model.method.name,
+            "settings": method_config.settings_text(model.method),
+            "r": schedules.r_label(r),
+            "schedule": list(effective),
+            "tokens_left": model.num_tokens - sum(effective),
+        }
         row.update(cost)
         row.update(accuracy(predict, variables, make_batches(), progress=f"r={row['r']}", total=num_batches))
         row.update(throughput(predict, variables, timing_images, runs=runs))
@@ -157,35 +163,31 @@ def load_model(config) -> tuple[ViT, Any, str]:
     `from_timm`; else build the registry architecture of that name and return None
     parameters, to be initialised by Flax (no torch or timm needed).
     Optional keys: `method` (a `tome_jax.reduce.METHODS` name, "tome" by default,
-    whose settings are `config[method]`, see `reduction_from_config`),
+    whose settings are `config[method]`, see `method_config`; checked first),
     `metric_layers` (a file of DTEM metric layers to add), `params_from` (a
     train.py workdir whose checkpoint replaces the parameters) and `params_step`
     ("best", "latest" or a step).
     """
+    method_config.check(config)
     source = resolve_source(config.model)
     given = {k: v for k, v in dict(config.model_overrides).items() if v is not None}  # unset: the model's own
-    overrides = {"reduction": reduction_from_config(config), **given}
+    overrides = {"reduction": method_config.reduction(config), **given}
     if not config.pretrained:
         model, params = create_model(source, **overrides), None
     else:
         metric_layers = config.get("metric_layers") or None
         model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
         params = variables["params"]
+    model.method.check_depth(model.depth)
     if config.get("params_from"):
         params = trained_params(config.params_from, config.get("params_step", "best"), model)
     return model, params, source
 
 
-def reduction_from_config(config, method: str | None = None) -> reduce.Reduction:
-    """The token-reduction method `method` names (default `config.method`, else "tome").
-
-    Its settings come from `config[method]` when the config has that entry
-    (e.g. `--config.pitome.margin=0.5`); settings it leaves out keep the
-    method's defaults.
-    """
-    method = method or config.get("method", "tome")
-    settings = config.get(method) if method in reduce.METHODS else None
-    return reduce.create(method, **(settings.to_dict() if settings is not None else {}))
+def check_layers(model: ViT, r: schedules.RSpec, name: str = "r") -> None:
+    """A per-layer `r` must give one value per block of `model` (a command's r is never padded unsaid)."""
+    if schedules.is_per_layer(r):
+        schedules.check_per_layer(name, r, model.depth)
 
 
 def trained_params(workdir: str, step, model: ViT):
@@ -269,6 +271,7 @@ def _setup(config, r_values: Sequence[schedules.RSpec] = ()) -> _Setup:
     preprocess = preprocess_for(config, model, source)
     data.check_batch_size(config.batch_size)
     for r in r_values:
+        check_layers(model, r)
         try:
             described = model.describe_r(r)
         except (TypeError, ValueError) as error:
@@ -333,6 +336,7 @@ def run(config) -> list[dict[str, Any]]:
         if setup.is_main:
             print(f"{target}: {model.describe_r(r)}")
         r_values.append(r)
+    meta = {**setup.meta, **method_config.described(model.method)}
     rows = sweep(
         model,
         setup.variables,
@@ -342,7 +346,7 @@ def run(config) -> list[dict[str, Any]]:
         prop_attn=config.prop_attn,
         runs=config.timing_runs,
         num_batches=setup.num_batches,
-        on_row=lambda rows: report.write_results(rows, config.workdir, setup.meta) if setup.is_main else None,
+        on_row=lambda rows: report.write_results(rows, config.workdir, meta) if setup.is_main else None,
     )
     if setup.is_main:
         print(report.format_table(rows))
@@ -353,7 +357,7 @@ def run(config) -> list[dict[str, Any]]:
     return rows
 
 
-COMPARE_COLUMNS = ("method", "budget", "budget_gflops", "r", "top1", "top5", "gflops", "vs_budget", "images_per_s")
+COMPARE_COLUMNS = ("method", "settings", "budget", "budget_gflops", "r", "top1", "top5", "gflops", "vs_budget", "images_per_s")
 
 
 def compare_methods(config) -> list[dict[str, Any]]:
@@ -366,20 +370,18 @@ def compare_methods(config) -> list[dict[str, Any]]:
     keeps the budget's `r`. Writes compare_methods.json/.csv and a plot of top-1
     against GFLOPs, a line per method, to the workdir.
     """
-    names = [name.strip() for name in config.methods.split(",") if name.strip()]
-    unknown = [name for name in names if name not in reduce.METHODS]
-    if unknown:
-        raise ValueError(f"config.methods names {', '.join(unknown)}; known: {', '.join(reduce.METHODS)}")
+    names = method_config.compared(config)
     setup = _setup(config)
     prop_attn, batch = config.prop_attn, config.batch_size  # FLOPs counted at the eval batch
-    reference = setup.model.clone(reduction=reduction_from_config(config, config.budget_method))
+    reference = setup.model.clone(reduction=method_config.reduction(config, config.budget_method))
     budgets = [
         (r, budget.gflops_per_image(reference, setup.variables, r, batch_size=batch, prop_attn=prop_attn))
         for r in schedules.parse_r_values(config.budget_r)
     ]
-    rows = []
+    rows, methods = [], {}
     for name in tqdm(names, desc="methods", unit="method"):
-        model = setup.model.clone(reduction=reduction_from_config(config, name))
+        model = setup.model.clone(reduction=method_config.reduction(config, name))
+        methods[name] = model.method.settings
         chosen = []  # per budget: its label and GFLOPs, the r chosen (None: out of reach) and its GFLOPs
         for budget_r, gflops in budgets:
             label = f"{config.budget_method} r={schedules.r_label(budget_r)}"
@@ -405,13 +407,15 @@ def compare_methods(config) -> list[dict[str, Any]]:
             num_batches=setup.num_batches,
         ))  # fmt: skip
         for label, gflops, choice in chosen:
-            row = {"method": name, "budget": label, "budget_gflops": gflops}
+            row = {"method": name, "settings": method_config.settings_text(model.method), "budget": label,
+                   "budget_gflops": gflops}  # fmt: skip
             if choice is None:
                 rows.append({**row, "r": "out of reach"})
                 continue
             # Against the count the bisection used (the sweep's own is of the compiled program).
             rows.append({**row, "vs_budget": f"{choice[1] / gflops - 1:+.1%}", **next(swept)})
     print(report.format_table(rows, COMPARE_COLUMNS))
-    report.write_results(rows, config.workdir, setup.meta, stem="compare_methods", plot=report.plot_by_method)
+    meta = {**setup.meta, "methods": methods}
+    report.write_results(rows, config.workdir, meta, stem="compare_methods", plot=report.plot_by_method)
     print(f"wrote {config.workdir}/compare_methods.json, compare_methods.csv, compare_methods.png")
     return rows

@@ -10,7 +10,7 @@ import pathlib
 from typing import Any, Callable, Sequence
 
 
-COLUMNS = ("r", "top1", "top5", "images_per_s", "speedup", "gflops", "tokens_left", "compile_s")
+COLUMNS = ("method", "settings", "r", "top1", "top5", "images_per_s", "speedup", "gflops", "tokens_left", "compile_s")
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:

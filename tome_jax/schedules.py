@@ -58,6 +58,20 @@ def parse_r(num_layers: int, r: RSpec) -> tuple[int, ...]:
     )
 
 
+def check_per_layer(name: str, values: Sequence[int], num_layers: int) -> None:
+    """Raises ValueError unless `values` gives one value per layer, saying what the list would
+    become if it were padded with zeros or cut (what a shorter or longer list used to do unsaid)."""
+    values = list(values)
+    if len(values) == num_layers:
+        return
+    fitted = (values + [0] * num_layers)[:num_layers]
+    change = "padded with zeros" if len(values) < num_layers else "cut"
+    raise ValueError(
+        f"{name}={values} lists {len(values)} layers but the model has {num_layers}: give one per layer "
+        f"({change}: {fitted})"
+    )
+
+
 def _check_r(r, name: str) -> int:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {r!r} ({type(r).__name__})")
@@ -175,7 +189,12 @@ def schedule_for_token_budget(
 
 def r_label(r: RSpec) -> str:
     """A stable printable name for an r spec: `4`, `(8, -1)`, `[4, 4, 2]`."""
-    return repr(list(r)) if isinstance(r, (list, tuple)) and not _is_pair(r) else repr(r)
+    return repr(list(r)) if is_per_layer(r) else repr(r)
+
+
+def is_per_layer(r: RSpec) -> bool:
+    """Whether `r` lists one value per layer (not an int or an (r, inflection) pair)."""
+    return isinstance(r, (list, tuple)) and not _is_pair(r)
 
 
 def _is_pair(r) -> bool:

@@ -7,7 +7,7 @@ import time
 
 import jax
 
-from tome_jax import data
+from tome_jax import data, method_config
 from tome_jax.sharding import global_batch, make_mesh
 from tome_jax.train_lib import build_model_and_optimizer, create_state, make_train_step
 
@@ -17,8 +17,8 @@ def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[st
     of each r in turn (same batch, each r training its own copy of the state), so
     load drift hits all alike; medians over rounds after one warm-up round.
 
-    Returns one row per r with `step_time_s`, `images_per_s` and `speedup` over
-    the first r.
+    Returns one row per r with the `method` and its `settings`, `r`, `step_time_s`,
+    `images_per_s` and `speedup` over the first r.
     """
     mesh = make_mesh(config.fsdp)
     model, params, tx, schedule = build_model_and_optimizer(config, total_steps=rounds + 1)
@@ -45,7 +45,10 @@ def compare_step_times(config, r_values: list, rounds: int = 10) -> list[dict[st
     rows = []
     for run in runs:
         median = statistics.median(run["times"])
-        rows.append({"r": run["r"], "step_time_s": median, "images_per_s": config.batch_size / median})
+        rows.append({
+            "method": model.method.name, "settings": method_config.settings_text(model.method), "r": run["r"],
+            "step_time_s": median, "images_per_s": config.batch_size / median,
+        })  # fmt: skip
     for row in rows:
         row["speedup"] = rows[0]["step_time_s"] / row["step_time_s"]
     return rows

@@ -7,6 +7,7 @@ runs on one device, on many, and on many hosts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Callable
@@ -18,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from tome_jax import budget, data, evaluate, schedules
+from tome_jax import budget, data, evaluate, method_config, schedules
 from tome_jax.data import mixing
 from tome_jax.checkpoints import Checkpoints
 from tome_jax.divergence import DIVERGED_HINT, NonFiniteError, all_finite, check_finite_metrics
@@ -170,6 +171,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     # The model before the data: see tome_jax.data on the order of torch and TensorFlow.
     model, params, _ = evaluate.load_model(config)
+    for key in ("r", "eval_r"):
+        evaluate.check_layers(model, schedules.parse_r_value(config[key]), key)
+    if is_main:
+        write_run_record(config, model, workdir)
     train_data = data.builder(config.dataset, config.data_dir, download=config.get("download", True))
     steps_per_epoch = data.steps_per_epoch(train_data, config.train_split, config.batch_size, config.train_limit)
     data.check_batch_size(config.eval_batch_size // jax.process_count(), "eval_batch_size per process")
@@ -332,6 +337,17 @@ class _Loop:
         self.checkpoints.wait()
         self.checkpoints.close()
         self.writer.close()
+
+
+def write_run_record(config, model: ViT, workdir: pathlib.Path) -> None:
+    """`run.json` in the workdir: the method that trains (name and every setting), the r schedules
+    and the config, so that a workdir says how it was trained; the method printed too."""
+    record = {**method_config.described(model.method), "r": config.r, "eval_r": config.eval_r}
+    record["config"] = json.loads(config.to_json_best_effort())
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"method: {model.method.name} ({method_config.settings_text(model.method)}), r={config.r}, "
+          f"eval_r={config.eval_r}", flush=True)
 
 
 def write_method_outputs(model: ViT, params, workdir: pathlib.Path) -> None:

@@ -232,6 +232,7 @@ class ViT(nn.Module):
                 f"num_frames {self.num_frames} is not a positive multiple of "
                 f"tubelet_size {self.tubelet_size}"
             )
+        self.method.check_depth(self.depth)
         self._validate_rope()
 
     def _validate_rope(self):

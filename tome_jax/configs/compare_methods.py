@@ -8,15 +8,15 @@ the `r` schedule that lands within `budget_tolerance` of it (`budget.choose_r`'s
 bisection). Any model the eval config takes works (`--config.model=`).
 """
 
-from tome_jax import reduce
 from tome_jax.configs import eval_cifar10
 
 
 def get_config():
     config = eval_cifar10.get_config()
-    # What to compare (tome_jax.reduce names). DiffRate is left out: its per-block
-    # schedule comes from a search per budget (configs/diffrate_search_cifar10.py), not from r.
-    config.methods = ", ".join(name for name in reduce.METHODS if name != "diffrate")
+    # What to compare (tome_jax.reduce names): the methods whose knob is r. DiffRate's per-block
+    # schedule comes from a search per budget (configs/diffrate_search_cifar10.py), DTEM's
+    # metric from training (without trained metric layers it is ToMe).
+    config.methods = "tome, pitome, mctf, tofu, dct, evit, random_drop"
     config.budget_method = "tome"  # the method whose GFLOPs at budget_r set the budgets
     config.budget_r = "4, (6, -1), (8, -1)"
     config.budget_tolerance = 0.03  # each method's GFLOPs within this share of the budget

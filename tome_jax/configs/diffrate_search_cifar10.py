@@ -6,8 +6,9 @@
 
 The ViT stays frozen; only the blocks' rate logits learn, as in the authors'
 search: AdamW at 0.01 falling to 0.001 by a cosine, no weight decay, against the
-classification loss plus `flops_weight * (GFLOPs - target_gflops)^2`, GFLOPs in
-the authors' count (`diffrate.schedule_flops`: the unreduced model has 0.365).
+classification loss plus `flops_weight * (GMACs - target_gflops)^2`, GMACs in
+the authors' count (`diffrate.schedule_flops`, multiply-adds: the unreduced model has 0.365; eval.py's
+XLA GFLOPs are about twice, 0.74).
 The schedule found is written to WORKDIR/diffrate_schedule.json, with the
 eval.py command that runs it (`--config.method=diffrate --config.r=...
 --config.diffrate.prune=...`). The evaluations during the search run the masked

@@ -5,6 +5,8 @@
 
 `METHODS` maps the command-line names (`--config.method=`) to the classes;
 `create` builds one by name, `default_settings` lists every method's settings.
+Each method declares its settings' types and ranges beside them (`setting`),
+checked whenever one is built (`check_settings`).
 Two methods train something and leave files behind: `DTEM` (its metric layers,
 learned through a soft merge) and `DiffRateSearch` (a per-block schedule that
 `DiffRate` then runs).
@@ -23,9 +25,12 @@ from tome_jax.reduce.base import (
     Reduced,
     Reduction,
     Step,
+    Valid,
     check_method,
+    check_settings,
     check_tracks_sources,
     class_attention,
+    setting,
 )
 from tome_jax.reduce.dct import DCT
 from tome_jax.reduce.diffrate import DiffRate, DiffRateSearch
@@ -46,12 +51,8 @@ def create(name: str, **settings: Any) -> Reduction:
     """The method called `name` (a `METHODS` key) with `settings`, the rest at their defaults."""
     if name not in METHODS:
         raise ValueError(f"unknown token-reduction method {name!r}; known: {', '.join(METHODS)}")
-    method = METHODS[name]
-    unknown = set(settings) - {field.name for field in dataclasses.fields(method)}
-    if unknown:
-        known = ", ".join(field.name for field in dataclasses.fields(method)) or "none"
-        raise ValueError(f"{name} has no setting {', '.join(sorted(unknown))}; its settings: {known}")
-    return method(**settings)
+    check_settings(METHODS[name], settings)  # a setting it lacks, before the constructor's TypeError
+    return METHODS[name](**settings)
 
 
 def default_settings() -> dict[str, dict[str, Any]]:
@@ -81,10 +82,13 @@ __all__ = [
     "Reduction",
     "Step",
     "ToFu",
+    "Valid",
     "ToMe",
     "check_method",
+    "check_settings",
     "check_tracks_sources",
     "class_attention",
     "create",
     "default_settings",
+    "setting",
 ]

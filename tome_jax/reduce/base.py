@@ -16,6 +16,9 @@ instead: DTEM's soft merge fades merged tokens out, DiffRate's search masks them
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
+import typing
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
@@ -28,6 +31,38 @@ AFTER_ATTENTION = "after_attention"  # between attention and MLP, as ToMe
 BEFORE_ATTENTION = "before_attention"  # on the block's input, before its attention (MCTF)
 AFTER_MLP = "after_mlp"  # on the block's output (DCT)
 POSITIONS = (AFTER_ATTENTION, BEFORE_ATTENTION, AFTER_MLP)
+
+
+class Valid(NamedTuple):
+    """The values a method's setting may take: numbers from `low` to `high` (both included,
+    `low` excluded when `open_low`), or one of `choices`; None: no bound."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    choices: tuple = ()
+
+    def admits(self, value) -> bool:
+        if self.choices:
+            return value in self.choices
+        above = self.low is None or value > self.low or (value == self.low and not self.open_low)
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(repr(choice) for choice in self.choices)
+        low = f"{'>' if self.open_low else '>='} {self.low}" if self.low is not None else ""
+        if self.high is None:
+            return low
+        if self.low is None:
+            return f"<= {self.high}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+def setting(default, **valid) -> Any:
+    """A method's setting (a dataclass field) with the values it may take (`Valid(**valid)`),
+    which every construction of the method checks (`check_settings`)."""
+    return dataclasses.field(default=default, metadata={"valid": Valid(**valid)})
 
 
 class Step(NamedTuple):
@@ -130,6 +165,17 @@ class Reduction:
     tracks_sources: ClassVar[bool] = True
     prop_attn: ClassVar[bool] = True
 
+    def __post_init__(self):
+        check_settings(type(self), self.settings)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """{setting: value}, in the order the method declares them."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def check_depth(self, depth: int) -> None:
+        """Raises ValueError when a per-block setting does not give one value per block of a `depth`-block model."""
+
     def max_r(self, tokens: int, num_prefix_tokens: int) -> int:
         """The most tokens one step may remove (a larger `r` is clamped): half those after the prefix."""
         return merge.max_r(tokens, num_prefix_tokens)
@@ -167,6 +213,50 @@ class Reduction:
 
     def __call__(self, step: Step) -> Reduced:
         raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+
+@functools.lru_cache(maxsize=None)
+def _setting_types(method: type[Reduction]) -> dict[str, Any]:
+    return typing.get_type_hints(method)
+
+
+def _has_type(kind, value) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...]: one value per block
+        return isinstance(value, (tuple, list)) and all(_has_type(typing.get_args(kind)[0], v) for v in value)
+    return isinstance(value, kind)
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...]
+        return f"a list of {typing.get_args(kind)[0].__name__}s"
+    return {bool: "True or False", int: "an int", float: "a number", str: "a string"}.get(kind, kind.__name__)
+
+
+def check_settings(method: type[Reduction], settings: dict[str, Any], prefix: str = "") -> None:
+    """Raises ValueError, one line naming `<prefix><method name>.<setting>`, the value and what
+    it may be, for a setting `method` does not have, of the wrong type, or out of its range
+    (each method declares its settings' ranges beside them, `setting(default, low=, ...)`)."""
+    fields = {field.name: field for field in dataclasses.fields(method)}
+    types = _setting_types(method)
+    for key, value in settings.items():
+        where = f"{prefix}{method.name}.{key}"
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise ValueError(f"{where}: {method.name} has no setting {key}; its settings: {known}")
+        kind, valid = types[key], fields[key].metadata.get("valid", Valid())
+        if not _has_type(kind, value):
+            raise ValueError(f"{where}={value!r}: must be {_type_name(kind)}")
+        listed = isinstance(value, (tuple, list))
+        for item in value if listed else (value,):
+            if not valid.admits(item):
+                each = f"each value must be {valid}, got {item!r}" if listed else f"must be {valid}"
+                raise ValueError(f"{where}={value!r}: {each}")
 
 
 def class_attention(step: Step) -> jax.Array:

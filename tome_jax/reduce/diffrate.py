@@ -16,7 +16,8 @@ the search the sequence keeps its length: a 0/1 mask says which tokens are
 alive (pruned and merged-away ones are masked out of the attention's keys), and
 its gradient is that of each position's probability of being kept, so the
 classification loss says where keeping more would pay; the FLOPs of the counts
-(`schedule_flops`) pulls toward a target. The searched counts then run as a
+(`schedule_flops`, in multiply-adds as the authors count them: XLA's FLOPs,
+which eval.py reports, count each as two, so about twice) pulls toward a target. The searched counts then run as a
 hard schedule: per layer `r` tokens removed, of which `prune` pruned.
 
     model = tome_jax.create_model("deit_small_patch16_224", reduction=reduce.DiffRate(prune=prune))
@@ -37,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tome_jax import merge
-from tome_jax.reduce.base import Reduced, Reduction, Step, class_attention
+from tome_jax import schedules
+from tome_jax.reduce.base import Reduced, Reduction, Step, class_attention, setting
 from tome_jax.reduce.prune import prefix_first
 from tome_jax.tokens import Tokens
 
@@ -324,7 +326,7 @@ class DiffRate(Reduction):
     which writes them to `diffrate_schedule.json` in its train.py workdir).
 
     Settings:
-      prune: tokens pruned by each block (missing blocks: 0).
+      prune: tokens pruned by each block, one count per block (empty: none pruned).
       search_gflops, flops_weight, granularity: deprecated; `search_gflops > 0`
         gives `DiffRateSearch(target_gflops=search_gflops, ...)` instead.
     """
@@ -332,10 +334,10 @@ class DiffRate(Reduction):
     name: ClassVar[str] = "diffrate"
     needs_weights: ClassVar[bool] = True
     prop_attn: ClassVar[bool] = True
-    prune: tuple[int, ...] = ()
-    search_gflops: float = 0.0
-    flops_weight: float = 5.0
-    granularity: int = 4
+    prune: tuple[int, ...] = setting((), low=0)
+    search_gflops: float = setting(0.0, low=0)
+    flops_weight: float = setting(5.0, low=0)
+    granularity: int = setting(4, low=1)
 
     def __new__(cls, *args, **settings):
         names = [field.name for field in dataclasses.fields(cls)]
@@ -354,14 +356,20 @@ class DiffRate(Reduction):
         return super().__new__(cls)
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "prune", tuple(int(k) for k in self.prune))  # hashable, as a model attribute
+
+    def check_depth(self, depth: int) -> None:
+        """`prune` gives every block's count, or none (nothing pruned)."""
+        if self.prune:
+            schedules.check_per_layer(f"{self.name}.prune", self.prune, depth)
 
     def max_r(self, tokens: int, num_prefix_tokens: int) -> int:
         """A block may remove all but one token after the prefix."""
         return max(tokens - num_prefix_tokens - 1, 0)
 
     def __call__(self, step: Step) -> Reduced:
-        pruned = self.prune[step.layer] if step.layer < len(self.prune) else 0
+        pruned = self.prune[step.layer] if self.prune else 0
         if not 0 <= pruned <= step.r:
             raise ValueError(
                 f"DiffRate prunes {pruned} tokens in block {step.layer}, but the block removes {step.r} "
@@ -377,8 +385,9 @@ class DiffRate(Reduction):
         return Reduced(x, size, plan)
 
 
-def search_gflops(model, prune_kept: Sequence[jax.Array], merge_kept: Sequence[jax.Array]) -> jax.Array:
-    """The authors' GFLOPs (`schedule_flops`) of per-block kept counts, for a `tome_jax.ViT`."""
+def search_gmacs(model, prune_kept: Sequence[jax.Array], merge_kept: Sequence[jax.Array]) -> jax.Array:
+    """The authors' count (`schedule_flops`, billions of multiply-adds) of per-block kept counts, for a
+    `tome_jax.ViT`; XLA's GFLOPs, which eval.py reports, are about twice."""
     return schedule_flops(
         prune_kept,
         merge_kept,
@@ -398,21 +407,22 @@ class DiffRateSearch(Reduction):
     candidate, all patches) and runs `search_step` between attention and MLP
     whatever `r`: the sequence keeps its length, a straight-through mask takes
     the removed tokens out of the attention's keys. After the last block the
-    model sows `flops_weight * (gflops - target_gflops) ** 2` in the "losses"
-    collection (train.py adds it to the loss) and the GFLOPs in "metrics". At
-    the end of training, `outputs` writes the schedule found.
+    model sows `flops_weight * (gmacs - target_gflops) ** 2` in the "losses"
+    collection (train.py adds it to the loss) and the GMACs in "metrics"
+    (`diffrate_gmacs`). At the end of training, `outputs` writes the schedule found.
 
     Settings:
-      target_gflops: the FLOPs target, in the authors' count (`schedule_flops`), in GFLOPs; > 0.
+      target_gflops: the target in the authors' count (`search_gmacs`: billions of multiply-adds,
+        what their paper calls GFLOPs; eval.py's GFLOPs, XLA's, are about twice); > 0.
       flops_weight: the penalty's weight.
       granularity: the gap between candidate kept counts.
     """
 
     name: ClassVar[str] = "diffrate_search"
     needs_weights: ClassVar[bool] = True
-    target_gflops: float = 0.0
-    flops_weight: float = 5.0
-    granularity: int = 4
+    target_gflops: float = setting(0.0, low=0, open_low=True)  # the default lists the setting; a search needs a target
+    flops_weight: float = setting(5.0, low=0)
+    granularity: int = setting(4, low=1)
 
     def max_r(self, tokens: int, num_prefix_tokens: int) -> int:
         """The search keeps every token: `r` is not used."""
@@ -422,10 +432,6 @@ class DiffRateSearch(Reduction):
         return True
 
     def start(self, tokens: Tokens, model, train: bool) -> Tokens:
-        if not self.target_gflops > 0:
-            raise ValueError(
-                f"DiffRateSearch needs target_gflops > 0 (the FLOPs to search for), got {self.target_gflops}"
-            )
         if model.num_prefix_tokens != 1 or not model.class_token:
             raise ValueError("the DiffRate search ranks tokens by class attention: it needs one class token")
         return tokens.replace(state=SearchState(jnp.ones(tokens.size.shape, jnp.float32)))
@@ -448,10 +454,10 @@ class DiffRateSearch(Reduction):
         return Reduced(x, size, None, state=state)
 
     def finish(self, tokens: Tokens, model) -> None:
-        gflops = search_gflops(model, tokens.state.prune_kept, tokens.state.merge_kept)
+        gmacs = search_gmacs(model, tokens.state.prune_kept, tokens.state.merge_kept)
         keep = dict(reduce_fn=lambda _, value: value, init_fn=lambda: 0.0)
-        model.sow("losses", "diffrate_flops", self.flops_weight * (gflops - self.target_gflops) ** 2, **keep)
-        model.sow("metrics", "diffrate_gflops", gflops, **keep)
+        model.sow("losses", "diffrate_flops", self.flops_weight * (gmacs - self.target_gflops) ** 2, **keep)
+        model.sow("metrics", "diffrate_gmacs", gmacs, **keep)
 
     def found(self, model, params) -> Schedule:
         """The schedule the search's rate logits stand for."""
@@ -464,14 +470,14 @@ class DiffRateSearch(Reduction):
         )
 
     def outputs(self, model, params, gflops) -> dict[str, bytes]:
-        """`diffrate_schedule.json`: the schedule found, its GFLOPs in the authors' count (`gflops`, the
-        search's target) and in XLA's of the hard model (`xla_gflops`, what eval.py reports), and the
-        eval.py command that runs it."""
+        """`diffrate_schedule.json`: the schedule found, its cost in the authors' count (`gmacs`,
+        multiply-adds, the search's target) and in XLA's GFLOPs of the hard model (`xla_gflops`, what
+        eval.py reports, about twice), and the eval.py command that runs it."""
         found = self.found(model, params)
         r, prune = str(list(found.r)), str(tuple(found.prune))
         record = {
             **found._asdict(),
-            "gflops": float(search_gflops(model, found.prune_kept, found.merge_kept)),
+            "gmacs": float(search_gmacs(model, found.prune_kept, found.merge_kept)),
             "xla_gflops": gflops(DiffRate(prune=found.prune), list(found.r)),
             "eval": f'python eval.py --config.method=diffrate --config.r="{r}" --config.diffrate.prune="{prune}"',
         }

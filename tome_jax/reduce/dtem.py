@@ -21,7 +21,7 @@ import numpy as np
 from flax import struct
 
 from tome_jax import dtem, merge
-from tome_jax.reduce.base import Reduced, Reduction, Step
+from tome_jax.reduce.base import Reduced, Reduction, Step, setting
 from tome_jax.reduce.tome import ToMe
 from tome_jax.tokens import Tokens
 
@@ -58,18 +58,12 @@ class DTEM(Reduction):
     """
 
     name: ClassVar[str] = "dtem"
-    dim: int = 0
-    soft_merge: str = "training"
-    k2: int = 3
-    tau1: float = 0.1
-    tau2: float = 0.1
+    dim: int = setting(0, low=0)
+    soft_merge: str = setting("training", choices=SOFT_MERGE_MODES)
+    k2: int = setting(3, low=1)
+    tau1: float = setting(0.1, low=0, open_low=True)  # temperatures divide
+    tau2: float = setting(0.1, low=0, open_low=True)
     drop_residue: bool = False
-
-    def __post_init__(self):
-        if self.soft_merge not in SOFT_MERGE_MODES:
-            raise ValueError(f"DTEM's soft_merge must be one of {SOFT_MERGE_MODES}, got {self.soft_merge!r}")
-        if self.dim < 0:
-            raise ValueError(f"DTEM's dim must be >= 0 (0: the paper's width), got {self.dim}")
 
     def merges_softly(self, train: bool) -> bool:
         return self.soft_merge == "always" or (self.soft_merge == "training" and train)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import merge
-from tome_jax.reduce.base import BEFORE_ATTENTION, Reduced, Reduction, Step
+from tome_jax.reduce.base import BEFORE_ATTENTION, Reduced, Reduction, Step, setting
 
 
 def scaled_inverse(value: jax.Array) -> jax.Array:
@@ -145,9 +145,9 @@ class MCTF(Reduction):
     name: ClassVar[str] = "mctf"
     position: ClassVar[str] = BEFORE_ATTENTION
     needs_weights: ClassVar[bool] = True
-    tau_sim: float = 1.0
-    tau_info: float = 20.0
-    tau_size: float = 40.0
+    tau_sim: float = setting(1.0, low=0)  # a power 1 / tau: 0 leaves the criterion out, below 0 inverts it
+    tau_info: float = setting(20.0, low=0)
+    tau_size: float = setting(40.0, low=0)
     bidirectional: bool = True
     one_step_ahead: bool = True
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import merge
-from tome_jax.reduce.base import Reduced, Reduction, Step
+from tome_jax.reduce.base import Reduced, Reduction, Step, setting
 
 
 def energy_score(unit: jax.Array, margin: float, alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
@@ -107,9 +107,9 @@ class PiToMe(Reduction):
 
     name: ClassVar[str] = "pitome"
     prop_attn: ClassVar[bool] = False
-    margin: float = 0.75
-    alpha: float = 1.0
-    bipartite_share: float = 0.5
+    margin: float = setting(0.75, low=-1, high=1)  # a cosine similarity
+    alpha: float = setting(1.0, low=0)
+    bipartite_share: float = setting(0.5, low=0, high=1)  # a share of the layers
 
     def __call__(self, step: Step) -> Reduced:
         plan = pitome_plan(

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import merge
-from tome_jax.reduce.base import Reduced, Reduction, Step, class_attention
+from tome_jax.reduce.base import Reduced, Reduction, Step, class_attention, setting
 
 
 def prefix_first(dest_rest: jax.Array, num_prefix_tokens: int) -> jax.Array:
@@ -96,7 +96,7 @@ class RandomDrop(Reduction):
 
     name: ClassVar[str] = "random_drop"
     needs_rng: ClassVar[bool] = True
-    seed: int = 0
+    seed: int = setting(0, low=0)  # jax.random.key's
 
     def __call__(self, step: Step) -> Reduced:
         rng = step.rng if step.rng is not None else jax.random.fold_in(jax.random.key(self.seed), step.layer)

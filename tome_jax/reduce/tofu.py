@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import merge
-from tome_jax.reduce.base import Reduced, Reduction, Step
+from tome_jax.reduce.base import Reduced, Reduction, Step, setting
 
 
 def without_merges(plan: merge.MergePlan) -> merge.MergePlan:
@@ -55,7 +55,7 @@ class ToFu(Reduction):
 
     name: ClassVar[str] = "tofu"
     prop_attn: ClassVar[bool] = False
-    merge_after: float = 0.5
+    merge_after: float = setting(0.5, low=0, high=1)  # a share of the depth
 
     def __call__(self, step: Step) -> Reduced:
         plan = merge.bipartite_soft_merge(step.metric, step.r, num_prefix_tokens=step.num_prefix_tokens)
