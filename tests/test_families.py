@@ -15,6 +15,7 @@ from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn  
 from test_convert import images_for, max_abs_diff, randomised, tome_jax_logits, torch_logits  # noqa: E402
 from tome_jax import create_model, from_timm, pretrained_data_config, to_timm_state_dict, torch_tome  # noqa: E402
 from tome_jax.layers import pair  # noqa: E402
+from tome_jax.schedules import tokens_per_layer  # noqa: E402
 
 
 def relative_diff(got, want):
@@ -102,6 +103,21 @@ def test_a_size_the_patches_do_not_divide_reads_as_timm_computes_it():
     assert relative_diff(tome_jax_logits(model, variables, images), torch_logits(module, images)) < 1e-4
     want = torch_tome.tome_forward(module, images, 4).numpy()
     assert relative_diff(tome_jax_logits(model, variables, images, r=4), want) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_small_patch16_224"])
+def test_merging_down_to_one_token_equals_the_reference(name):
+    """A schedule that leaves nothing to pair (one token, or a class token and one
+    patch token) before its last blocks: those blocks merge nothing on both sides.
+    SigLIP has no class token and pools with its MAP head; ViT-S reads its class token."""
+    module = randomised(timm.create_model(name, pretrained=False, depth=4, embed_dim=64, num_heads=2, img_size=32))
+    model, variables = from_timm(module)
+    r = 2  # 2 x 2 patches: 4 -> 2 -> 1 tokens after two blocks (with a class token: 5 -> 3 -> 2)
+    assert tokens_per_layer(model.num_tokens, model.effective_schedule(r))[-1] == model.num_prefix_tokens + 1
+    assert model.effective_schedule(r)[-2:] == (0, 0)
+    images = images_for(32, 32)
+    want = torch_tome.tome_forward(module, images, r).numpy()
+    assert relative_diff(tome_jax_logits(model, variables, images, r=r), want) < 1e-3
 
 
 @pytest.mark.slow
