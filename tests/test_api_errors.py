@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import tome_jax
+from checkpoint_layouts import WIDTH, openai_clip_state
 from examples import nnx_encoder
 from tome_jax import merge, vis
 
@@ -66,3 +67,40 @@ def test_token_features_block_must_be_an_int_or_none(tiny_vit, block):
 def test_visualize_r_must_be_an_int_or_a_list(tiny_vit):
     with pytest.raises(TypeError, match=r"r must be an int or a list of r specs .*got 2.0 \(float\)"):
         vis.visualize(*tiny_vit, IMAGES, IMAGES, 2.0)
+
+
+# --- conversion: the tensor really missing or mis-shaped, in the checkpoint's own names ---
+
+BLOCK_0 = "visual.transformer.resblocks.0."
+
+
+def without(state, *names):
+    return {key: value for key, value in state.items() if key not in names}
+
+
+@pytest.mark.parametrize("absent", [["weight"], ["bias", "weight"]])
+def test_a_clip_state_dict_without_ln_pre_names_ln_pre(absent):
+    state = without(openai_clip_state(), *(f"visual.ln_pre.{part}" for part in absent))
+    with pytest.raises(ValueError) as error:
+        tome_jax.from_timm(state, act_layer="quick_gelu")
+    listing = "".join(f"\n  norm_pre.{part} (from visual.ln_pre.{part})" for part in absent)
+    assert str(error.value).endswith(":\nmissing:" + listing)
+
+
+def test_a_cut_clip_mlp_kernel_is_the_one_blamed():
+    state = openai_clip_state()
+    state[BLOCK_0 + "mlp.c_fc.weight"] = state[BLOCK_0 + "mlp.c_fc.weight"][:100]
+    with pytest.raises(ValueError, match=(
+        r"\nwrong shape:\n  blocks\.0\.mlp\.fc1\.weight \(from visual\.transformer\.resblocks\.0\.mlp\.c_fc\.weight\): "
+        rf"expected \({4 * WIDTH}, {WIDTH}\), got \(100, {WIDTH}\)$"
+    )):
+        tome_jax.from_timm(state, act_layer="quick_gelu")
+
+
+def test_a_clip_state_dict_without_its_projection_is_read_only_when_asked():
+    state = without(openai_clip_state(), "visual.proj")
+    with pytest.raises(ValueError, match=r"no 'visual.proj', the projection .* pass num_classes=0"):
+        tome_jax.from_timm(state, act_layer="quick_gelu")
+    model, variables = tome_jax.from_timm(state, act_layer="quick_gelu", num_classes=0)
+    assert model.num_classes == 0 and "head" not in variables["params"]
+    assert model.apply(variables, np.zeros((1, *model.input_shape), np.float32)).shape == (1, WIDTH)
