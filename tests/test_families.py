@@ -12,9 +12,11 @@ timm = pytest.importorskip("timm")
 from safetensors.numpy import save_file  # noqa: E402
 from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn  # noqa: E402
 
+from checkpoint_layouts import DEPTH, EMBED, GRID, HEADS, PATCH, SMALL, WIDTH, openai_clip_state, random_arrays  # noqa: E402
 from test_convert import images_for, max_abs_diff, randomised, tome_jax_logits, torch_logits  # noqa: E402
 from tome_jax import create_model, from_timm, pretrained_data_config, to_timm_state_dict, torch_tome  # noqa: E402
 from tome_jax.layers import pair  # noqa: E402
+from tome_jax.schedules import tokens_per_layer  # noqa: E402
 
 
 def relative_diff(got, want):
@@ -104,6 +106,21 @@ def test_a_size_the_patches_do_not_divide_reads_as_timm_computes_it():
     assert relative_diff(tome_jax_logits(model, variables, images, r=4), want) < 1e-3
 
 
+@pytest.mark.parametrize("name", ["vit_base_patch16_siglip_224", "vit_small_patch16_224"])
+def test_merging_down_to_one_token_equals_the_reference(name):
+    """A schedule that leaves nothing to pair (one token, or a class token and one
+    patch token) before its last blocks: those blocks merge nothing on both sides.
+    SigLIP has no class token and pools with its MAP head; ViT-S reads its class token."""
+    module = randomised(timm.create_model(name, pretrained=False, depth=4, embed_dim=64, num_heads=2, img_size=32))
+    model, variables = from_timm(module)
+    r = 2  # 2 x 2 patches: 4 -> 2 -> 1 tokens after two blocks (with a class token: 5 -> 3 -> 2)
+    assert tokens_per_layer(model.num_tokens, model.effective_schedule(r))[-1] == model.num_prefix_tokens + 1
+    assert model.effective_schedule(r)[-2:] == (0, 0)
+    images = images_for(32, 32)
+    want = torch_tome.tome_forward(module, images, r).numpy()
+    assert relative_diff(tome_jax_logits(model, variables, images, r=r), want) < 1e-3
+
+
 @pytest.mark.slow
 def test_so400m_at_384_px_equals_timm():
     """The registry's `vit_so400m_patch14_siglip_384` is timm's (27 x 27 = 729 patches of
@@ -120,53 +137,6 @@ def test_so400m_at_384_px_equals_timm():
 
 
 # --- checkpoint files ----------------------------------------------------------------
-
-# Small towers: 64 px in 16 px patches (a 4 x 4 grid), width 128 in 2 heads, 2 blocks.
-WIDTH, HEADS, DEPTH, PATCH, GRID, EMBED = 128, 2, 2, 16, 4, 32
-SMALL = dict(depth=DEPTH, embed_dim=WIDTH, num_heads=HEADS, img_size=PATCH * GRID)
-
-
-def random_arrays(shapes, seed=0):
-    """name -> shape: float32 noise; LayerNorm scales near 1 (names in `scale`/`ln` weights)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in shapes.items():
-        value = 0.05 * rng.standard_normal(shape)
-        if name.endswith("/scale") or (".ln_" in f".{name}" and name.endswith(".weight")):
-            value += 1
-        out[name] = np.asarray(value, np.float32)
-    return out
-
-
-def openai_clip_state(seed=0):
-    """A whole CLIP state dict in OpenAI's layout: the visual tower under `visual.`
-    (the names and shapes of OpenAI's and OpenCLIP's `VisionTransformer`), and a few
-    text-tower entries that a reader of the image tower must leave out."""
-    w = WIDTH
-    shapes = {
-        "visual.conv1.weight": (w, 3, PATCH, PATCH),
-        "visual.class_embedding": (w,),
-        "visual.positional_embedding": (GRID * GRID + 1, w),
-        "visual.ln_pre.weight": (w,), "visual.ln_pre.bias": (w,),
-        "visual.ln_post.weight": (w,), "visual.ln_post.bias": (w,),
-        "visual.proj": (w, EMBED),
-        "token_embedding.weight": (100, w),
-        "transformer.resblocks.0.attn.in_proj_weight": (3 * w, w),
-        "text_projection": (w, EMBED),
-        "logit_scale": (),
-    }
-    for i in range(DEPTH):
-        block = f"visual.transformer.resblocks.{i}."
-        shapes.update({
-            block + "ln_1.weight": (w,), block + "ln_1.bias": (w,),
-            block + "attn.in_proj_weight": (3 * w, w), block + "attn.in_proj_bias": (3 * w,),
-            block + "attn.out_proj.weight": (w, w), block + "attn.out_proj.bias": (w,),
-            block + "ln_2.weight": (w,), block + "ln_2.bias": (w,),
-            block + "mlp.c_fc.weight": (4 * w, w), block + "mlp.c_fc.bias": (4 * w,),
-            block + "mlp.c_proj.weight": (w, 4 * w), block + "mlp.c_proj.bias": (w,),
-        })
-    return random_arrays(shapes, seed)
-
 
 @pytest.mark.parametrize("act_layer,name", [
     ("quick_gelu", "vit_base_patch16_clip_quickgelu_224"),  # OpenAI CLIP

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from tome_jax import measure, schedules
-from tome_jax.vit import ViT
+from tome_jax.vit import ViT, require_vit
 
 
 class RChoice(NamedTuple):
@@ -48,7 +48,7 @@ def gflops_per_image(
     The lowered program's count is close to the compiled one's
     (`measure.compile_predict`), without the compilation.
     """
-    images = jax.ShapeDtypeStruct((batch_size, *model.input_shape), jnp.float32)
+    images = jax.ShapeDtypeStruct((batch_size, *require_vit(model, "gflops_per_image").input_shape), jnp.float32)
     lowered = jax.jit(lambda v, x: model.apply(v, x, r=r, prop_attn=prop_attn)).lower(variables, images)
     return measure.gflops_of(lowered, batch_size)
 
@@ -114,15 +114,15 @@ def choose_r(
       prop_attn: as in `ViT.__call__`.
 
     Raises:
+      TypeError: a model other than a (Linen) `tome_jax.ViT`, such as an NNX module.
       ValueError: not exactly one target, or a target that even the most merging
         schedule misses (the message gives the best reached).
     """
+    require_vit(model, "choose_r")
     if (target_gflops is None) == (target_speedup is None):
         raise ValueError("give exactly one of target_gflops and target_speedup")
     # Schedules go in as lists: a per-layer tuple of two would read as (r, inflection).
-    gflops = _cached(
-        lambda s: gflops_per_image(model, variables, list(s), batch_size=batch_size, prop_attn=prop_attn)
-    )
+    gflops = _cached(lambda s: gflops_per_image(model, variables, list(s), batch_size=batch_size, prop_attn=prop_attn))
     if target_gflops is not None:
         meets = lambda s: gflops(s) <= target_gflops  # noqa: E731
         speedup = None

@@ -17,11 +17,13 @@ When the ViT is a submodule, pass its own part of the collection
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping, NamedTuple
 
 import jax
 
 from tome_jax import merge
+from tome_jax.vit import require_vit
 
 
 class TokenFeatures(NamedTuple):
@@ -60,6 +62,11 @@ def _num_blocks(intermediates: Mapping[str, Any]) -> int:
 
 def _block_index(intermediates, block: int) -> int:
     depth = _num_blocks(intermediates)
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral):
+        raise TypeError(
+            f"block must be an int (a block index, negative from the end, in [{-depth}, {depth})) or None "
+            f"(the final tokens), got {block!r} ({type(block).__name__})"
+        )
     if not -depth <= block < depth:
         raise ValueError(f"block {block} is out of range for a ViT of {depth} blocks")
     return block % depth
@@ -129,6 +136,7 @@ def patch_features(model, intermediates: Mapping[str, Any], block: int | None = 
       images ([batch, time, grid_h, grid_w, width] for videos), prefix tokens
       (class, distillation) left out.
     """
+    require_vit(model, "patch_features")
     tokens, _, source = token_features(intermediates, block)
     if source.shape[1] != model.num_tokens:
         raise ValueError(

@@ -206,7 +206,7 @@ def bipartite_soft_merge(metric: jax.Array, r: int, *, num_prefix_tokens: int = 
     Returns:
       A plan mapping `tokens` inputs to `tokens - r` outputs.
     """
-    batch, tokens, _ = metric.shape
+    batch, tokens = _metric_shape(metric)
     prefix = _check_prefix(num_prefix_tokens, tokens)
     r = clamp_r(r, tokens, prefix)
     if r == 0:
@@ -239,6 +239,16 @@ def bipartite_soft_merge(metric: jax.Array, r: int, *, num_prefix_tokens: int = 
         kept=position_of(owner, jnp.arange(tokens - r, dtype=jnp.int32)),
         merged=2 * position_of(rank, jnp.arange(r, dtype=jnp.int32)),
     )
+
+
+def _metric_shape(metric: jax.Array) -> tuple[int, int]:
+    """(batch, tokens) of a [batch, tokens, channels] metric, or a ValueError naming the shape."""
+    if np.ndim(metric) != 3:
+        raise ValueError(
+            f"the metric must be [batch, tokens, channels], got shape {np.shape(metric)}; "
+            "for one example add a batch axis (metric[None])"
+        )
+    return metric.shape[0], metric.shape[1]
 
 
 def _check_prefix(num_prefix_tokens: int, tokens: int) -> int:
@@ -276,7 +286,7 @@ def kth_bipartite_merge(metric: jax.Array, k: int, *, num_prefix_tokens: int = 0
       k: the stride of set B; `k <= 1` merges nothing.
       num_prefix_tokens: the leading tokens that never merge and stay first.
     """
-    batch, tokens, _ = metric.shape
+    batch, tokens = _metric_shape(metric)
     prefix = _check_prefix(num_prefix_tokens, tokens)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a Python int, got {k!r}")
@@ -306,7 +316,7 @@ def random_bipartite_merge(
       rng: a PRNG key; one draw per example.
       num_prefix_tokens: the leading tokens that never merge and stay first.
     """
-    batch, tokens, _ = metric.shape
+    batch, tokens = _metric_shape(metric)
     prefix = _check_prefix(num_prefix_tokens, tokens)
     r = clamp_r(r, tokens, prefix)
     if r == 0:

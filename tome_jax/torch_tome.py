@@ -124,6 +124,8 @@ def merge_destinations(metric: torch.Tensor, r: int, num_prefix_tokens: int):
     batch, tokens, _ = metric.shape
     prefix = num_prefix_tokens
     r = min(r, (tokens - prefix) // 2)
+    if r == 0:  # under two tokens past the prefix (merging reached one): no pair, every token stays
+        return torch.arange(tokens, device=metric.device).expand(batch, -1), tokens
     prefix_a, prefix_b = (prefix + 1) // 2, prefix // 2
     unit = F.normalize(metric.float(), dim=-1)
     scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # [batch, A, B]

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from tome_jax import features, merge, reduce, schedules
+from tome_jax.vit import require_vit
 
 # The fill of a pruned patch, which no token holds (white, as EViT's masked pictures).
 PRUNED_COLOUR = 1.0
@@ -292,9 +293,11 @@ def visualize(
     Returns:
       [(1 + len(r)) * H', n * W' (plus gaps), 3] float64 in [0, 1].
     """
-    if model.num_frames is not None:
+    if require_vit(model, "visualize").num_frames is not None:
         raise ValueError("visualize draws image models; a video model's token groups span frames")
     reduce.check_tracks_sources(model.method)
+    if not isinstance(r, (numbers.Integral, list, tuple)):
+        raise TypeError(f"r must be an int or a list of r specs (one row each), got {r!r} ({type(r).__name__})")
     r_values = [r] if isinstance(r, numbers.Integral) else list(r)
     display = np.stack([as_float_image(image) for image in display_images])
     if len(display) != len(images):

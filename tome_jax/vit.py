@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from typing import Any, NamedTuple
 
@@ -495,3 +496,27 @@ def init_params(model: ViT, rng: jax.Array | None = None) -> Any:
     return jax.jit(model.init)(rng, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
 
 
+
+
+def require_vit(model, user: str) -> ViT:
+    """`model` when it is a `ViT`, else a TypeError saying what `user` (a function's name) takes.
+
+    An NNX module is the likely mistake (the merge works in NNX models, the ViT is
+    Linen), so the message says how to get a ViT out of one, or what to do instead.
+    """
+    if isinstance(model, ViT):
+        return model
+    # flax.nnx is looked up, not imported: an NNX module means its user imported it already.
+    nnx = sys.modules.get("flax.nnx")
+    bridged = isinstance(model, nnx.bridge.ToNNX) if nnx is not None else False
+    # The wrapped module's attribute is `to_nnx__module` since Flax 0.11, `module` before.
+    if bridged and isinstance(getattr(model, "to_nnx__module", None) or model.module, ViT):
+        hint = "pass the ViT that the nnx.bridge.ToNNX wrapper holds (its to_nnx__module) with its Linen variables"
+    elif nnx is not None and isinstance(model, nnx.Module):
+        hint = (
+            "an NNX module; tome_jax's ViT is Linen (tome_jax.create_model or tome_jax.from_timm), and an NNX "
+            "model of your own merges with tome_jax.merge in its blocks (examples/nnx_encoder.py)"
+        )
+    else:
+        hint = "build one with tome_jax.create_model or tome_jax.from_timm"
+    raise TypeError(f"{user} takes a Linen tome_jax.ViT, got {type(model).__name__}: {hint}")

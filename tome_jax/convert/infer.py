@@ -7,6 +7,7 @@ the checkpoint's hints or the overrides.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 from typing import Any, Mapping
@@ -44,15 +45,29 @@ def _num_heads(width: int, hints: Mapping[str, Any]) -> int:
     )
 
 
+def _agreed_size(arrays: Mapping[str, np.ndarray], pattern: str, axis: int) -> int:
+    """The size along `axis` that most tensors named by `pattern` (a regex) share.
+
+    One cut tensor then shows as the one of the wrong shape, rather than setting
+    the size that every other tensor is reported against. A tie goes to the first.
+    """
+    sizes = [a.shape[axis] for k, a in arrays.items() if re.fullmatch(pattern, k) and a.ndim > axis]
+    return collections.Counter(sizes).most_common(1)[0][0]
+
+
 def _mlp_layer(arrays: Mapping[str, np.ndarray]) -> tuple[str, int]:
-    """timm's MLP kind and its `hidden_features` (fc1's width) from block 0's tensors.
+    """timm's MLP kind and its `hidden_features` (fc1's width), as most blocks' tensors say.
 
     A packed SwiGLU's fc1 is twice as wide as fc2's input (gate and value halves).
     """
+    blocks = r"blocks\.\d+\.mlp\."
     if "blocks.0.mlp.fc1_g.weight" in arrays:
-        return "swiglu", _required(arrays, "blocks.0.mlp.fc1_g.weight", 2).shape[0]
-    hidden = _required(arrays, "blocks.0.mlp.fc1.weight", 2).shape[0]
-    fc2_in = _required(arrays, "blocks.0.mlp.fc2.weight", 2).shape[1]
+        _required(arrays, "blocks.0.mlp.fc1_g.weight", 2)
+        return "swiglu", _agreed_size(arrays, blocks + r"fc1_g\.(weight|bias)", 0)
+    _required(arrays, "blocks.0.mlp.fc1.weight", 2)
+    _required(arrays, "blocks.0.mlp.fc2.weight", 2)
+    hidden = _agreed_size(arrays, blocks + r"fc1\.(weight|bias)", 0)
+    fc2_in = _agreed_size(arrays, blocks + r"fc2\.weight", 1)
     return ("swiglu_packed" if hidden == 2 * fc2_in else "mlp"), hidden
 
 
@@ -155,10 +170,10 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
         global_pool = "map"
     else:  # token or average pooling over a final `norm` only the source can tell
         global_pool = checkpoint.hints.get("global_pool", "avg" if fc_norm or not class_token else "token")
-    pre_norm = has("norm_pre.weight")
+    pre_norm = hints.get("pre_norm", has("norm_pre.weight") or has("norm_pre.bias"))
     mlp_layer, hidden = _mlp_layer(arrays)
     config = dict(
-        num_classes=_required(arrays, "head.weight", 2).shape[0] if has("head.weight") else 0,
+        num_classes=_num_classes(arrays, checkpoint.hints.get("projection"), overrides),
         # The stated size may leave pixels past the last whole patch (timm's
         # So400m/14 at 384 px), which the model then drops as timm does.
         img_size=pair(stated) if stated is not None else tuple(g * p for g, p in zip(grid, patch)),
@@ -189,6 +204,18 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
         # A DTEM export (to_timm_state_dict of a DTEM model) carries its metric layers.
         config["reduction"] = reduce.DTEM(dim=arrays["blocks.0.metric.weight"].shape[0])
     return {**config, **overrides}, ((steps, *grid) if video else grid)
+
+
+def _num_classes(arrays: Mapping[str, np.ndarray], projection: str | None, overrides: Mapping[str, Any]) -> int:
+    """The head's outputs; 0 without a head, but a CLIP tower's missing projection must be asked for."""
+    if "head.weight" in arrays:
+        return _required(arrays, "head.weight", 2).shape[0]
+    if projection is not None and "num_classes" not in overrides:
+        raise ValueError(
+            f"the CLIP checkpoint has no {projection!r}, the projection into CLIP's embedding space; pass "
+            "num_classes=0 to read the tower without it (its pooled features, of the model's width)"
+        )
+    return 0
 
 
 def _checkpoint_grid(arrays, prefix: int, patch, stated, requested, steps: int) -> tuple[tuple[int, int], bool]:

@@ -9,11 +9,15 @@ each renamed, and where need be combined, into the timm state dict that
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
 from tome_jax.convert.names import kernel_to_timm
+
+
+def _same(x):
+    return x
 
 
 class Checkpoint(NamedTuple):
@@ -23,56 +27,83 @@ class Checkpoint(NamedTuple):
       arrays: timm key -> array; keys no layout rule recognised keep their own name
         (they are reported as unexpected).
       source_names: timm key -> the name(s) it was read from, where they differ.
-      hints: ViT attributes the source states (num_heads, img_size, ...).
+      hints: ViT attributes the source states (num_heads, img_size, pre_norm, ...),
+        and `projection`: the source's name of a CLIP tower's projection, which
+        its head is read from (without it, the head is left out only on request).
+      name_in_source: timm key -> the source's name for it, to name a tensor the
+        checkpoint lacks in the checkpoint's own terms.
     """
 
     arrays: dict[str, np.ndarray]
     source_names: dict[str, str]
     hints: dict[str, Any]
+    name_in_source: Callable[[str], str] = _same
 
 
-# Each layout's names -> timm's: regex substitutions applied in order to every key.
+# Each layout's names -> timm's: (their name, timm's) pairs of name templates,
+# applied in order to every key (and backwards, last first, to name a missing
+# tensor in the layout's terms). In a template `^` and `$` anchor it at the
+# name's start and end, `{i}` is a number, and the rest is literal.
 _TIMM_RENAMES = (
-    (r"\.gamma_([12])$", r".ls\1.gamma"),  # DeiT III's original checkpoints
+    (".gamma_{i}$", ".ls{i}.gamma$"),  # DeiT III's original checkpoints
 )
 _TORCHVISION_RENAMES = (
-    (r"^conv_proj\.", "patch_embed.proj."),
-    (r"^class_token$", "cls_token"),
-    (r"^encoder\.pos_embedding$", "pos_embed"),
-    (r"^encoder\.layers\.encoder_layer_(\d+)\.", r"blocks.\1."),
-    (r"\.ln_([12])\.", r".norm\1."),
-    (r"\.self_attention\.in_proj_(weight|bias)$", r".attn.qkv.\1"),
-    (r"\.self_attention\.out_proj\.", ".attn.proj."),
-    (r"\.mlp\.(0|linear_1)\.", ".mlp.fc1."),  # torchvision's current and legacy names
-    (r"\.mlp\.(3|linear_2)\.", ".mlp.fc2."),
-    (r"^encoder\.ln\.", "norm."),
-    (r"^heads\.head\.", "head."),
+    ("^conv_proj.", "^patch_embed.proj."),
+    ("^class_token$", "^cls_token$"),
+    ("^encoder.pos_embedding$", "^pos_embed$"),
+    ("^encoder.layers.encoder_layer_{i}.", "^blocks.{i}."),
+    (".ln_{i}.", ".norm{i}."),
+    (".self_attention.in_proj_weight$", ".attn.qkv.weight$"),
+    (".self_attention.in_proj_bias$", ".attn.qkv.bias$"),
+    (".self_attention.out_proj.", ".attn.proj."),
+    # torchvision's legacy names, then its current ones, which the way back gives.
+    (".mlp.linear_1.", ".mlp.fc1."),
+    (".mlp.0.", ".mlp.fc1."),
+    (".mlp.linear_2.", ".mlp.fc2."),
+    (".mlp.3.", ".mlp.fc2."),
+    ("^encoder.ln.", "^norm."),
+    ("^heads.head.", "^head."),
 )
 # OpenAI CLIP's visual tower (OpenCLIP's too), without its `visual.` prefix.
 _OPENAI_CLIP_RENAMES = (
-    (r"^conv1\.", "patch_embed.proj."),
-    (r"^class_embedding$", "cls_token"),
-    (r"^positional_embedding$", "pos_embed"),
-    (r"^ln_pre\.", "norm_pre."),
-    (r"^transformer\.resblocks\.(\d+)\.", r"blocks.\1."),
-    (r"\.ln_([12])\.", r".norm\1."),
-    (r"\.attn\.in_proj_(weight|bias)$", r".attn.qkv.\1"),
-    (r"\.attn\.out_proj\.", ".attn.proj."),
-    (r"\.mlp\.c_fc\.", ".mlp.fc1."),
-    (r"\.mlp\.c_proj\.", ".mlp.fc2."),
-    (r"^ln_post\.", "norm."),
-    (r"^proj$", "head.weight"),
+    ("^conv1.", "^patch_embed.proj."),
+    ("^class_embedding$", "^cls_token$"),
+    ("^positional_embedding$", "^pos_embed$"),
+    ("^ln_pre.", "^norm_pre."),
+    ("^transformer.resblocks.{i}.", "^blocks.{i}."),
+    (".ln_{i}.", ".norm{i}."),
+    (".attn.in_proj_weight$", ".attn.qkv.weight$"),
+    (".attn.in_proj_bias$", ".attn.qkv.bias$"),
+    (".attn.out_proj.", ".attn.proj."),
+    (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."),
+    ("^ln_post.", "^norm."),
+    ("^proj$", "^head.weight$"),
 )
 # big_vision numbers the block's modules differently from AugReg; same tensors.
 _BIG_VISION_RENAMES = (
-    (r"^pos_embedding$", "Transformer/posembed_input/pos_embedding"),
+    ("^pos_embedding$", "^Transformer/posembed_input/pos_embedding$"),
     (
-        r"^(Transformer/encoderblock_\d+)/MultiHeadDotProductAttention_0/",
-        r"\1/MultiHeadDotProductAttention_1/",
+        "^Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/",
+        "^Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/",
     ),
-    (r"^(Transformer/encoderblock_\d+)/LayerNorm_1/", r"\1/LayerNorm_2/"),
-    (r"^(Transformer/encoderblock_\d+)/MlpBlock_0/", r"\1/MlpBlock_3/"),
+    ("^Transformer/encoderblock_{i}/LayerNorm_1/", "^Transformer/encoderblock_{i}/LayerNorm_2/"),
+    ("^Transformer/encoderblock_{i}/MlpBlock_0/", "^Transformer/encoderblock_{i}/MlpBlock_3/"),
 )
+
+
+def _template_pattern(template: str) -> str:
+    """A name template (see the rename tables) -> the regex it stands for."""
+    body = re.escape(template.strip("^$")).replace(re.escape("{i}"), r"(\d+)")
+    return ("^" if template.startswith("^") else "") + body + ("$" if template.endswith("$") else "")
+
+
+def _renamed(name: str, renames, *, backwards: bool = False) -> str:
+    """`name` through a layout's renames: into timm's names, or `backwards` out of them."""
+    rules = [(timm, theirs) for theirs, timm in reversed(renames)] if backwards else renames
+    for before, after in rules:
+        name = re.sub(_template_pattern(before), after.strip("^$").replace("{i}", r"\1"), name)
+    return name
 # Where the parameters sit in a `.npz`; anything outside that prefix (optimizer
 # state) is ignored.
 # (SigLIP keeps its image tower under `img/`, beside the text tower's `txt/`.)
@@ -83,19 +114,13 @@ def _rename(arrays: Mapping[str, np.ndarray], renames) -> tuple[dict, dict]:
     """Applies a layout's renames; returns (renamed arrays, new name -> old name)."""
     out, source_names = {}, {}
     for name, array in arrays.items():
-        new = name
-        for pattern, replacement in renames:
-            new = re.sub(pattern, replacement, new)
+        new = _renamed(name, renames)
         if new in out:
             raise ValueError(f"{name!r} and {source_names.get(new, new)!r} both map to {new!r}")
         out[new] = array
         if new != name:
             source_names[new] = name
     return out, source_names
-
-
-def _same(x):
-    return x
 
 
 def _qkv_kernel(*kernels):
@@ -222,10 +247,11 @@ def _openai_clip_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     A whole CLIP state dict is read for its `visual.` entries (the text tower is
     left out). The class embedding and position embeddings gain timm's batch axes;
     `proj` [width, embed_dim] becomes the head [embed_dim, width] with a zero bias.
-    CLIP's LayerNorms have PyTorch's epsilon, 1e-5.
+    CLIP's LayerNorms have PyTorch's epsilon, 1e-5; every CLIP tower has `ln_pre`.
+    Tensors are named as the state dict names them, `visual.` included.
     """
-    if "visual.conv1.weight" in arrays:
-        arrays = {k[len("visual.") :]: v for k, v in arrays.items() if k.startswith("visual.")}
+    prefix = "visual." if "visual.conv1.weight" in arrays else ""
+    arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
     out, source_names = _rename(arrays, _OPENAI_CLIP_RENAMES)
     if "cls_token" in out:
         out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
@@ -235,7 +261,12 @@ def _openai_clip_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
         out["head.weight"] = out["head.weight"].T
         out["head.bias"] = np.zeros(out["head.weight"].shape[0], out["head.weight"].dtype)
         source_names["head.bias"] = "proj (no bias: zeros)"
-    return Checkpoint(out, source_names, {"norm_eps": 1e-5})
+    return Checkpoint(
+        out,
+        {key: prefix + source_names.get(key, key) for key in out},
+        {"norm_eps": 1e-5, "pre_norm": True, "projection": f"{prefix}proj"},
+        lambda key: prefix + _renamed(key, _OPENAI_CLIP_RENAMES, backwards=True),
+    )
 
 
 def _fused_eva_attention(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
@@ -276,7 +307,9 @@ def to_timm_layout(arrays: Mapping[str, np.ndarray], hints: dict[str, Any]) -> C
         renamed, source_names = _rename(fused, _TIMM_RENAMES)
         return Checkpoint(renamed, {**fused_names, **source_names}, hints)
     if "conv_proj.weight" in arrays:
-        return Checkpoint(*_rename(arrays, _TORCHVISION_RENAMES), hints)
+        return Checkpoint(
+            *_rename(arrays, _TORCHVISION_RENAMES), hints, lambda key: _renamed(key, _TORCHVISION_RENAMES, backwards=True)
+        )
     if "conv1.weight" in arrays or "visual.conv1.weight" in arrays:
         checkpoint = _openai_clip_to_timm(arrays)
         return checkpoint._replace(hints={**checkpoint.hints, **hints})

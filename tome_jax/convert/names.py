@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from tome_jax.vit import ViT, init_params
+from tome_jax.vit import ViT, init_params, require_vit
 
 
 # Flax module names that differ from timm's (`blocks_{i}` is matched by pattern).
@@ -60,8 +60,7 @@ def to_timm_state_dict(model: ViT, variables) -> dict[str, np.ndarray]:
     `timm.create_model(...).load_state_dict({k: torch.from_numpy(v) ...})` accepts it
     for the timm model with the same architecture. Arrays keep the parameters' dtype.
     """
-    if not isinstance(model, ViT):
-        raise TypeError(f"model must be a tome_jax.ViT, got {type(model).__name__}")
+    require_vit(model, "to_timm_state_dict")
     flat = flat_params(variables["params"])
     expected = flat_params(param_shapes(model))
     if set(flat) != set(expected):

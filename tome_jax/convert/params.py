@@ -30,9 +30,8 @@ def _listing(title: str, lines: list[str], limit: int = 20) -> str:
 def params_from_timm(checkpoint: Checkpoint, model: ViT, old_grid, inflation: str) -> dict:
     """timm-named arrays -> the model's parameter tree, checking every name and shape."""
     left = dict(checkpoint.arrays)
-    named = lambda key: (  # noqa: E731
-        f"{key} (from {checkpoint.source_names[key]})" if key in checkpoint.source_names else key
-    )
+    source_name = lambda key: checkpoint.source_names.get(key) or checkpoint.name_in_source(key)  # noqa: E731
+    named = lambda key: key if source_name(key) == key else f"{key} (from {source_name(key)})"  # noqa: E731
     params, missing, misshaped = {}, [], []
     for path, leaf in flat_params(param_shapes(model)).items():
         key = timm_key(path)
