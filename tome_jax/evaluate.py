@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from tome_jax import budget, data, reduce, report, schedules
 from tome_jax.checkpoints import Checkpoints
-from tome_jax.convert import from_timm, pretrained_data_config
+from tome_jax.convert import from_timm, is_timm_name, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
 from tome_jax.registry import create_model
 from tome_jax.vit import ViT, init_params
@@ -154,8 +154,7 @@ def load_model(config) -> tuple[ViT, Any, str]:
     """The ViT the config names, its parameters and the resolved source.
 
     `config.pretrained`: load `config.model` (timm name or checkpoint file) through
-    `from_timm`; else build the registry architecture of that name and return None
-    parameters, to be initialised by Flax (no torch or timm needed).
+    `from_timm`; else its architecture and None parameters (`model_from_source`).
     Optional keys: `method` (a `tome_jax.reduce.METHODS` name, "tome" by default,
     whose settings are `config[method]`, see `reduction_from_config`),
     `metric_layers` (a file of DTEM metric layers to add), `params_from` (a
@@ -165,15 +164,23 @@ def load_model(config) -> tuple[ViT, Any, str]:
     source = resolve_source(config.model)
     given = {k: v for k, v in dict(config.model_overrides).items() if v is not None}  # unset: the model's own
     overrides = {"reduction": reduction_from_config(config), **given}
-    if not config.pretrained:
-        model, params = create_model(source, **overrides), None
-    else:
-        metric_layers = config.get("metric_layers") or None
-        model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
-        params = variables["params"]
+    metric_layers = config.get("metric_layers") or None
+    model, params = model_from_source(source, pretrained=config.pretrained, metric_layers=metric_layers, **overrides)
     if config.get("params_from"):
         params = trained_params(config.params_from, config.get("params_step", "best"), model)
     return model, params, source
+
+
+def model_from_source(source: str, *, pretrained: bool, metric_layers=None, **overrides) -> tuple[ViT, Any]:
+    """The ViT `source` names (a timm name or a checkpoint file) and its parameters.
+
+    Not `pretrained`: the parameters are None, for Flax to initialise; a name is then
+    the registry's architecture (no torch or timm needed), a file the one it holds.
+    """
+    if not pretrained and is_timm_name(source):
+        return create_model(source, **overrides), None
+    model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
+    return model, variables["params"] if pretrained else None
 
 
 def reduction_from_config(config, method: str | None = None) -> reduce.Reduction:
