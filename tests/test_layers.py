@@ -24,7 +24,7 @@ LAYERS = {
         "tome_jax.sharding", "tome_jax.optim", "tome_jax.divergence", "tome_jax.preemption",
         "tome_jax.metrics_log", "tome_jax.train_lib", "tome_jax.step_times", "tome_jax.bench", "tome_jax.vis",
     ],
-    "scripts": ["tome_jax.cli", "tome_jax.__main__", "tome_jax.configs"],
+    "scripts": ["tome_jax.cli", "tome_jax.config_help", "tome_jax.__main__", "tome_jax.configs"],
 }  # fmt: skip
 # What `import tome_jax` must not pull in: the data, training, plotting and torch stacks.
 HEAVY = ("tensorflow", "tensorflow_datasets", "torch", "timm", "optax", "orbax", "matplotlib", "tqdm", "PIL")

@@ -339,11 +339,11 @@ def test_the_commands_print_mistakes_as_one_line(monkeypatch, capsys):
     from ml_collections import ConfigDict
 
     with pytest.raises(SystemExit) as exit_:
-        cli._run(lambda: schedules.parse_r_values("banana"), traceback=False)
+        cli._run("eval", lambda: schedules.parse_r_values("banana"), traceback=False)
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("error: r value 'banana'")
     with pytest.raises(ValueError):
-        cli._run(lambda: schedules.parse_r_values("banana"), traceback=True)
+        cli._run("eval", lambda: schedules.parse_r_values("banana"), traceback=True)
     # ml_collections' own error for an unknown key, with its suggestion.
     monkeypatch.setattr(sys, "argv", ["eval.py", "--config.bach_size=4"])
     with pytest.raises(AttributeError) as error:

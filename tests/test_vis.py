@@ -99,11 +99,21 @@ def test_visualization_grid_pairs_each_image_with_its_merges():
     np.testing.assert_array_equal(tile(1, 2), 1.0)  # the short last row is background
 
 
-def test_save_png_round_trips_8_bit(tmp_path):
+def test_save_image_round_trips_8_bit_png(tmp_path):
     picture = vis.merge_visualization(dyadic_image(8, 16), TWO_GROUPS, (2, 4))
-    vis.save_png(picture, tmp_path / "merges.png")
-    saved = np.asarray(Image.open(tmp_path / "merges.png"))
-    np.testing.assert_array_equal(saved, np.round(picture * 255).astype(np.uint8))
+    vis.save_image(picture, tmp_path / "merges.png")
+    saved = Image.open(tmp_path / "merges.png")
+    assert saved.format == "PNG"
+    np.testing.assert_array_equal(np.asarray(saved), np.round(picture * 255).astype(np.uint8))
+
+
+def test_save_image_writes_the_format_its_suffix_names(tmp_path):
+    picture = vis.merge_visualization(dyadic_image(8, 16), TWO_GROUPS, (2, 4))
+    for name, image_format in (("merges.jpg", "JPEG"), ("merges.JPEG", "JPEG"), ("merges.webp", "WEBP")):
+        vis.save_image(picture, tmp_path / name)
+        assert Image.open(tmp_path / name).format == image_format
+    with pytest.raises(ValueError, match="suffix '.txt'"):
+        vis.save_image(picture, tmp_path / "merges.txt")
 
 
 def test_visualize_runs_a_vit_one_row_per_r():
@@ -126,17 +136,23 @@ def test_visualize_runs_a_vit_one_row_per_r():
     assert len(np.unique(centres, axis=0)) == 64 - 3 * 4
 
 
-def test_command_draws_a_checkpoint_on_bundled_images(tmp_path, capsys):
-    """`tome-jax-vis`, on a small random checkpoint (the bundled model's
-    twelve blocks take long to compile) and the bundled CIFAR-10 test images."""
+def tiny_checkpoint(directory):
+    """A random two-block ViT-Ti/4-like checkpoint for CIFAR-10's 32 px images."""
     from safetensors.numpy import save_file
-
-    from tome_jax import data
 
     model = tome_jax.ViT(num_classes=10, img_size=32, patch_size=4, width=24, depth=2, num_heads=3)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    checkpoint = tmp_path / "tiny.safetensors"
+    checkpoint = directory / "tiny.safetensors"
     save_file(tome_jax.to_timm_state_dict(model, variables), checkpoint, metadata={"config": '{"num_heads": 3}'})
+    return checkpoint
+
+
+def test_command_draws_a_checkpoint_on_bundled_images(tmp_path, capsys):
+    """`tome-jax-vis`, on a small random checkpoint (the bundled model's
+    twelve blocks take long to compile) and the bundled CIFAR-10 test images."""
+    from tome_jax import data
+
+    checkpoint = tiny_checkpoint(tmp_path)
     out = tmp_path / "merges.png"
     cli.vis_main([str(out), "--model", str(checkpoint), "--images", "2", "--r", "(8, -1)"])
     picture = np.asarray(Image.open(out))
@@ -158,3 +174,13 @@ def test_visualize_shows_the_pixels_the_patches_cover():
     assert out.shape == (2 * 16 + 2, 16, 3)
     np.testing.assert_array_equal(out[:16], display[0, :16, :16] / 255.0)
     np.testing.assert_array_equal(out[18:], vis.merge_visualization(display[0, :16, :16], np.arange(17), (4, 4)))
+
+
+def test_command_draws_a_method_on_a_files_architecture_as_jpeg(tmp_path, capsys):
+    """--random-weights with a checkpoint file: its architecture, random weights; --method with a
+    setting; a .jpg name gives JPEG bytes."""
+    out = tmp_path / "merges.jpg"
+    cli.vis_main([str(out), "--model", str(tiny_checkpoint(tmp_path)), "--random-weights", "--method", "pitome",
+                  "--setting", "margin=0.5", "--images", "1", "--r", "4"])  # fmt: skip
+    assert Image.open(out).format == "JPEG"
+    assert "r=4: 65 tokens -> 57" in capsys.readouterr().out

@@ -427,8 +427,10 @@ def test_named_configs_have_timm_parameter_counts(name):
 
 
 def test_create_model_rejects_unknown_names_and_attributes():
-    with pytest.raises(KeyError, match="unknown model 'vit_gigantic'"):
+    with pytest.raises(ValueError, match="unknown model 'vit_gigantic'"):
         tome_jax.create_model("vit_gigantic")
+    with pytest.raises(ValueError, match="did you mean vit_small_patch16_224, .*?"):
+        tome_jax.create_model("vit_smal_patch16_224")
     with pytest.raises(TypeError, match=r"unknown ViT attributes \['embed_dims'\]"):
         tome_jax.create_model("vit_base_patch16_224", embed_dims=3)
     assert tome_jax.create_model("vit_base_patch16_224.augreg_in21k_ft_in1k").width == 768

@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from tome_jax import budget, data, method_config, report, schedules
 from tome_jax.checkpoints import Checkpoints
-from tome_jax.convert import from_timm, pretrained_data_config
+from tome_jax.convert import from_timm, is_timm_name, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
 from tome_jax.registry import create_model
 from tome_jax.vit import ViT, init_params
@@ -160,8 +160,7 @@ def load_model(config) -> tuple[ViT, Any, str]:
     """The ViT the config names, its parameters and the resolved source.
 
     `config.pretrained`: load `config.model` (timm name or checkpoint file) through
-    `from_timm`; else build the registry architecture of that name and return None
-    parameters, to be initialised by Flax (no torch or timm needed).
+    `from_timm`; else its architecture and None parameters (`model_from_source`).
     Optional keys: `method` (a `tome_jax.reduce.METHODS` name, "tome" by default,
     whose settings are `config[method]`, see `method_config`; checked first),
     `metric_layers` (a file of DTEM metric layers to add), `params_from` (a
@@ -172,12 +171,8 @@ def load_model(config) -> tuple[ViT, Any, str]:
     source = resolve_source(config.model)
     given = {k: v for k, v in dict(config.model_overrides).items() if v is not None}  # unset: the model's own
     overrides = {"reduction": method_config.reduction(config), **given}
-    if not config.pretrained:
-        model, params = create_model(source, **overrides), None
-    else:
-        metric_layers = config.get("metric_layers") or None
-        model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
-        params = variables["params"]
+    metric_layers = config.get("metric_layers") or None
+    model, params = model_from_source(source, pretrained=config.pretrained, metric_layers=metric_layers, **overrides)
     model.method.check_depth(model.depth)
     if config.get("params_from"):
         params = trained_params(config.params_from, config.get("params_step", "best"), model)
@@ -188,6 +183,18 @@ def check_layers(model: ViT, r: schedules.RSpec, name: str = "r") -> None:
     """A per-layer `r` must give one value per block of `model` (a command's r is never padded unsaid)."""
     if schedules.is_per_layer(r):
         schedules.check_per_layer(name, r, model.depth)
+
+
+def model_from_source(source: str, *, pretrained: bool, metric_layers=None, **overrides) -> tuple[ViT, Any]:
+    """The ViT `source` names (a timm name or a checkpoint file) and its parameters.
+
+    Not `pretrained`: the parameters are None, for Flax to initialise; a name is then
+    the registry's architecture (no torch or timm needed), a file the one it holds.
+    """
+    if not pretrained and is_timm_name(source):
+        return create_model(source, **overrides), None
+    model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
+    return model, variables["params"] if pretrained else None
 
 
 def trained_params(workdir: str, step, model: ViT):

@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+from typing import Any, Iterable
 
 from tome_jax.rope import Rope
 from tome_jax.vit import ViT
@@ -188,11 +189,21 @@ def model_config(name: str, **overrides) -> dict[str, Any]:
     """The ViT attributes of a named architecture, with `overrides` applied."""
     arch = name.split(".")[0]
     if arch not in MODEL_CONFIGS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+        hint = did_you_mean(arch, MODEL_CONFIGS) or "tome_jax.MODEL_CONFIGS lists the names"
+        raise ValueError(f"unknown model {name!r}: {hint}")
     unknown = set(overrides) - set(ViT.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown ViT attributes {sorted(unknown)} for {name!r}")
     return {**MODEL_CONFIGS[arch], **overrides}
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """"did you mean A, B or C?" for the names in `known` closest to a misspelt `name`; "" when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=3)
+    if not close:
+        return ""
+    names = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f"did you mean {names}?"
 
 
 def create_model(name: str, **overrides) -> ViT:

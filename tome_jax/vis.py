@@ -9,7 +9,8 @@ mutable="intermediates")`, `tome_jax.token_features(state["intermediates"])
 .source[i]` gives, for each input token of image `i` (prefix tokens first), the
 final token holding it.
 
-As a command, offline by default (the bundled CIFAR-10 model and test images):
+As a command, offline by default (the bundled CIFAR-10 model and test images),
+`tome_jax.cli`'s:
 
     tome-jax-vis merges.png --images 8 --r "2, 4, 5"
 """
@@ -17,6 +18,8 @@ As a command, offline by default (the bundled CIFAR-10 model and test images):
 from __future__ import annotations
 
 import numbers
+import pathlib
+import sys
 from typing import Sequence
 
 import jax
@@ -246,10 +249,20 @@ def visualization_grid(
     return tile_grid(pairs, 2 * columns)
 
 
-def save_png(array, path) -> None:
-    """Writes [H, W, 3] uint8, or float in [0, 1], as an 8-bit PNG."""
+def image_format(path) -> str:
+    """The PIL format the file name's suffix says ("PNG" for .png, "JPEG" for .jpg), or an error."""
+    suffix = pathlib.Path(path).suffix.lower()
+    name = Image.registered_extensions().get(suffix)
+    if name not in Image.SAVE:
+        raise ValueError(f"{path}: no image format PIL writes has the suffix {suffix!r}; name it .png, .jpg or .webp")
+    return name
+
+
+def save_image(array, path) -> None:
+    """Writes [H, W, 3] uint8, or float in [0, 1], as 8-bit RGB in the format the file name's
+    suffix says (`image_format`: .png, .jpg, .webp, any PIL writes)."""
     pixels = np.round(as_float_image(array) * 255.0).astype(np.uint8)
-    Image.fromarray(pixels).save(path, format="PNG")
+    Image.fromarray(pixels).save(path, format=image_format(path))
 
 
 def _final_sources(model, variables, images, r: schedules.RSpec) -> np.ndarray:
@@ -322,3 +335,8 @@ def visualize(
             )
         )
     return tile_grid(np.concatenate(rows), columns=len(display))
+
+
+if __name__ == "__main__":  # the pictures' spelling before they became a command
+    print("error: the pictures are now the command tome-jax-vis OUTPUT.png (or python -m tome_jax vis)", file=sys.stderr)
+    sys.exit(2)

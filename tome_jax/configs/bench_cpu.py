@@ -7,6 +7,8 @@
 
 import ml_collections
 
+from tome_jax.configs import eval_cifar10
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -14,13 +16,14 @@ def get_config():
     config.models = "vit_small_patch16_224, vit_base_patch16_224"
     # Architecture changes for both frameworks, under the names timm and tome_jax.ViT
     # share (depth, img_size, patch_size, num_heads, num_classes); e.g. a small test model.
-    config.model_overrides = ml_collections.ConfigDict()
-    config.batch_sizes = "16"
+    config.model_overrides = eval_cifar10.model_overrides()
+    config.batch_sizes = "16"  # one row group per batch size
     config.dtypes = "float32"  # "float32, bfloat16": bfloat16 compute too (parameters stay float32)
     # One row per entry: ints, (r, inflection) pairs, per-layer lists.
     config.r = "0, 8, 13, 16"
-    # Also a row for the schedule tome_jax.choose_r picks for a target (None: no row).
+    # Also a row for the schedule tome_jax.choose_r picks for at most this many GFLOPs per image.
     config.target_gflops = ml_collections.config_dict.placeholder(float)
+    # Also a row for the schedule tome_jax.choose_r picks for at least this speed-up over r = 0.
     config.target_speedup = ml_collections.config_dict.placeholder(float)
 
     config.runs = 10  # timed rounds; every call of a group runs once a round
@@ -34,5 +37,5 @@ def get_config():
     config.threads = 0  # torch threads; 0: every core, as XLA uses
     config.merge_implementation = ""  # "": the backend's default (see tome_jax.merge)
     config.attn_implementation = ""  # "": the backend's default (see tome_jax.attention)
-    config.out = "results/bench_cpu.json"
+    config.out = "results/bench_cpu.json"  # the results as JSON ("": none written)
     return config

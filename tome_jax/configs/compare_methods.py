@@ -18,7 +18,7 @@ def get_config():
     # metric from training (without trained metric layers it is ToMe).
     config.methods = "tome, pitome, mctf, tofu, dct, evit, random_drop"
     config.budget_method = "tome"  # the method whose GFLOPs at budget_r set the budgets
-    config.budget_r = "4, (6, -1), (8, -1)"
+    config.budget_r = "4, (6, -1), (8, -1)"  # one budget per r: budget_method's GFLOPs per image there
     config.budget_tolerance = 0.03  # each method's GFLOPs within this share of the budget
     config.workdir = "results/compare_methods"
     return config

@@ -17,6 +17,7 @@ import numpy as np
 
 from tome_jax.convert.layouts import Checkpoint, to_timm_layout
 from tome_jax.layers import ACTIVATIONS
+from tome_jax.registry import did_you_mean
 from tome_jax.rope import Rope
 
 
@@ -361,8 +362,10 @@ def read_source(source, pretrained: bool | None) -> Checkpoint:
         raise TypeError("pretrained= only applies to a timm model name")
     if is_timm_name(source):
         timm = import_timm(source)
-        if not timm.is_model(source):
-            raise ValueError(f"{source!r} is neither a checkpoint file nor a timm model name")
+        known = timm.list_models(pretrained="." in source)  # with a tag: the names with their tags
+        if source not in known:
+            hint = did_you_mean(source, known)
+            raise ValueError(f"{source!r} is neither a checkpoint file nor a timm model name{'; ' + hint if hint else ''}")
         model = timm.create_model(source, pretrained=True if pretrained is None else pretrained)
         return _read_module(model.eval())
     if isinstance(source, (str, os.PathLike)):
