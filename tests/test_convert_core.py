@@ -1,5 +1,6 @@
 """Conversion with the core install alone: no torch, no timm (test_convert.py compares against them)."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -48,3 +49,48 @@ def test_a_new_grid_with_as_many_positions_is_still_resampled():
     assert resized.grid_size == (2, 8)
     want = convert.resample_pos_embed(np.asarray(variables["params"]["pos_embed"]), (2, 8), (4, 4), 1)
     np.testing.assert_allclose(np.asarray(converted["params"]["pos_embed"]), want, rtol=1e-6)
+
+
+ROPE_MODEL = ASSETS / "vit_tiny_p4_dinov3_cifar10.safetensors"
+ROPE_PREDICTIONS = pathlib.Path(__file__).resolve().parent / "data" / "rope_cifar10_predictions.json"
+
+
+def small_cifar_test_images(root: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    """The small folder's test images, normalised as the CIFAR-10 models were trained, and labels
+    (the class folders sort into CIFAR-10's label order)."""
+    from PIL import Image
+
+    from tome_jax.data import bundled
+
+    paths = sorted((root / "test").glob("*/*.jpg"))
+    classes = sorted({p.parent.name for p in paths})
+    images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) / 255 for p in paths])
+    images = (images - np.float32(bundled.CIFAR10_MEAN)) / np.float32(bundled.CIFAR10_STD)
+    return images, np.array([classes.index(p.parent.name) for p in paths])
+
+
+def rope_predictions(images: np.ndarray) -> dict[str, list[int]]:
+    """The shipped rotary model's labels for `images` under each position rule, at r 0 and (8, -1)."""
+    from tome_jax import registry
+
+    model, variables = from_timm(ROPE_MODEL)
+    named = ViT(**registry.MODEL_CONFIGS["vit_tiny_patch4_dinov3_32"])
+    assert model == named.clone(img_size=(32, 32), patch_size=(4, 4))
+    labels = {}
+    for rule in ("mean", "dest"):
+        for r in (0, (8, -1)):
+            logits = jax.jit(model.clone(rope_position=rule).apply, static_argnames="r")(variables, images, r=r)
+            labels[f"{rule} {r}"] = np.asarray(logits.argmax(-1)).tolist()
+    return labels
+
+
+def test_the_shipped_rotary_model_classifies_as_when_it_was_shipped(small_cifar):
+    """Its architecture is the registry's vit_tiny_patch4_dinov3_32, read from the file alone, and
+    its labels for the 80 small-folder test images are those recorded when it was shipped (one in
+    forty may flip where another CPU rounds differently)."""
+    images, truth = small_cifar_test_images(small_cifar)
+    recorded = json.loads(ROPE_PREDICTIONS.read_text())
+    for setting, labels in rope_predictions(images).items():
+        agree = np.mean(np.array(labels) == np.array(recorded[setting]))
+        assert agree >= 0.975, (setting, agree)
+    assert np.mean(np.array(recorded["mean 0"]) == truth) > 0.4  # a trained model, not chance (0.1)
