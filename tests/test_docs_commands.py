@@ -30,7 +30,8 @@ OFFLINE_IMPOSSIBLE = {
     "--device=gpu": "needs a GPU",
     "vit_small_patch16_224.augreg_in21k_ft_in1k": "downloads timm weights",
 }
-# Appended to a command, by the program it runs: a few images, steps, rounds.
+# Appended to a command, by the program it runs (the first that matches): a few images, steps,
+# rounds; one budget of the comparison.
 CUTS = {
     "--step_time_r": "--rounds=1 --config.batch_size=8",
     "train.py": (
@@ -38,6 +39,7 @@ CUTS = {
         "--config.eval_limit=16 --config.eval_every=2 --config.checkpoint_every=2 --config.log_every=1 "
         "--config.shuffle_buffer=64"
     ),
+    "configs/compare_methods.py": '--config.limit=16 --config.batch_size=8 --config.timing_runs=1 --config.budget_r="4"',
     "eval.py": "--config.limit=16 --config.batch_size=8 --config.timing_runs=1",
     "tome-jax-bench": "--config.runs=1 --config.warmup=0 --config.input_batches=1 --config.batch_sizes=2 "
     '--config.peak_sizes="64"',
