@@ -48,7 +48,7 @@ def test_at_r0_it_is_timm(name, which):
     assert relative_diff(torch.from_numpy(np.array(logits)), want) < 1e-4
 
 
-CASES = [(rule, metric, 8) for rule in rope.POSITION_RULES for metric in rope.METRICS] + [("mean", "pre", (8, -1))]
+CASES = [(rule, metric, 8) for rule in rope.POSITION_RULES for metric in rope.METRICS] + [("mean", "post", (8, -1))]
 
 
 @pytest.mark.parametrize("rule, metric, r", CASES)

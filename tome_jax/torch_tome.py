@@ -219,7 +219,7 @@ def is_eva(model) -> bool:
 
 @torch.no_grad()
 def tome_forward(
-    model, images: torch.Tensor, r, prop_attn: bool = True, rope_position: str = "mean", rope_metric: str = "pre"
+    model, images: torch.Tensor, r, prop_attn: bool = True, rope_position: str = "mean", rope_metric: str = "post"
 ) -> torch.Tensor:
     """Logits of a timm VisionTransformer (or its distilled variant) or a timm Eva under ToMe.
 
@@ -462,7 +462,7 @@ def eva_tome_block(block, layer: int, state: TomeState, rope, r: int, num_prefix
 
 @torch.no_grad()
 def tome_tokens(model, images: torch.Tensor, r, prop_attn: bool = True, rope_position: str = "mean",
-                rope_metric: str = "pre", track_source: bool = False) -> TomeState:
+                rope_metric: str = "post", track_source: bool = False) -> TomeState:
     """The final tokens of a timm Eva under ToMe, with their sizes, coordinates and (optionally) sources.
 
     Arguments as `tome_forward`'s; `track_source`: also return which input tokens

@@ -110,10 +110,11 @@ class ViT(nn.Module):
     # Rotary position embeddings (`rope.Rope`: timm's Eva models); None: none. Each patch
     # token's grid coordinate follows the merges by `rope_position` ("mean": size-weighted, or
     # "dest": the receiving token's), and the merge metric is the keys before rotation or after
-    # (`rope_metric`: "pre" or "post").
+    # (`rope_metric`: "pre" or "post"). The defaults are the pair that merged best when measured
+    # (docs/models.md, Which rule).
     rope: Rope | None = None
     rope_position: str = "mean"
-    rope_metric: str = "pre"
+    rope_metric: str = "post"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_implementation: str | None = None
