@@ -20,7 +20,8 @@ LAYERS = {
     "conversion": ["tome_jax.convert"],
     "data": ["tome_jax.data"],
     "engine": [
-        "tome_jax.measure", "tome_jax.report", "tome_jax.budget", "tome_jax.checkpoints", "tome_jax.evaluate",
+        "tome_jax.method_config", "tome_jax.measure", "tome_jax.report", "tome_jax.budget", "tome_jax.checkpoints",
+        "tome_jax.evaluate",
         "tome_jax.sharding", "tome_jax.optim", "tome_jax.divergence", "tome_jax.preemption",
         "tome_jax.metrics_log", "tome_jax.train_lib", "tome_jax.step_times", "tome_jax.bench", "tome_jax.vis",
     ],

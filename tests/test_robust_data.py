@@ -255,7 +255,7 @@ def test_eval_checks_every_r_before_loading_the_model_or_data(tmp_path):
     with pytest.raises(ValueError, match="r value '-3'"):
         evaluate.run(config)
     config = tiny_eval_config(tmp_path / "no_data", tmp_path, r="0, [1, 1, 1]")  # 3 layers for a 2-layer model
-    with pytest.raises(ValueError, match=r"r=\[1, 1, 1\] does not fit the model: r lists 3 layers"):
+    with pytest.raises(ValueError, match=r"r=\[1, 1, 1\] lists 3 layers but the model has 2"):
         evaluate.run(config)
 
 
