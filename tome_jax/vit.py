@@ -497,8 +497,6 @@ def init_params(model: ViT, rng: jax.Array | None = None) -> Any:
     return jax.jit(model.init)(rng, jnp.zeros((1, *model.input_shape), jnp.float32))["params"]
 
 
-
-
 def require_vit(model, user: str) -> ViT:
     """`model` when it is a `ViT`, else a TypeError saying what `user` (a function's name) takes.
 
