@@ -174,6 +174,7 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
     mlp_layer, hidden = _mlp_layer(arrays)
     config = dict(
         num_classes=_num_classes(arrays, checkpoint.hints.get("projection"), overrides),
+        head_act=hints.get("head_act"),
         # The stated size may leave pixels past the last whole patch (timm's
         # So400m/14 at 384 px), which the model then drops as timm does.
         img_size=pair(stated) if stated is not None else tuple(g * p for g, p in zip(grid, patch)),
