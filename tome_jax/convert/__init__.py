@@ -45,6 +45,7 @@ __all__ = [
     "INFLATIONS",
     "from_hf",
     "from_timm",
+    "is_hf_source",
     "pretrained_data_config",
     "resample_pos_embed",
     "save_checkpoint",

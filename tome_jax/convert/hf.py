@@ -73,17 +73,16 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not JSON ({error})") from None
 
 
-def read_hf(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A `save_pretrained` directory's config and tensors (one file, or the shards its index lists)."""
-    config = _read_json(directory / CONFIG_FILE)
+def read_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
+    """A `save_pretrained` directory's tensors: one file, or the shards its index lists."""
     if (directory / WEIGHTS_FILE).is_file():
-        return config, read_safetensors(directory / WEIGHTS_FILE)[0]
+        return read_safetensors(directory / WEIGHTS_FILE)[0]
     if (directory / WEIGHTS_INDEX_FILE).is_file():
         shards = sorted(set(_read_json(directory / WEIGHTS_INDEX_FILE).get("weight_map", {}).values()))
         arrays = {}
         for shard in shards:
             arrays.update(read_safetensors(directory / shard)[0])
-        return config, arrays
+        return arrays
     others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".h5", ".msgpack"))
     found = f" (it has {', '.join(others)})" if others else ""
     raise ValueError(
@@ -95,13 +94,13 @@ def read_hf(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarr
 def hf_checkpoint(source) -> Checkpoint:
     """A Hugging Face model directory or hub id -> its vision tower in timm's names, with hints."""
     directory = hf_directory(source)
-    config, arrays = read_hf(directory)
+    config = _read_json(directory / CONFIG_FILE)
     model_type = config.get("model_type")
     if model_type not in LAYOUTS:
         raise ValueError(
             f"{directory / CONFIG_FILE}: model_type {model_type!r} is not supported; tome_jax reads {sorted(LAYOUTS)}"
         )
-    return LAYOUTS[model_type](config, arrays)
+    return LAYOUTS[model_type](config, read_weights(directory))
 
 
 def from_hf(source, **overrides) -> tuple[ViT, dict]:
