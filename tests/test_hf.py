@@ -50,6 +50,9 @@ CASES = {
         "get_image_features",
     ),
     "SiglipVisionModel": (T.SiglipVisionModel, lambda: T.SiglipVisionConfig(**BERT_STYLE), "pooler_output"),
+    "SiglipModel": (
+        T.SiglipModel, lambda: T.SiglipConfig(vision_config=BERT_STYLE, text_config=TEXT), "get_image_features"
+    ),
     "SiglipForImageClassification": (
         T.SiglipForImageClassification,
         lambda: T.SiglipConfig(vision_config=BERT_STYLE, text_config=TEXT, num_labels=5),
