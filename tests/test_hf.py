@@ -175,6 +175,22 @@ def test_what_it_cannot_read_is_one_clear_error(tmp_path, monkeypatch):
         from_hf("google/vit-base-patch16-224")
 
 
+def test_a_missing_tensor_is_named_as_the_checkpoint_names_it(saved, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, directory = saved("ViTForImageClassification")
+    (tmp_path / "config.json").write_bytes((directory / "config.json").read_bytes())
+    arrays = load_file(directory / "model.safetensors")
+    del arrays["vit.encoder.layer.1.intermediate.dense.weight"]
+    save_file(arrays, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing:\n  blocks.1.mlp.fc1.weight \(from vit.encoder.layer.1.intermediate.dense.weight\)$"):
+        from_hf(tmp_path)
+    del arrays["vit.encoder.layer.0.attention.attention.key.weight"]
+    save_file(arrays, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks the attention projection\(s\) vit.encoder.layer.0.attention.attention.key.weight$"):
+        from_hf(tmp_path)
+
+
 def test_preprocessing_from_the_image_processor(saved, tmp_path):
     _, directory = saved("ViTForImageClassification")
     assert pretrained_data_config(directory) is None  # no preprocessor_config.json

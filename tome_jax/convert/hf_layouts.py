@@ -58,9 +58,9 @@ _VIT_RENAMES = _VIT_EMBEDDINGS + (
     (".intermediate.dense.", ".mlp.fc1."),
     (".output.dense.", ".mlp.fc2."),
     ("^pooler.dense.", "^head."),
-    ("^classifier.", "^head."),
     ("^cls_classifier.", "^head."),
     ("^distillation_classifier.", "^head_dist."),
+    ("^classifier.", "^head."),  # last: a missing `head` is named as the common classes name it
 )
 # DINOv2's blocks: LayerScale, and its SwiGLU's packed `weights_in` (gate first, as timm's SwiGLUPacked).
 _DINOV2_RENAMES = _VIT_EMBEDDINGS + (
@@ -91,8 +91,16 @@ _SIGLIP_RENAMES = _TOWER_RENAMES + (
     ("^head.mlp.", "^attn_pool.mlp."),
     ("^classifier.", "^head."),
 )
-# What no tower computes: masked-image-modelling tokens, the text tower and CLIP's logit scales.
-_UNUSED = re.compile(r"(.*\.)?mask_token|text_model\..*|text_projection\..*|logit_(scale|bias)")
+# What no tower computes: masked-image-modelling tokens, the text tower, CLIP's logit scales, and
+# the `position_ids` buffers older transformers saved.
+_UNUSED = r"(.*\.)?(mask_token|position_ids)|text_model\..*|text_projection\..*|logit_(scale|bias)"
+# Heads beside the base model, outside its prefix.
+_HEADS = ("classifier.", "cls_classifier.", "distillation_classifier.", "visual_projection.")
+
+
+def _unused(besides: str | None = None) -> Callable[[str], Any]:
+    """Whether a tensor name is `_UNUSED`, or `besides` (a regex: a head the class does not read)."""
+    return re.compile(_UNUSED + (f"|{besides}" if besides else "")).fullmatch
 
 
 def _activation(name: str, key: str) -> str:
@@ -117,7 +125,7 @@ def _timm_named(
     base: str,
     renames,
     hints: dict[str, Any],
-    unused: Callable[[str], bool] = _UNUSED.fullmatch,
+    unused: Callable[[str], Any] = _unused(),
 ) -> Checkpoint:
     """The base model's tensors without their `{base}.` prefix (heads sit outside it),
     renamed, the unused ones left out, q/k/v fused; named in the checkpoint's own terms."""
@@ -126,14 +134,20 @@ def _timm_named(
     renamed, renamed_from = layouts.rename({short: arrays[full] for full, short in own.items()}, renames)
     full_name = {short: full for full, short in own.items()}
     original = lambda name: full_name.get(renamed_from.get(name, name), name)  # noqa: E731
+
+    def name_in_source(key: str) -> str:
+        if re.search(r"\.attn\.qkv\.", key):  # the three projections it is fused from
+            return ", ".join(name_in_source(key.replace(".qkv.", f".{part}_proj.")) for part in "qkv")
+        name = layouts.renamed(key, renames, backwards=True)
+        return name if name.startswith(_HEADS) else prefix + name
+
+    projections = {m.group(1) for k in renamed if (m := re.fullmatch(r"(.*\.attn\.)[qkv]_proj\.weight", k))}
+    missing = [f"{a}{part}_proj.weight" for a in sorted(projections) for part in "qkv" if f"{a}{part}_proj.weight" not in renamed]
+    if missing:
+        raise ValueError(f"the checkpoint lacks the attention projection(s) {', '.join(map(name_in_source, missing))}")
     fused, fused_from = layouts.fused_attention(renamed)
     source_names = {key: ", ".join(map(original, fused_from[key].split(", "))) for key in fused_from}
     source_names.update({key: original(key) for key in fused if key not in fused_from and original(key) != key})
-
-    def name_in_source(key: str) -> str:
-        name = layouts.renamed(key, renames, backwards=True)
-        return name if name in arrays or not prefix else prefix + name
-
     return Checkpoint(fused, source_names, hints, name_in_source)
 
 
@@ -151,9 +165,12 @@ def _tokens_with_positions(checkpoint: Checkpoint) -> Checkpoint:
 
 def vit(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """ViTModel (its pooler with `pooler_act`), ViTForImageClassification; DeiT's classes too."""
-    pooler = any(k.endswith("pooler.dense.weight") for k in arrays)
-    head_act = {"head_act": _activation(config.get("pooler_act", "tanh"), "pooler_act")} if pooler else {}
-    checkpoint = _timm_named(arrays, config["model_type"], _VIT_RENAMES, _hints(config, 1e-12, **head_act))
+    classifier = any(k.startswith(_HEADS) for k in arrays)
+    # A classifier reads the class token itself; a pooler saved beside it is unused.
+    unused = _unused(r"(.*\.)?pooler\..*" if classifier else None)
+    pooled = not classifier and any(".pooler." in f".{k}" for k in arrays)
+    head_act = {"head_act": _activation(config.get("pooler_act", "tanh"), "pooler_act")} if pooled else {}
+    checkpoint = _timm_named(arrays, config["model_type"], _VIT_RENAMES, _hints(config, 1e-12, **head_act), unused)
     out = dict(checkpoint.arrays)
     if "dist_token" in out and "head.weight" in out and "head_dist.weight" not in out:
         # The class token's head alone, as the mean of two heads (ViT's distilled rule):
@@ -198,9 +215,10 @@ def _with_batch_axes(checkpoint: Checkpoint) -> Checkpoint:
 def clip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (its vision tower and projection)."""
     tower = _tower_config(config)
-    checkpoint = _with_batch_axes(
-        _timm_named(arrays, "vision_model", _CLIP_RENAMES, _hints(tower, 1e-5, pre_norm=True))
-    )
+    hints = _hints(tower, 1e-5, pre_norm=True)
+    if {"CLIPModel", "CLIPVisionModelWithProjection"} & set(config.get("architectures") or ()):
+        hints["projection"] = "visual_projection.weight"  # these classes have one: its absence is an error
+    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _CLIP_RENAMES, hints))
     out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
     if "head.weight" in out:
         out["head.bias"] = np.zeros(out["head.weight"].shape[0], out["head.weight"].dtype)
@@ -212,9 +230,8 @@ def siglip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     """SiglipVisionModel (the MAP head), SiglipForImageClassification (the mean of all
     tokens; its MAP head unused), SiglipModel (its vision tower)."""
     tower = _tower_config(config)
-    classifier = "classifier.weight" in arrays
-    map_head = re.compile(r"(vision_model\.)?head\..*")
-    unused = (lambda key: _UNUSED.fullmatch(key) or map_head.fullmatch(key)) if classifier else _UNUSED.fullmatch
+    # The classifier reads the mean of the tokens: the MAP head saved beside it is unused.
+    unused = _unused(r"(vision_model\.)?head\..*" if "classifier.weight" in arrays else None)
     hints = _hints(tower, 1e-6, pool_num_heads=tower["num_attention_heads"])
     checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _SIGLIP_RENAMES, hints, unused))
     out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
