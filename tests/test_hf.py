@@ -40,6 +40,14 @@ CASES = {
         lambda: T.Dinov2WithRegistersConfig(**SMALL, num_labels=5),
         "logits",
     ),
+    "DINOv3ViTModel": (
+        T.DINOv3ViTModel, lambda: T.DINOv3ViTConfig(**BERT_STYLE, num_register_tokens=4), "pooler_output"
+    ),
+    "DINOv3ViTModel-gated": (
+        T.DINOv3ViTModel,
+        lambda: T.DINOv3ViTConfig(**BERT_STYLE, num_register_tokens=4, use_gated_mlp=True, hidden_act="silu"),
+        "pooler_output",
+    ),
     "CLIPVisionModel": (T.CLIPVisionModel, lambda: T.CLIPVisionConfig(**BERT_STYLE), "pooler_output"),
     "CLIPVisionModelWithProjection": (
         T.CLIPVisionModelWithProjection, lambda: T.CLIPVisionConfig(**BERT_STYLE, projection_dim=16), "image_embeds"
@@ -65,7 +73,7 @@ CASES = {
 # build the same graph but for the head; two more are merged against PyTorch below).
 MERGED = {
     "ViTModel", "DeiTForImageClassification", "Dinov2ForImageClassification",
-    "Dinov2WithRegistersForImageClassification", "CLIPModel", "SiglipVisionModel", "SiglipForImageClassification",
+    "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel", "CLIPModel", "SiglipVisionModel", "SiglipForImageClassification",
 }  # fmt: skip
 
 

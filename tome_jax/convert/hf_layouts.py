@@ -12,6 +12,7 @@ activation, image size, pooling), as hints. Each head becomes timm's `head`, so 
   distillation token is `head` at twice its weights with a zero `head_dist`, the same mean.
 - DINOv2 (with registers): no head (pooler_output, the class token), or `classifier` on
   the class token beside the patches' mean (`global_pool="token_avg"`, registers left out).
+- DINOv3 (rotary: `rope.Rope("dinov3")`, its keys without a bias): no head (pooler_output).
 - CLIP: `visual_projection` (get_image_features, image_embeds) with a zero bias, or no head
   (CLIPVisionModel's pooler_output).
 - SigLIP: the MAP head (pooler_output), or `classifier` on the mean of all tokens
@@ -29,6 +30,7 @@ import numpy as np
 
 from tome_jax.convert import layouts
 from tome_jax.convert.layouts import Checkpoint
+from tome_jax.rope import Rope
 
 
 # transformers' activation names (its ACT2FN keys) -> `ViT.act_layer`; the tanh forms of GELU are one.
@@ -69,6 +71,20 @@ _DINOV2_RENAMES = _VIT_EMBEDDINGS + (
     (".mlp.weights_out.", ".mlp.fc2."),
     ("^classifier.", "^head."),
 )
+# DINOv3: no position embeddings (rotary), separate q/k/v projections (the keys without a bias).
+_DINOV3_EMBEDDINGS = (
+    ("^embeddings.cls_token$", "^cls_token$"),
+    ("^embeddings.register_tokens$", "^reg_token$"),
+    ("^embeddings.patch_embeddings.", "^patch_embed.proj."),
+    ("^layer.{i}.", "^blocks.{i}."),
+    (".attention.o_proj.", ".attn.proj."),
+    (".attention.", ".attn."),
+    (".layer_scale{i}.lambda1$", ".ls{i}.gamma$"),
+    (".mlp.down_proj.", ".mlp.fc2."),
+)
+_DINOV3_RENAMES = _DINOV3_EMBEDDINGS + ((".mlp.up_proj.", ".mlp.fc1."),)
+# Its gated MLP: act(gate_proj x) * up_proj x, timm's SwiGLU.
+_DINOV3_GATED_RENAMES = _DINOV3_EMBEDDINGS + ((".mlp.gate_proj.", ".mlp.fc1_g."), (".mlp.up_proj.", ".mlp.fc1_x."))
 # The vision towers of CLIP and SigLIP.
 _TOWER_RENAMES = (
     ("^embeddings.class_embedding$", "^cls_token$"),
@@ -197,6 +213,17 @@ def dinov2(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     return _tokens_with_positions(checkpoint)
 
 
+def dinov3(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+    """DINOv3ViTModel (pooler_output, the class token): rotary, "dinov3" kind (`rope.Rope`)."""
+    rope = Rope("dinov3", temperature=float(config.get("rope_theta", 100.0)), half=True)
+    hints = _hints(config, 1e-5, global_pool="token", rope=rope)
+    renames = _DINOV3_GATED_RENAMES if config.get("use_gated_mlp") else _DINOV3_RENAMES
+    checkpoint = _timm_named(arrays, "model", renames, hints)
+    if checkpoint.arrays.get("reg_token", np.zeros((1, 1))).shape[1] == 0:  # num_register_tokens=0 saves [1, 0, width]
+        checkpoint = checkpoint._replace(arrays={k: v for k, v in checkpoint.arrays.items() if k != "reg_token"})
+    return checkpoint
+
+
 def _tower_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     """A CLIPModel's or SiglipModel's `vision_config`, or a vision model's own config."""
     return config.get("vision_config", config)
@@ -251,6 +278,7 @@ LAYOUTS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], Check
     "deit": vit,
     "dinov2": dinov2,
     "dinov2_with_registers": dinov2,
+    "dinov3_vit": dinov3,
     "clip": clip,
     "clip_vision_model": clip,
     "siglip": siglip,
