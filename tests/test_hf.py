@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason=NEEDS_TRANSFORMERS)
 transformers = pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
 
 from test_vit import jit_apply  # noqa: E402
-from tome_jax import from_hf, pretrained_data_config, to_timm_state_dict, torch_tome  # noqa: E402
+from tome_jax import from_hf, from_timm, pretrained_data_config, save_checkpoint, to_timm_state_dict, torch_tome  # noqa: E402
 
 # 24 px images of 4 px patches: a 6 x 6 grid, 36 patches.
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=24, patch_size=4)
@@ -158,6 +158,15 @@ def test_merging_matches_the_pytorch_reference(saved, name, timm_kwargs):
         want = torch_tome.tome_forward(timm_twin(model, variables, **timm_kwargs), images, 3).numpy()
     assert model.effective_schedule(3) == (3, 3)
     assert np.abs(apply(model, variables, images, r=3) - want).max() < 1e-3
+
+
+@pytest.mark.parametrize(
+    "name", ["ViTModel", "Dinov2WithRegistersForImageClassification", "SiglipForImageClassification", "DINOv3ViTModel"]
+)
+def test_a_converted_model_survives_save_checkpoint(saved, name, tmp_path):
+    """What the config said (head_act, token_avg pooling, the rope) is kept in the file's metadata."""
+    model, variables = from_hf(saved(name)[1])
+    assert from_timm(save_checkpoint(model, variables, tmp_path / "model.safetensors"))[0] == model
 
 
 def test_reads_shards(saved, tmp_path):

@@ -259,8 +259,8 @@ def siglip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     tower = _tower_config(config)
     # The classifier reads the mean of the tokens: the MAP head saved beside it is unused.
     unused = _unused(r"(vision_model\.)?head\..*" if "classifier.weight" in arrays else None)
-    hints = _hints(tower, 1e-6, pool_num_heads=tower["num_attention_heads"])
-    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _SIGLIP_RENAMES, hints, unused))
+    # The MAP head has the blocks' heads (ViT's default, pool_num_heads=None).
+    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _SIGLIP_RENAMES, _hints(tower, 1e-6), unused))
     out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
     width = tower["hidden_size"]
     for part in ("weight", "bias"):  # nn.MultiheadAttention's in_proj: query rows, then key and value
