@@ -179,6 +179,16 @@ def test_reads_shards(saved, tmp_path):
     np.testing.assert_array_equal(apply(*sharded, images), apply(*single, images))
 
 
+def test_a_hub_id_is_downloaded_then_read(saved, monkeypatch):
+    """Its JSON and safetensors files only (no download here: the hub answers with a saved directory)."""
+    hub = pytest.importorskip("huggingface_hub")
+    _, directory = saved("ViTModel")
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo, allow_patterns: calls.append((repo, allow_patterns)) or str(directory))
+    model, _ = from_hf("google/vit-base-patch16-224")
+    assert calls == [("google/vit-base-patch16-224", ["*.json", "*.safetensors"])] and model.head_act == "tanh"
+
+
 def test_what_it_cannot_read_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match=r"model_type 'bert' is not supported; tome_jax reads \[.*'vit'\]"):

@@ -158,7 +158,9 @@ def _timm_named(
         return name if name.startswith(_HEADS) else prefix + name
 
     projections = {m.group(1) for k in renamed if (m := re.fullmatch(r"(.*\.attn\.)[qkv]_proj\.weight", k))}
-    missing = [f"{a}{part}_proj.weight" for a in sorted(projections) for part in "qkv" if f"{a}{part}_proj.weight" not in renamed]
+    missing = [
+        f"{a}{part}_proj.weight" for a in sorted(projections) for part in "qkv" if f"{a}{part}_proj.weight" not in renamed
+    ]
     if missing:
         raise ValueError(f"the checkpoint lacks the attention projection(s) {', '.join(map(name_in_source, missing))}")
     fused, fused_from = layouts.fused_attention(renamed)
@@ -167,7 +169,7 @@ def _timm_named(
     return Checkpoint(fused, source_names, hints, name_in_source)
 
 
-def _tokens_with_positions(checkpoint: Checkpoint) -> Checkpoint:
+def _class_position_in_class_token(checkpoint: Checkpoint) -> Checkpoint:
     """timm's layout of class-token and register positions: Hugging Face's DINOv2 with
     registers adds a position to the class token and none to the registers, which timm
     (`no_embed_class`) keeps as the class token plus its position, then the patches' positions."""
@@ -187,18 +189,22 @@ def vit(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoi
     pooled = not classifier and any(".pooler." in f".{k}" for k in arrays)
     head_act = {"head_act": _activation(config.get("pooler_act", "tanh"), "pooler_act")} if pooled else {}
     checkpoint = _timm_named(arrays, config["model_type"], _VIT_RENAMES, _hints(config, 1e-12, **head_act), unused)
-    out = dict(checkpoint.arrays)
-    if "dist_token" in out and "head.weight" in out and "head_dist.weight" not in out:
-        # The class token's head alone, as the mean of two heads (ViT's distilled rule):
-        # doubled (exactly: a power of two), beside a zero distillation head.
-        names = {**checkpoint.source_names}
-        for part in ("weight", "bias"):
-            if f"head.{part}" in out:
-                out[f"head_dist.{part}"] = np.zeros_like(out[f"head.{part}"])
-                out[f"head.{part}"] = 2 * out[f"head.{part}"]
-                names[f"head_dist.{part}"] = f"{checkpoint.name_in_source(f'head.{part}')} (the class token's head alone: zeros)"
-        checkpoint = checkpoint._replace(arrays=out, source_names=names)
-    return checkpoint
+    return _class_head_as_mean(checkpoint)
+
+
+def _class_head_as_mean(checkpoint: Checkpoint) -> Checkpoint:
+    """A distilled model's head on the class token alone (DeiTForImageClassification, DeiTModel's
+    pooler) as `tome_jax.ViT` computes a distilled head, the mean of two: doubled (exactly, a
+    power of two) beside a zero distillation head."""
+    out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
+    if "dist_token" not in out or "head.weight" not in out or "head_dist.weight" in out:
+        return checkpoint
+    for part in ("weight", "bias"):
+        if f"head.{part}" in out:
+            out[f"head_dist.{part}"] = np.zeros_like(out[f"head.{part}"])
+            out[f"head.{part}"] = 2 * out[f"head.{part}"]
+            names[f"head_dist.{part}"] = f"zeros (the class token's head alone, {checkpoint.name_in_source(f'head.{part}')})"
+    return checkpoint._replace(arrays=out, source_names=names)
 
 
 def dinov2(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
@@ -210,7 +216,7 @@ def dinov2(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     if config.get("use_swiglu_ffn"):  # SiLU whatever hidden_act says (Dinov2SwiGLUFFN)
         hints["act_layer"] = "silu"
     checkpoint = _timm_named(arrays, base, _DINOV2_RENAMES, hints)
-    return _tokens_with_positions(checkpoint)
+    return _class_position_in_class_token(checkpoint)
 
 
 def dinov3(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
