@@ -149,9 +149,10 @@ def text_of_process_zero(text: str, max_bytes: int = 4096) -> str:
 
 
 def resolve_source(source: str) -> str:
-    """A checkpoint path relative to the working directory or the repository, else as is."""
+    """A checkpoint path (a file, or a Hugging Face model directory) relative to the working
+    directory or the repository, else as is."""
     for candidate in (pathlib.Path(source), data.REPO / source):
-        if candidate.suffix and candidate.exists():
+        if candidate.suffix and candidate.exists() or (candidate / "config.json").is_file():
             return str(candidate)
     return source
 
