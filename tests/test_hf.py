@@ -169,6 +169,19 @@ def test_a_converted_model_survives_save_checkpoint(saved, name, tmp_path):
     assert from_timm(save_checkpoint(model, variables, tmp_path / "model.safetensors"))[0] == model
 
 
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipVisionModel", "ViTModel"])
+def test_a_config_silent_on_class_defaults_reads_the_same(saved, name, tmp_path):
+    """Older transformers wrote only the values that differ from the config class's defaults."""
+    _, directory = saved(name)
+    config = json.loads((directory / "config.json").read_text())
+    tower = config.get("vision_config", config)
+    for key in ("hidden_act", "layer_norm_eps", "pooler_act"):
+        tower.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(directory / "model.safetensors")
+    assert from_hf(tmp_path)[0] == from_hf(directory)[0]
+
+
 def test_reads_shards(saved, tmp_path):
     module, directory = saved("CLIPModel")
     module.save_pretrained(tmp_path, max_shard_size="40KB")

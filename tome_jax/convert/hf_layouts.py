@@ -125,13 +125,25 @@ def _activation(name: str, key: str) -> str:
     return _ACTIVATIONS[name]
 
 
-def _hints(config: Mapping[str, Any], norm_eps: float, **more) -> dict[str, Any]:
-    """What a vision config states that the tensors do not; `norm_eps` where it is left out."""
+# What each config class assumes where a config.json leaves a key out (older transformers wrote
+# only the values that differ from these).
+_DEFAULTS = {
+    "vit": dict(num_attention_heads=12, layer_norm_eps=1e-12, hidden_act="gelu", image_size=224),
+    "dinov2": dict(num_attention_heads=12, layer_norm_eps=1e-6, hidden_act="gelu", image_size=224),
+    "dinov3": dict(num_attention_heads=6, layer_norm_eps=1e-5, hidden_act="gelu", image_size=224),
+    "clip": dict(num_attention_heads=12, layer_norm_eps=1e-5, hidden_act="quick_gelu", image_size=224),
+    "siglip": dict(num_attention_heads=12, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", image_size=224),
+}
+
+
+def _hints(config: Mapping[str, Any], family: str, **more) -> dict[str, Any]:
+    """What a vision config states that the tensors do not (the `family`'s defaults where it is silent)."""
+    value = {**_DEFAULTS[family], **config}
     return dict(
-        num_heads=config["num_attention_heads"],
-        norm_eps=config.get("layer_norm_eps", norm_eps),
-        act_layer=_activation(config.get("hidden_act", "gelu"), "hidden_act"),
-        img_size=config["image_size"],
+        num_heads=value["num_attention_heads"],
+        norm_eps=value["layer_norm_eps"],
+        act_layer=_activation(value["hidden_act"], "hidden_act"),
+        img_size=value["image_size"],
         **more,
     )
 
@@ -188,7 +200,7 @@ def vit(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoi
     unused = _unused(r"(.*\.)?pooler\..*" if classifier else None)
     pooled = not classifier and any(".pooler." in f".{k}" for k in arrays)
     head_act = {"head_act": _activation(config.get("pooler_act", "tanh"), "pooler_act")} if pooled else {}
-    checkpoint = _timm_named(arrays, config["model_type"], _VIT_RENAMES, _hints(config, 1e-12, **head_act), unused)
+    checkpoint = _timm_named(arrays, config["model_type"], _VIT_RENAMES, _hints(config, "vit", **head_act), unused)
     return _class_head_as_mean(checkpoint)
 
 
@@ -211,8 +223,9 @@ def dinov2(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     """Dinov2Model, Dinov2ForImageClassification, and their WithRegisters forms."""
     base = config["model_type"]
     classifier = arrays.get("classifier.weight")
-    pool = "token_avg" if classifier is not None and classifier.shape[-1] == 2 * config["hidden_size"] else "token"
-    hints = _hints(config, 1e-6, global_pool=pool)
+    width = config.get("hidden_size", 768)  # Dinov2Config's default
+    pool = "token_avg" if classifier is not None and classifier.shape[-1] == 2 * width else "token"
+    hints = _hints(config, "dinov2", global_pool=pool)
     if config.get("use_swiglu_ffn"):  # SiLU whatever hidden_act says (Dinov2SwiGLUFFN)
         hints["act_layer"] = "silu"
     checkpoint = _timm_named(arrays, base, _DINOV2_RENAMES, hints)
@@ -222,7 +235,7 @@ def dinov2(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
 def dinov3(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """DINOv3ViTModel (pooler_output, the class token): rotary, "dinov3" kind (`rope.Rope`)."""
     rope = Rope("dinov3", temperature=float(config.get("rope_theta", 100.0)), half=True)
-    hints = _hints(config, 1e-5, global_pool="token", rope=rope)
+    hints = _hints(config, "dinov3", global_pool="token", rope=rope)
     renames = _DINOV3_GATED_RENAMES if config.get("use_gated_mlp") else _DINOV3_RENAMES
     checkpoint = _timm_named(arrays, "model", renames, hints)
     if checkpoint.arrays.get("reg_token", np.zeros((1, 1))).shape[1] == 0:  # num_register_tokens=0 saves [1, 0, width]
@@ -248,7 +261,7 @@ def _with_batch_axes(checkpoint: Checkpoint) -> Checkpoint:
 def clip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (its vision tower and projection)."""
     tower = _tower_config(config)
-    hints = _hints(tower, 1e-5, pre_norm=True)
+    hints = _hints(tower, "clip", pre_norm=True)
     if {"CLIPModel", "CLIPVisionModelWithProjection"} & set(config.get("architectures") or ()):
         hints["projection"] = "visual_projection.weight"  # these classes have one: its absence is an error
     checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _CLIP_RENAMES, hints))
@@ -266,13 +279,12 @@ def siglip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     # The classifier reads the mean of the tokens: the MAP head saved beside it is unused.
     unused = _unused(r"(vision_model\.)?head\..*" if "classifier.weight" in arrays else None)
     # The MAP head has the blocks' heads (ViT's default, pool_num_heads=None).
-    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _SIGLIP_RENAMES, _hints(tower, 1e-6), unused))
+    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _SIGLIP_RENAMES, _hints(tower, "siglip"), unused))
     out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
-    width = tower["hidden_size"]
     for part in ("weight", "bias"):  # nn.MultiheadAttention's in_proj: query rows, then key and value
         fused = out.pop(f"attn_pool.in_proj_{part}", None)
         if fused is not None:
-            source = names.pop(f"attn_pool.in_proj_{part}")
+            width, source = fused.shape[0] // 3, names.pop(f"attn_pool.in_proj_{part}")
             out[f"attn_pool.q.{part}"], out[f"attn_pool.kv.{part}"] = fused[:width], fused[width:]
             names[f"attn_pool.q.{part}"] = f"{source}[:{width}]"
             names[f"attn_pool.kv.{part}"] = f"{source}[{width}:]"
