@@ -262,8 +262,9 @@ def _vis_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="assets/vit_tiny_p4_cifar10.safetensors",
-        help="anything tome_jax.from_timm reads: a checkpoint file (relative paths may be "
-        "relative to the repository) or a timm model name (downloads its weights) (default: %(default)s)",
+        help="anything tome_jax.from_timm or from_hf reads: a checkpoint file (relative paths may be "
+        "relative to the repository), a timm model name (downloads its weights) or a Hugging Face model "
+        "directory or hub id (default: %(default)s)",
     )
     parser.add_argument(
         "--random-weights",
