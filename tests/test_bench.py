@@ -1,6 +1,7 @@
 """The benchmark command end to end on a tiny model, its timing loop, and choose_r."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -10,10 +11,10 @@ import ml_collections
 import pytest
 
 import tome_jax
-from tome_jax import bench, budget, data, measure, merge, schedules
+from tome_jax import bench, budget, measure, merge, schedules
 from test_vit import SMALL
 
-REPO = data.REPO
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow

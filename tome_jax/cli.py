@@ -262,8 +262,8 @@ def _vis_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="assets/vit_tiny_p4_cifar10.safetensors",
-        help="anything tome_jax.from_timm reads: a checkpoint file (relative paths may be "
-        "relative to the repository) or a timm model name (downloads its weights) (default: %(default)s)",
+        help="anything tome_jax.from_timm reads: a checkpoint file (a relative assets/NAME missing "
+        "here is the installed package's) or a timm model name (downloads its weights) (default: %(default)s)",
     )
     parser.add_argument(
         "--random-weights",
@@ -336,7 +336,7 @@ def _visualize(args: argparse.Namespace) -> None:
     reduce.check_tracks_sources(method)
     args.mean = args.mean or data.CIFAR10_MEAN
     args.std = args.std or data.CIFAR10_STD
-    source = evaluate.resolve_source(args.model)
+    source = data.find_asset(args.model)
     model, params = evaluate.model_from_source(source, pretrained=not args.random_weights, reduction=method)
     variables = {"params": init_params(model) if params is None else params}
     for r_value in r_values:

@@ -1,4 +1,4 @@
-"""The data the repository ships: where it lies, CIFAR-10's normalisation, and the
+"""The model and data the package ships: where they lie, CIFAR-10's normalisation, and the
 extraction of the bundled CIFAR-10 (no TensorFlow here: the configs read this)."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import os
 import pathlib
 import tarfile
 
-# The repository around the package: its assets/ hold the bundled model and data.
-REPO = pathlib.Path(__file__).resolve().parents[2]
-ASSETS = REPO / "assets"
+# The bundled model and data, package data of tome_jax: in a clone tome_jax/assets is a link to
+# the repository's assets/, in an installed wheel a folder of the package (the files pyproject.toml
+# names).
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_CIFAR10 = ASSETS / "cifar10-jpg.tar.gz"
 BUNDLED_CIFAR10_SHA256 = "98d6573b2eb3a94d49785094465846f7dd26b797ddaa64b429b6317e6a74d5bd"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -20,6 +21,25 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 def cache_dir() -> pathlib.Path:
     """Where extracted data lives: $TOME_JAX_CACHE, else ~/.cache/tome_jax."""
     return pathlib.Path(os.environ.get("TOME_JAX_CACHE", "~/.cache/tome_jax")).expanduser()
+
+
+def find_asset(path: str) -> str:
+    """`path` itself, unless it is a relative `assets/NAME` missing from the current folder: then
+    the package's copy, tome_jax/assets/NAME, so that the configs' defaults run from any folder.
+
+    Raises FileNotFoundError, naming both places, when neither holds it.
+    """
+    given = pathlib.Path(path)
+    if given.is_absolute() or given.parts[:1] != ("assets",) or given.exists():
+        return path
+    shipped = ASSETS.joinpath(*given.parts[1:])
+    if shipped.exists():
+        return str(shipped)
+    names = ", ".join(sorted(p.name for p in ASSETS.glob("*"))) or "nothing"
+    raise FileNotFoundError(
+        f"no file {path} in the current folder ({given.absolute()}) nor in the package's assets "
+        f"({shipped}), which hold {names}; give the file's full path"
+    )
 
 
 def _sha256(path: pathlib.Path) -> str:
