@@ -1,5 +1,6 @@
 """The wheel a user installs (`pip install "tome_jax[eval]"`, not editable): it carries the bundled
-default's model and data, and its `tome-jax-eval` runs that default from any folder."""
+default's model and data, and its `tome-jax-eval` runs that default from any folder; the rule that
+finds them (`data.find_shipped`)."""
 
 import os
 import pathlib
@@ -10,6 +11,8 @@ import sysconfig
 import zipfile
 
 import pytest
+
+from tome_jax import data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = ("tome_jax/assets/vit_tiny_p4_cifar10.safetensors", "tome_jax/assets/cifar10-jpg.tar.gz")
@@ -65,3 +68,20 @@ def test_installed_wheel_runs_the_bundled_default_from_an_empty_folder(tmp_path)
     done = run([python.parent / "tome-jax-eval", *cut], cwd=empty, env=env)
     assert "| tome | - | 0 |" in done.stdout, done.stdout
     assert (empty / "results" / "eval_cifar10" / "sweep.json").exists()
+    # A documented `--config configs/NAME` is the installed package's too.
+    done = run([python.parent / "tome-jax-train", "--config", "configs/train_cifar10.py", "--help"], cwd=empty, env=env)
+    assert f"config keys ({pathlib.Path(found).parent / 'configs' / 'train_cifar10.py'};" in done.stdout, done.stdout
+
+
+def test_assets_and_configs_paths_are_the_current_folders_else_the_packages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = data.find_shipped("assets/vit_tiny_p4_cifar10.safetensors")
+    assert pathlib.Path(shipped) == data.ASSETS / "vit_tiny_p4_cifar10.safetensors"
+    (tmp_path / "assets").mkdir()
+    (tmp_path / "assets" / "vit_tiny_p4_cifar10.safetensors").touch()  # the current folder's comes first
+    assert data.find_shipped("assets/vit_tiny_p4_cifar10.safetensors") == "assets/vit_tiny_p4_cifar10.safetensors"
+    assert pathlib.Path(data.find_shipped("configs/bench_cpu.py")) == data.ASSETS.parent / "configs" / "bench_cpu.py"
+    for other in ("vit_tiny_patch4_32", "runs/missing.safetensors", str(tmp_path / "assets" / "missing.npz")):
+        assert data.find_shipped(other) == other  # a timm name, a path elsewhere: as given
+    with pytest.raises(FileNotFoundError, match=r"no file assets/missing.npz in the current folder \(.*\) nor in the installed package"):
+        data.find_shipped("assets/missing.npz")

@@ -149,9 +149,28 @@ def _absl_command(command: str, define_flags: Callable[[], Callable[[list[str]],
     def job():
         from absl import app
 
+        sys.argv = _shipped_config(sys.argv)  # before define_flags: ml_collections reads sys.argv there
         app.run(define_flags(), flags_parser=_flags_parser(command))
 
     _run(command, job, "--traceback" in sys.argv)
+
+
+def _shipped_config(argv: list[str]) -> list[str]:
+    """`argv` with a `--config configs/NAME[:ARG]` missing from the current folder naming the
+    installed package's copy (`data.find_shipped`), so the documented configs run from any folder."""
+    from tome_jax import data
+
+    found = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            flag, value = "--config=", arg.removeprefix("--config=")
+        elif i > 0 and argv[i - 1] == "--config":
+            flag, value = "", arg
+        else:
+            continue
+        path, colon, argument = value.partition(":")
+        found[i] = flag + data.find_shipped(path) + colon + argument
+    return found
 
 
 def eval_main() -> None:
@@ -336,7 +355,7 @@ def _visualize(args: argparse.Namespace) -> None:
     reduce.check_tracks_sources(method)
     args.mean = args.mean or data.CIFAR10_MEAN
     args.std = args.std or data.CIFAR10_STD
-    source = data.find_asset(args.model)
+    source = data.find_shipped(args.model)
     model, params = evaluate.model_from_source(source, pretrained=not args.random_weights, reduction=method)
     variables = {"params": init_params(model) if params is None else params}
     for r_value in r_values:

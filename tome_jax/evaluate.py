@@ -160,7 +160,7 @@ def load_model(config) -> tuple[ViT, Any, str]:
     ("best", "latest" or a step).
     """
     method_config.check(config)
-    source = data.find_asset(config.model)  # the configs' assets/NAME from any folder
+    source = data.find_shipped(config.model)  # the configs' assets/NAME from any folder
     given = {k: v for k, v in dict(config.model_overrides).items() if v is not None}  # unset: the model's own
     overrides = {"reduction": method_config.reduction(config), **given}
     metric_layers = config.get("metric_layers") or None

@@ -15,7 +15,7 @@ with a segfault, both registering the same LLVM options.
 
 import importlib
 
-from tome_jax.data.bundled import ASSETS, BUNDLED_CIFAR10, CIFAR10_MEAN, CIFAR10_STD, find_asset
+from tome_jax.data.bundled import ASSETS, BUNDLED_CIFAR10, CIFAR10_MEAN, CIFAR10_STD, find_shipped
 
 # Each name -> the module that holds it, imported when the name is first used.
 ON_FIRST_USE = {
