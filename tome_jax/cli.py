@@ -8,6 +8,9 @@
 `python eval.py` and `python train.py` in the repository run the first two.
 Configs are ml_collections files; the defaults ship in `tome_jax/configs/`
 (the repository's `configs/`), and every key can be overridden on the command line.
+A relative `--config configs/NAME` or `assets/NAME` (the default model) that the
+current folder lacks is the installed package's copy (`data.find_shipped`), so the
+commands run from any folder.
 `--help` lists a command's flags, its config's keys and each method's settings
 (`tome_jax.config_help`), and the extra it needs (`COMMANDS`).
 
