@@ -69,7 +69,8 @@ def _config_flag(default: str, help_text: str):
 
     flags.DEFINE_bool("traceback", False, "On an error, show the whole traceback instead of one line.")
     try:
-        return config_flags.DEFINE_config_file("config", str(CONFIGS / default), help_text)
+        shipped = " A relative configs/NAME missing from the current folder is the installed package's."
+        return config_flags.DEFINE_config_file("config", str(CONFIGS / default), help_text + shipped)
     except (AttributeError, KeyError) as error:  # an override names no key of the default config
         if "--traceback" in sys.argv:
             raise
