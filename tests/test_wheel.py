@@ -58,7 +58,9 @@ def test_installed_wheel_runs_the_bundled_default_from_an_empty_folder(tmp_path)
     assert all(name in names for name in SHIPPED), names
     assert not [name for name in names if "dinov3" in name and name.startswith("tome_jax/assets/")]
     python = fresh_venv(tmp_path / "venv")
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel])
+    # A tome_jax among the borrowed packages (a non-editable install) would count as installed.
+    install = ["install", "--quiet", "--no-deps", "--no-index", "--ignore-installed", wheel]
+    run([sys.executable, "-m", "pip", "--python", python, *install])
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
