@@ -152,7 +152,7 @@ def test_end_to_end_training_moves_everything():
 
 
 def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
-    base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    base = str(data.ASSETS / "vit_tiny_p4_cifar10.safetensors")
     model, variables = tome_jax.from_timm(base, reduction=reduce.DTEM())
     noisy = jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.1 if "metric" in jax.tree_util.keystr(p) else v, variables
@@ -174,7 +174,7 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
 
 def test_metric_layers_from_timm_weights_start_as_tomes_metric():
     """Fresh metric layers hold the keys' mean over heads: the merges are ToMe's."""
-    base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    base = str(data.ASSETS / "vit_tiny_p4_cifar10.safetensors")
     images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
 
     def logits(model, variables, r=(8, -1)):  # compiled: 12 blocks op by op take longer
