@@ -202,6 +202,17 @@ def test_a_hub_id_is_downloaded_then_read(saved, monkeypatch):
     assert calls == [("google/vit-base-patch16-224", ["*.json", "*.safetensors"])] and model.head_act == "tanh"
 
 
+def test_a_name_neither_here_nor_on_the_hub_is_one_line(monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo, allow_patterns):
+        raise hub.errors.LocalEntryNotFoundError(f"cannot reach the hub for {repo}\nand no cached snapshot")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match=r"^runs/vit: no such local directory, and the Hugging Face hub did not give it \(cannot reach the hub for runs/vit\)$"):
+        from_hf("runs/vit")
+
+
 def test_what_it_cannot_read_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match=r"model_type 'bert' is not supported; tome_jax reads \[.*'vit'\]"):

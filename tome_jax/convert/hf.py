@@ -63,7 +63,13 @@ def hf_directory(source) -> pathlib.Path:
         raise ImportError(
             f"{source!r} is a Hugging Face hub id, which needs huggingface_hub: pip install 'tome_jax[hf]'"
         ) from None
-    return pathlib.Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
+    try:
+        return pathlib.Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError) as error:  # huggingface_hub's: not found, gated, offline, a malformed id
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"{source}: no such local directory, and the Hugging Face hub did not give it ({reason})"
+        ) from None
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
