@@ -29,6 +29,7 @@ OFFLINE_IMPOSSIBLE = {
     "/data/tfds": "needs ImageNet prepared on disk",
     "--device=gpu": "needs a GPU",
     "vit_small_patch16_224.augreg_in21k_ft_in1k": "downloads timm weights",
+    "--config.model=google/": "downloads Hugging Face weights (a hub id)",
 }
 # Appended to a command, by the program it runs (the first that matches): a few images, steps,
 # rounds; one budget of the comparison.

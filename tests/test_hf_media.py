@@ -1,18 +1,12 @@
 """Hugging Face's video and audio towers (VideoMAE, AST) against transformers itself:
 random small configs written by `save_pretrained`, read back by tome_jax."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 
 import tome_jax
-from tome_jax.convert import hf_media
-from tome_jax.convert.infer import infer_config
-from tome_jax.convert.params import params_from_timm
 from tome_jax.convert.resample import sinusoid_table
 
 torch = pytest.importorskip("torch")
@@ -31,17 +25,6 @@ TOWERS = {
     "ASTForAudioClassification": (transformers.ASTConfig, dict(AST, num_labels=5)),
     "ASTModel": (transformers.ASTConfig, AST),
 }
-
-
-def from_hf(directory, **overrides):
-    # TODO(media): tome_jax.from_hf once the hf branch is merged.
-    config = json.loads((directory / "config.json").read_text())
-    arrays = safetensors.numpy.load_file(directory / "model.safetensors")
-    layout = {"videomae": hf_media.videomae_checkpoint, "audio-spectrogram-transformer": hf_media.ast_checkpoint}
-    checkpoint = layout[config["model_type"]](config, arrays)
-    attributes, grid = infer_config(checkpoint, overrides)
-    model = tome_jax.ViT(**attributes)
-    return model, {"params": params_from_timm(checkpoint, model, grid, "average")}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +72,7 @@ def reference_output(model, inputs):
 @pytest.mark.parametrize("name", sorted(TOWERS))
 def test_towers_give_transformers_outputs_and_merge(towers, name):
     reference, directory = towers[name]
-    model, variables = from_hf(directory)
+    model, variables = tome_jax.from_hf(directory)
     torch_inputs, inputs = reference_inputs(reference)
     want, hidden = reference_output(reference, torch_inputs)
     got, state = jax.jit(lambda v, x: model.apply(v, x, r=0, mutable="intermediates"))(variables, inputs)
@@ -114,11 +97,11 @@ def test_a_videomae_classifier_without_mean_pooling_is_refused(tmp_path):
     config = transformers.VideoMAEConfig(**VIDEOMAE, num_labels=5, use_mean_pooling=False)
     transformers.VideoMAEForVideoClassification(config).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="classifies its first patch token .* use_mean_pooling=True"):
-        from_hf(tmp_path)
+        tome_jax.from_hf(tmp_path)
 
 
 def test_spectrograms_are_time_by_mel_bins(towers):
-    model, variables = from_hf(towers["ASTModel"][1])
+    model, variables = tome_jax.from_hf(towers["ASTModel"][1])
     assert model.input_shape == (20, 16) and model.grid_size == (5, 9) and model.num_tokens == 47
     with pytest.raises(ValueError, match=r"spectrograms must be \[batch, time, mel bins\]: got \(16, 20\)"):
         model.apply(variables, jnp.zeros((1, 16, 20)))
@@ -127,7 +110,7 @@ def test_spectrograms_are_time_by_mel_bins(towers):
 
 
 def test_the_audio_tower_survives_a_checkpoint(towers, tmp_path):
-    model, variables = from_hf(towers["ASTForAudioClassification"][1])
+    model, variables = tome_jax.from_hf(towers["ASTForAudioClassification"][1])
     path = tome_jax.save_checkpoint(model, variables, tmp_path / "ast.safetensors")
     loaded, loaded_variables = tome_jax.from_timm(path)
     assert (loaded.patch_stride, loaded.fbank_input, loaded.global_pool) == ((3, 2), True, "cls_distill_avg")
@@ -138,6 +121,6 @@ def test_the_audio_tower_survives_a_checkpoint(towers, tmp_path):
 
 def test_videomaes_fixed_table_is_built_for_another_size(towers):
     directory = towers["VideoMAEForVideoClassification"][1]
-    model, variables = from_hf(directory, num_frames=6, img_size=8)
+    model, variables = tome_jax.from_hf(directory, num_frames=6, img_size=8)
     assert model.token_grid == (3, 2, 2)
     np.testing.assert_array_equal(variables["params"]["pos_embed"], sinusoid_table(12, 32))

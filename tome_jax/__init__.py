@@ -2,6 +2,7 @@
 
 from tome_jax.attention import Attention, proportional_attention
 from tome_jax.convert import (
+    from_hf,
     from_timm,
     pretrained_data_config,
     resample_pos_embed,

@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from tome_jax import budget, data, method_config, report, schedules
 from tome_jax.checkpoints import Checkpoints
-from tome_jax.convert import from_timm, is_timm_name, pretrained_data_config
+from tome_jax.convert import from_hf, from_timm, is_hf_source, is_timm_name, pretrained_data_config
 from tome_jax.measure import PredictFn, compile_predict, throughput
 from tome_jax.registry import create_model
 from tome_jax.vit import ViT, init_params
@@ -186,14 +186,20 @@ def check_layers(model: ViT, r: schedules.RSpec, name: str = "r") -> None:
 
 
 def model_from_source(source: str, *, pretrained: bool, metric_layers=None, **overrides) -> tuple[ViT, Any]:
-    """The ViT `source` names (a timm name or a checkpoint file) and its parameters.
+    """The ViT `source` names (a timm name, a checkpoint file, a Hugging Face model directory
+    or hub id) and its parameters.
 
     Not `pretrained`: the parameters are None, for Flax to initialise; a name is then
     the registry's architecture (no torch or timm needed), a file the one it holds.
     """
     if not pretrained and is_timm_name(source):
         return create_model(source, **overrides), None
-    model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
+    if is_hf_source(source):
+        if metric_layers is not None:
+            raise ValueError(f"{source} is a Hugging Face model: DTEM metric_layers go with timm checkpoints only")
+        model, variables = from_hf(source, **overrides)
+    else:
+        model, variables = from_timm(source, metric_layers=metric_layers, **overrides)
     return model, variables["params"] if pretrained else None
 
 

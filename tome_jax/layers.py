@@ -69,6 +69,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "quick_gelu": quick_gelu,
     "silu": jax.nn.silu,
+    "tanh": jnp.tanh,  # Hugging Face's pooler (ViTModel, DeiTModel): a head activation, `ViT.head_act`
 }
 # timm's MLPs (its `mlp_layer`): `Mlp`; `SwiGLUPacked` (a `GluMlp` whose one fc1
 # holds the gate in its first half, the value in its second); `SwiGLU` (gate and

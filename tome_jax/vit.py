@@ -37,9 +37,10 @@ from tome_jax.rope import Rope
 from tome_jax.tokens import DEST, MEAN, Field, TokenField, Tokens
 
 
-# The pooled features: the class token, the mean of the patch tokens, attention
-# pooling (SigLIP's MAP head), or the mean of the class and distillation tokens (AST).
-GLOBAL_POOLS = ("token", "avg", "map", "cls_distill_avg")
+# Pooling before the head (`ViT.global_pool`): the class token, the mean of the patch
+# tokens, attention pooling (SigLIP's MAP head), the class token beside the patches' mean
+# (DINOv2's classifier), the mean of the class and distillation tokens (AST).
+GLOBAL_POOLS = ("token", "avg", "map", "token_avg", "cls_distill_avg")
 
 
 class SoftMergeSettings(NamedTuple):
@@ -59,7 +60,10 @@ class ViT(nn.Module):
     when `global_pool == 'avg'`", as in timm. `act_layer` (a key of `ACTIVATIONS`),
     `mlp_layer` (one of `MLP_LAYERS`) and `reg_tokens` take timm's names;
     `norm_eps` is the epsilon of every LayerNorm (timm's `norm_layer`).
-    `global_pool="map"` is SigLIP's attention pooling (`AttentionPool`).
+    `global_pool="map"` is SigLIP's attention pooling (`AttentionPool`); "token_avg" the
+    class token beside the patches' mean, [batch, 2 * width] (DINOv2's classifier input).
+    `head_act` (a key of `ACTIVATIONS`) follows the head: "tanh" makes it Hugging Face's
+    pooler (ViTModel's `pooler_output`).
 
     Token order: class token, distillation token, register tokens, then patches;
     these prefix tokens never merge. Pooling ("avg", "map") reads the patch tokens,
@@ -91,6 +95,8 @@ class ViT(nn.Module):
     """
 
     num_classes: int = 1000
+    # An activation after the head (a key of `ACTIVATIONS`); None: the logits as they are.
+    head_act: str | None = None
     img_size: int | tuple[int, int] = 224
     patch_size: int | tuple[int, int] = 16
     # The patch convolution's stride; None: patch_size (patches side by side).
@@ -252,6 +258,8 @@ class ViT(nn.Module):
             )
         if self.act_layer not in ACTIVATIONS:
             raise ValueError(f"act_layer must be one of {sorted(ACTIVATIONS)}, got {self.act_layer!r}")
+        if self.head_act is not None and self.head_act not in ACTIVATIONS:
+            raise ValueError(f"head_act must be None or one of {sorted(ACTIVATIONS)}, got {self.head_act!r}")
         if self.mlp_layer not in MLP_LAYERS:
             raise ValueError(f"mlp_layer must be one of {MLP_LAYERS}, got {self.mlp_layer!r}")
         if self.mlp_layer == "swiglu_packed" and int(self.width * self.mlp_ratio) % 2:
@@ -264,8 +272,10 @@ class ViT(nn.Module):
             if eps is not None and not eps > 0:
                 raise ValueError(f"{name} must be > 0, got {eps!r}")
         self._validate_patches()
-        if self.global_pool == "token" and not self.class_token:
-            raise ValueError("global_pool='token' needs a class token")
+        if self.global_pool in ("token", "token_avg") and not self.class_token:
+            raise ValueError(f"global_pool={self.global_pool!r} needs a class token")
+        if self.global_pool == "token_avg" and self.distill_token:
+            raise ValueError("global_pool='token_avg' pools the class token alone; a distilled model pools 'token'")
         if self.pool_include_prefix and self.global_pool != "map":
             raise ValueError("pool_include_prefix is the MAP head's (global_pool='map'); average pooling skips the prefix")
         if self.num_frames is None and self.tubelet_size != 1:
@@ -396,6 +406,7 @@ class ViT(nn.Module):
         "avg" pools the tokens after the prefix, as timm does, and so does "map" unless
         `pool_include_prefix`. Both count patches rather than merged tokens: a
         size-weighted mean, or `log(size)` added to the attention pool's logits.
+        "token_avg" puts that mean after the class token ([batch, 2 * width]).
         """
         patches, patch_size = x[:, self.num_prefix_tokens :], size[:, self.num_prefix_tokens :]
         if self.global_pool == "map":
@@ -409,9 +420,10 @@ class ViT(nn.Module):
                 attn_implementation=self.attn_implementation,
                 name="attn_pool",
             )(*((x, size) if self.pool_include_prefix else (patches, patch_size)))
-        if self.global_pool == "avg":
+        if self.global_pool in ("avg", "token_avg"):
             weights = patch_size[..., None].astype(jnp.float32)
-            return ((patches.astype(jnp.float32) * weights).sum(1) / weights.sum(1)).astype(x.dtype)
+            mean = ((patches.astype(jnp.float32) * weights).sum(1) / weights.sum(1)).astype(x.dtype)
+            return mean if self.global_pool == "avg" else jnp.concatenate([x[:, 0], mean], axis=-1)
         if self.global_pool == "cls_distill_avg":
             return (x[:, 0] + x[:, 1]) / 2
         if self.distill_token:
@@ -436,8 +448,10 @@ class ViT(nn.Module):
         )
         if self.distill_heads:
             # DeiT's inference rule: the mean of the class and distillation heads.
-            return (head("head")(pooled[:, 0]) + head("head_dist")(pooled[:, 1])) / 2
-        return head("head")(pooled)
+            logits = (head("head")(pooled[:, 0]) + head("head_dist")(pooled[:, 1])) / 2
+        else:
+            logits = head("head")(pooled)
+        return logits if self.head_act is None else ACTIVATIONS[self.head_act](logits)
 
     @nn.compact
     def __call__(

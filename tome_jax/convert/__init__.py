@@ -33,9 +33,9 @@ import dataclasses
 import json
 import pathlib
 
-from tome_jax.convert.infer import infer_config
+from tome_jax.convert.hf import from_hf, hf_data_config, is_hf_source
 from tome_jax.convert.names import to_timm_state_dict
-from tome_jax.convert.params import params_from_timm, save_metric_layers, with_metric_layers
+from tome_jax.convert.params import check_overrides, model_from_checkpoint, save_metric_layers, with_metric_layers
 from tome_jax.convert.readers import CONFIG_HINTS, import_timm, is_timm_name, read_source, safetensors_metadata
 from tome_jax.convert.resample import INFLATIONS, resample_pos_embed
 from tome_jax.layers import pair
@@ -43,7 +43,9 @@ from tome_jax.vit import ViT
 
 __all__ = [
     "INFLATIONS",
+    "from_hf",
     "from_timm",
+    "is_hf_source",
     "pretrained_data_config",
     "resample_pos_embed",
     "save_checkpoint",
@@ -94,9 +96,7 @@ def from_timm(
       ValueError: naming every missing, unexpected or mis-shaped tensor (with
         expected and actual timm-layout shapes), or an architecture ViT lacks.
     """
-    unknown = set(overrides) - set(ViT.__dataclass_fields__) - {"parent", "name"}
-    if unknown:
-        raise TypeError(f"unknown ViT attributes {sorted(unknown)}")
+    check_overrides(overrides)
     if inflation not in INFLATIONS:
         raise ValueError(f"inflation must be one of {INFLATIONS}, got {inflation!r}")
     checkpoint = read_source(source, pretrained)
@@ -104,9 +104,7 @@ def from_timm(
         checkpoint = checkpoint._replace(hints={**checkpoint.hints, "img_size": checkpoint_img_size})
     if metric_layers is not None:
         checkpoint = with_metric_layers(checkpoint, metric_layers)
-    config, old_grid = infer_config(checkpoint, overrides)
-    model = ViT(**config)
-    return model, {"params": params_from_timm(checkpoint, model, old_grid, inflation)}
+    return model_from_checkpoint(checkpoint, overrides, inflation)
 
 
 # What a ViT is computed with, not what it is: a checkpoint does not hold these.
@@ -166,9 +164,12 @@ def pretrained_data_config(source) -> dict | None:
     `input_size` (channels, height, width), `mean`, `std`, `crop_pct`,
     `interpolation` and `crop_mode`, as `timm.data.resolve_data_config`. For a
     `.safetensors` file: its `pretrained_cfg` metadata entry (a JSON object with
-    at least `mean` and `std`, timm's keys), those keys. Other files say nothing:
+    at least `mean` and `std`, timm's keys), those keys. For a Hugging Face model
+    directory or hub id: its preprocessor_config.json (`hf.hf_data_config`). Other files say nothing:
     pass the family's values yourself (docs/models.md, Pretrained weights).
     """
+    if is_hf_source(source):
+        return hf_data_config(source)
     path = pathlib.Path(source) if isinstance(source, (str, pathlib.PurePath)) else None
     if path is not None and path.suffix == ".safetensors" and path.is_file():
         entry = safetensors_metadata(path).get("pretrained_cfg")

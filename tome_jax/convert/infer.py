@@ -19,9 +19,10 @@ from tome_jax.convert.layouts import Checkpoint
 from tome_jax.layers import pair
 
 
-# Attributes no tensor shows, taken as the checkpoint states them: spectrogram inputs
-# (AST), the norms around pooling (VideoMAE, AST). (So is AST's `patch_stride`.)
-_STATED_ONLY = ("fbank_input", "token_norm", "fc_norm_eps")
+# Attributes no tensor shows, taken as the checkpoint states them: the head's activation
+# (Hugging Face's pooler), spectrogram inputs (AST), the norms around pooling (VideoMAE,
+# AST). (So is AST's `patch_stride`.)
+_STATED_ONLY = ("head_act", "fbank_input", "token_norm", "fc_norm_eps")
 # Heads of the standard ViT widths where `width // 64` is wrong (H/14, g/14, G/14).
 _HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
 

@@ -98,7 +98,7 @@ def _template_pattern(template: str) -> str:
     return ("^" if template.startswith("^") else "") + body + ("$" if template.endswith("$") else "")
 
 
-def _renamed(name: str, renames, *, backwards: bool = False) -> str:
+def renamed(name: str, renames, *, backwards: bool = False) -> str:
     """`name` through a layout's renames: into timm's names, or `backwards` out of them."""
     rules = [(timm, theirs) for theirs, timm in reversed(renames)] if backwards else renames
     for before, after in rules:
@@ -110,11 +110,11 @@ def _renamed(name: str, renames, *, backwards: bool = False) -> str:
 _NPZ_PREFIXES = ("", "opt/target/", "params/", "params/img/", "img/")
 
 
-def _rename(arrays: Mapping[str, np.ndarray], renames) -> tuple[dict, dict]:
+def rename(arrays: Mapping[str, np.ndarray], renames) -> tuple[dict, dict]:
     """Applies a layout's renames; returns (renamed arrays, new name -> old name)."""
     out, source_names = {}, {}
     for name, array in arrays.items():
-        new = _renamed(name, renames)
+        new = renamed(name, renames)
         if new in out:
             raise ValueError(f"{name!r} and {source_names.get(new, new)!r} both map to {new!r}")
         out[new] = array
@@ -208,7 +208,7 @@ def _canonical_npz(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             unstacked.update({f"Transformer/encoderblock_{i}/{rest}": a for i, a in enumerate(array)})
         else:
             unstacked[name] = array
-    return _rename(unstacked, _BIG_VISION_RENAMES)[0]
+    return rename(unstacked, _BIG_VISION_RENAMES)[0]
 
 
 def _augreg_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
@@ -252,7 +252,7 @@ def _openai_clip_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """
     prefix = "visual." if "visual.conv1.weight" in arrays else ""
     arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-    out, source_names = _rename(arrays, _OPENAI_CLIP_RENAMES)
+    out, source_names = rename(arrays, _OPENAI_CLIP_RENAMES)
     if "cls_token" in out:
         out["cls_token"] = out["cls_token"].reshape(1, 1, -1)
     if "pos_embed" in out and out["pos_embed"].ndim == 2:
@@ -265,11 +265,11 @@ def _openai_clip_to_timm(arrays: Mapping[str, np.ndarray]) -> Checkpoint:
         out,
         {key: prefix + source_names.get(key, key) for key in out},
         {"norm_eps": 1e-5, "pre_norm": True, "projection": f"{prefix}proj"},
-        lambda key: prefix + _renamed(key, _OPENAI_CLIP_RENAMES, backwards=True),
+        lambda key: prefix + renamed(key, _OPENAI_CLIP_RENAMES, backwards=True),
     )
 
 
-def _fused_eva_attention(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+def fused_attention(arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
     """timm's Eva attention -> its VisionTransformer's fused `qkv.weight` and `qkv.bias`.
 
     Eva keeps a bias-free `qkv` with `q_bias` and `v_bias` beside it (the keys have no
@@ -303,12 +303,12 @@ def _concatenated_biases(arrays: dict, names: list[str | None], width: int) -> n
 def to_timm_layout(arrays: Mapping[str, np.ndarray], hints: dict[str, Any]) -> Checkpoint:
     """Recognises the layout by its patch-embedding name and renames it into timm's."""
     if "patch_embed.proj.weight" in arrays:
-        fused, fused_names = _fused_eva_attention(arrays)
-        renamed, source_names = _rename(fused, _TIMM_RENAMES)
-        return Checkpoint(renamed, {**fused_names, **source_names}, hints)
+        fused, fused_names = fused_attention(arrays)
+        timm_named, source_names = rename(fused, _TIMM_RENAMES)
+        return Checkpoint(timm_named, {**fused_names, **source_names}, hints)
     if "conv_proj.weight" in arrays:
         return Checkpoint(
-            *_rename(arrays, _TORCHVISION_RENAMES), hints, lambda key: _renamed(key, _TORCHVISION_RENAMES, backwards=True)
+            *rename(arrays, _TORCHVISION_RENAMES), hints, lambda key: renamed(key, _TORCHVISION_RENAMES, backwards=True)
         )
     if "conv1.weight" in arrays or "visual.conv1.weight" in arrays:
         checkpoint = _openai_clip_to_timm(arrays)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from tome_jax.convert.infer import infer_config
 from tome_jax.convert.layouts import Checkpoint
 from tome_jax.convert.names import flat_params, param_shapes, timm_axes, timm_key
 from tome_jax.convert.readers import read_safetensors
@@ -25,6 +26,20 @@ from tome_jax.vit import ViT
 def _listing(title: str, lines: list[str], limit: int = 20) -> str:
     more = [f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []
     return "\n".join([f"{title}:"] + [f"  {line}" for line in lines[:limit]] + more)
+
+
+def check_overrides(overrides) -> None:
+    """Keyword overrides must name `tome_jax.ViT` attributes."""
+    unknown = set(overrides) - set(ViT.__dataclass_fields__) - {"parent", "name"}
+    if unknown:
+        raise TypeError(f"unknown ViT attributes {sorted(unknown)}")
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, overrides, inflation: str = "average") -> tuple[ViT, dict]:
+    """The ViT a timm-named checkpoint holds (its attributes inferred, `overrides` winning) and its variables."""
+    config, old_grid = infer_config(checkpoint, overrides)
+    model = ViT(**config)
+    return model, {"params": params_from_timm(checkpoint, model, old_grid, inflation)}
 
 
 def params_from_timm(checkpoint: Checkpoint, model: ViT, old_grid, inflation: str) -> dict:

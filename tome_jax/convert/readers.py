@@ -22,7 +22,7 @@ from tome_jax.rope import Rope
 
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_FILE_SUFFIXES = (".safetensors", ".npz") + _TORCH_SUFFIXES
+FILE_SUFFIXES = (".safetensors", ".npz") + _TORCH_SUFFIXES
 # Where training scripts nest the weights inside a torch checkpoint.
 _NESTED_STATE_KEYS = ("model", "state_dict", "model_state")
 # timm constructor arguments (metadata `config`) that no tensor reveals and that
@@ -39,7 +39,7 @@ _INVISIBLE_TIMM_OPTIONS = {
 # arguments, and `norm_eps` (timm's `norm_layer` is a class, not JSON); `rope` (a JSON
 # object of `rope.Rope`'s fields) is tome_jax's own, as timm's hub files give no rotary kind.
 CONFIG_HINTS = (
-    "num_heads", "img_size", "global_pool", "act_layer", "norm_eps", "pool_include_prefix",
+    "num_heads", "img_size", "global_pool", "act_layer", "norm_eps", "pool_include_prefix", "head_act",
     "patch_stride", "fbank_input", "token_norm", "fc_norm_eps",
 )  # fmt: skip
 # timm's activation modules by class name -> `ViT.act_layer` (nn.GELU by its `approximate`).
@@ -174,7 +174,7 @@ def _read_file(path: pathlib.Path) -> Checkpoint:
         return _read_npz(path)
     if suffix in _TORCH_SUFFIXES:
         return _read_torch(path)
-    raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; expected {_FILE_SUFFIXES}")
+    raise ValueError(f"{path}: unsupported checkpoint format {suffix!r}; expected {FILE_SUFFIXES}")
 
 
 def _activation_name(act) -> str | None:
@@ -345,7 +345,7 @@ def is_timm_name(source) -> bool:
     """A string that names no file and does not look like a path."""
     if not isinstance(source, str) or pathlib.Path(source).exists():
         return False
-    return os.sep not in source and not source.lower().endswith(_FILE_SUFFIXES)
+    return os.sep not in source and not source.lower().endswith(FILE_SUFFIXES)
 
 
 def import_timm(source: str):
