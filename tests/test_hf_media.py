@@ -124,3 +124,26 @@ def test_videomaes_fixed_table_is_built_for_another_size(towers):
     model, variables = tome_jax.from_hf(directory, num_frames=6, img_size=8)
     assert model.token_grid == (3, 2, 2)
     np.testing.assert_array_equal(variables["params"]["pos_embed"], sinusoid_table(12, 32))
+
+
+@pytest.mark.slow
+def test_the_media_benchmark_puts_each_tower_beside_transformers():
+    """configs/bench_media.py's models, tiny: the transformers model is the PyTorch column."""
+    import ml_collections
+    import tiny_bench_config
+
+    from tome_jax import bench
+    from tome_jax.configs import bench_media
+
+    config = tiny_bench_config.get_config()
+    config.models = bench_media.get_config().models
+    config.hf_overrides = ml_collections.ConfigDict(
+        {"VideoMAEForVideoClassification": dict(VIDEOMAE, num_labels=5), "ASTForAudioClassification": AST}
+    )
+    rows = bench.run(config)["rows"]
+    assert [(row["model"].split(":")[1], row["r"]) for row in rows] == [
+        (name, r) for name in ("VideoMAEForVideoClassification", "ASTForAudioClassification") for r in ("0", "1")
+    ]
+    for row in rows:
+        assert row["tome_jax_img_s"] > 0 and row["timm_r0_img_s"] > 0 and row["reference_img_s"] is None
+    assert [row["schedule"] for row in rows] == [[0, 0], [1, 1]] * 2
