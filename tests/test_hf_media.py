@@ -149,3 +149,15 @@ def test_the_media_benchmark_puts_each_tower_beside_transformers():
     for row in rows:
         assert row["tome_jax_img_s"] > 0 and row["timm_r0_img_s"] > 0 and row["reference_img_s"] is None
     assert [row["schedule"] for row in rows] == [[0, 0], [1, 1]] * 2
+
+
+def test_a_videomae_pretraining_checkpoint_is_read_for_its_encoder(tmp_path):
+    torch.manual_seed(0)
+    reference = transformers.VideoMAEForPreTraining(transformers.VideoMAEConfig(**VIDEOMAE)).eval()
+    reference.save_pretrained(tmp_path)
+    model, variables = tome_jax.from_hf(tmp_path)
+    torch_inputs, inputs = reference_inputs(reference.videomae)
+    with torch.no_grad():
+        want = reference.videomae(**torch_inputs).last_hidden_state.mean(1).numpy()
+    got = jax.jit(lambda v, x: model.apply(v, x, r=0))(variables, inputs)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

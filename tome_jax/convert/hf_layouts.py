@@ -89,6 +89,8 @@ _AST_RENAMES = _VIT_EMBEDDINGS + _BERT_LAYERS + (
     ("^classifier.layernorm.", "^fc_norm."),
     ("^classifier.dense.", "^head."),
 )
+# VideoMAEForPreTraining's decoder, which the encoder (a VideoMAEModel) does without.
+_VIDEOMAE_DECODER = re.compile(r"decoder\..*|encoder_to_decoder\..*")
 # PyTorch's LayerNorm epsilon, which VideoMAE's classifier norm keeps whatever the config says.
 _TORCH_LAYER_NORM_EPS = 1e-5
 # The vision towers of CLIP and SigLIP.
@@ -252,9 +254,9 @@ def siglip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
 
 
 def videomae(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
-    """VideoMAEModel (the mean of its last hidden state) and VideoMAEForVideoClassification
-    (mean pooling, `fc_norm`, head); the fixed sinusoid table is `pos_embed`, built again
-    for any other size (`fixed_pos_embed`)."""
+    """VideoMAEModel (the mean of its last hidden state), VideoMAEForPreTraining (its encoder,
+    the same) and VideoMAEForVideoClassification (mean pooling, `fc_norm`, head); the fixed
+    sinusoid table is `pos_embed`, built again for any other size (`fixed_pos_embed`)."""
     mean_pooling = config.get("use_mean_pooling", True)
     if "classifier.weight" in arrays and not mean_pooling:
         raise ValueError(
@@ -266,7 +268,8 @@ def videomae(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Che
         # The classifier's norm is PyTorch's default; a bare model's mean pooling has no norm at all.
         fc_norm_eps=_TORCH_LAYER_NORM_EPS, token_norm=not mean_pooling,
     )  # fmt: skip
-    checkpoint = _timm_named(arrays, "videomae", _VIDEOMAE_RENAMES, hints)
+    unused = lambda key: _UNUSED.fullmatch(key) or _VIDEOMAE_DECODER.fullmatch(key)  # noqa: E731
+    checkpoint = _timm_named(arrays, "videomae", _VIDEOMAE_RENAMES, hints, unused)
     height, width = pair(config["image_size"])
     patch = pair(config["patch_size"])
     positions = config["num_frames"] // config["tubelet_size"] * (height // patch[0]) * (width // patch[1])
