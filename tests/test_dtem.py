@@ -300,6 +300,17 @@ def test_errors_name_the_problem(kwargs, error, message):
         dtem.dtem_soft_merge(**args)
 
 
+def test_more_prefix_tokens_shift_the_split_past_them():
+    """prefix=3 merges what prefix=1 merges on the tokens from the third on, the first two untouched."""
+    metric, x, size = random_inputs(7, batch=2, tokens=19)
+    wide = dtem.dtem_soft_merge(x, size, metric, 4, 17, prefix=3)
+    narrow = dtem.dtem_soft_merge(x[:, 2:], size[:, 2:], metric[:, 2:], 4, 15, prefix=1)
+    np.testing.assert_array_equal(np.asarray(wide.x[:, :2]), x[:, :2])
+    np.testing.assert_allclose(np.asarray(wide.x[:, 2:]), np.asarray(narrow.x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(wide.size[:, 2:]), np.asarray(narrow.size), rtol=1e-6, atol=1e-6)
+    assert wide.assign.shape == narrow.assign.shape == (2, *dtem.num_a_b(17, prefix=3))
+
+
 def test_merge_assigned_rejects_a_mismatched_assignment():
     _, x, size = random_inputs(0, 2, 11)
     with pytest.raises(ValueError, match=r"assign has shape \(2, 5, 5\), expected \(2, 4, 4\) for n=9"):

@@ -51,6 +51,19 @@ def test_soft_merge_in_training_keeps_shapes_and_size_hard_merge_at_inference():
     np.testing.assert_array_equal(np.asarray(hard.size.sum(1)), 17.0)
 
 
+def test_soft_merge_leaves_every_prefix_token_out():
+    """With a class token and two registers the soft merge runs on the patches alone."""
+    model = tome_jax.ViT(**SMALL, reg_tokens=2)
+    images = random_images()
+    variables = model.init(jax.random.key(0), images)
+    apply = jax.jit(model.apply, static_argnames=("r", "train", "mutable"))
+    _, state = apply(variables, images, r=(3, -1), train=True, mutable="intermediates")
+    sizes = np.asarray(state["intermediates"]["size"][0])
+    np.testing.assert_allclose(sizes[:, :3], 1.0)
+    np.testing.assert_allclose(sizes.sum(1), 19.0, rtol=1e-5)
+    assert (sizes.max(1) > 1.5).all(), "mass moved from A to B"
+
+
 def test_metric_layers_read_a_detached_input():
     """The metric's own output has no gradient with respect to any ViT parameter."""
     model = tome_jax.ViT(**SMALL)
@@ -139,7 +152,7 @@ def test_end_to_end_training_moves_everything():
 
 
 def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
-    base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    base = str(data.ASSETS / "vit_tiny_p4_cifar10.safetensors")
     model, variables = tome_jax.from_timm(base, reduction=reduce.DTEM())
     noisy = jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.1 if "metric" in jax.tree_util.keystr(p) else v, variables
@@ -161,7 +174,7 @@ def test_metric_layers_save_alone_and_load_onto_the_timm_model(tmp_path):
 
 def test_metric_layers_from_timm_weights_start_as_tomes_metric():
     """Fresh metric layers hold the keys' mean over heads: the merges are ToMe's."""
-    base = str(data.REPO / "assets" / "vit_tiny_p4_cifar10.safetensors")
+    base = str(data.ASSETS / "vit_tiny_p4_cifar10.safetensors")
     images = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
 
     def logits(model, variables, r=(8, -1)):  # compiled: 12 blocks op by op take longer

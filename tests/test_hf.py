@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch", reason=NEEDS_TRANSFORMERS)
 transformers = pytest.importorskip("transformers", reason=NEEDS_TRANSFORMERS)
 
 from test_vit import jit_apply  # noqa: E402
-from tome_jax import from_hf, pretrained_data_config, to_timm_state_dict, torch_tome  # noqa: E402
+from tome_jax import from_hf, from_timm, pretrained_data_config, save_checkpoint, to_timm_state_dict, torch_tome  # noqa: E402
 
 # 24 px images of 4 px patches: a 6 x 6 grid, 36 patches.
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=24, patch_size=4)
@@ -40,6 +40,14 @@ CASES = {
         lambda: T.Dinov2WithRegistersConfig(**SMALL, num_labels=5),
         "logits",
     ),
+    "DINOv3ViTModel": (
+        T.DINOv3ViTModel, lambda: T.DINOv3ViTConfig(**BERT_STYLE, num_register_tokens=4), "pooler_output"
+    ),
+    "DINOv3ViTModel-gated": (
+        T.DINOv3ViTModel,
+        lambda: T.DINOv3ViTConfig(**BERT_STYLE, num_register_tokens=4, use_gated_mlp=True, hidden_act="silu"),
+        "pooler_output",
+    ),
     "CLIPVisionModel": (T.CLIPVisionModel, lambda: T.CLIPVisionConfig(**BERT_STYLE), "pooler_output"),
     "CLIPVisionModelWithProjection": (
         T.CLIPVisionModelWithProjection, lambda: T.CLIPVisionConfig(**BERT_STYLE, projection_dim=16), "image_embeds"
@@ -65,7 +73,7 @@ CASES = {
 # build the same graph but for the head; two more are merged against PyTorch below).
 MERGED = {
     "ViTModel", "DeiTForImageClassification", "Dinov2ForImageClassification",
-    "Dinov2WithRegistersForImageClassification", "CLIPModel", "SiglipVisionModel", "SiglipForImageClassification",
+    "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel", "CLIPModel", "SiglipVisionModel", "SiglipForImageClassification",
 }  # fmt: skip
 
 
@@ -152,6 +160,28 @@ def test_merging_matches_the_pytorch_reference(saved, name, timm_kwargs):
     assert np.abs(apply(model, variables, images, r=3) - want).max() < 1e-3
 
 
+@pytest.mark.parametrize(
+    "name", ["ViTModel", "Dinov2WithRegistersForImageClassification", "SiglipForImageClassification", "DINOv3ViTModel"]
+)
+def test_a_converted_model_survives_save_checkpoint(saved, name, tmp_path):
+    """What the config said (head_act, token_avg pooling, the rope) is kept in the file's metadata."""
+    model, variables = from_hf(saved(name)[1])
+    assert from_timm(save_checkpoint(model, variables, tmp_path / "model.safetensors"))[0] == model
+
+
+@pytest.mark.parametrize("name", ["CLIPModel", "SiglipVisionModel", "ViTModel"])
+def test_a_config_silent_on_class_defaults_reads_the_same(saved, name, tmp_path):
+    """Older transformers wrote only the values that differ from the config class's defaults."""
+    _, directory = saved(name)
+    config = json.loads((directory / "config.json").read_text())
+    tower = config.get("vision_config", config)
+    for key in ("hidden_act", "layer_norm_eps", "pooler_act"):
+        tower.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(directory / "model.safetensors")
+    assert from_hf(tmp_path)[0] == from_hf(directory)[0]
+
+
 def test_reads_shards(saved, tmp_path):
     module, directory = saved("CLIPModel")
     module.save_pretrained(tmp_path, max_shard_size="40KB")
@@ -160,6 +190,16 @@ def test_reads_shards(saved, tmp_path):
     sharded, single = from_hf(tmp_path), from_hf(directory)
     assert sharded[0] == single[0]
     np.testing.assert_array_equal(apply(*sharded, images), apply(*single, images))
+
+
+def test_a_hub_id_is_downloaded_then_read(saved, monkeypatch):
+    """Its JSON and safetensors files only (no download here: the hub answers with a saved directory)."""
+    hub = pytest.importorskip("huggingface_hub")
+    _, directory = saved("ViTModel")
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo, allow_patterns: calls.append((repo, allow_patterns)) or str(directory))
+    model, _ = from_hf("google/vit-base-patch16-224")
+    assert calls == [("google/vit-base-patch16-224", ["*.json", "*.safetensors"])] and model.head_act == "tanh"
 
 
 def test_what_it_cannot_read_is_one_clear_error(tmp_path, monkeypatch):
@@ -173,6 +213,22 @@ def test_what_it_cannot_read_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError, match=r"hub id, which needs huggingface_hub: pip install 'tome_jax\[hf\]'"):
         from_hf("google/vit-base-patch16-224")
+
+
+def test_a_missing_tensor_is_named_as_the_checkpoint_names_it(saved, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, directory = saved("ViTForImageClassification")
+    (tmp_path / "config.json").write_bytes((directory / "config.json").read_bytes())
+    arrays = load_file(directory / "model.safetensors")
+    del arrays["vit.encoder.layer.1.intermediate.dense.weight"]
+    save_file(arrays, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing:\n  blocks.1.mlp.fc1.weight \(from vit.encoder.layer.1.intermediate.dense.weight\)$"):
+        from_hf(tmp_path)
+    del arrays["vit.encoder.layer.0.attention.attention.key.weight"]
+    save_file(arrays, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks the attention projection\(s\) vit.encoder.layer.0.attention.attention.key.weight$"):
+        from_hf(tmp_path)
 
 
 def test_preprocessing_from_the_image_processor(saved, tmp_path):

@@ -114,8 +114,14 @@ class TorchSide(NamedTuple):
 
 
 def torch_device(device: str) -> str | None:
-    """The torch device beside JAX's platform; None where torch has none (TPU)."""
-    import torch
+    """The torch device beside JAX's platform; None where torch has none (TPU) or torch and timm
+    are not installed (the default config asks for the PyTorch columns: without the torch extra
+    the benchmark runs tome_jax's alone)."""
+    try:
+        import timm  # noqa: F401  (build_models makes the PyTorch side with it)
+        import torch
+    except ImportError:
+        return None
 
     if device == "gpu":
         return "cuda" if torch.cuda.is_available() else None

@@ -8,6 +8,9 @@
 `python eval.py` and `python train.py` in the repository run the first two.
 Configs are ml_collections files; the defaults ship in `tome_jax/configs/`
 (the repository's `configs/`), and every key can be overridden on the command line.
+A relative `--config configs/NAME` or `assets/NAME` (the default model) that the
+current folder lacks is the installed package's copy (`data.find_shipped`), so the
+commands run from any folder.
 `--help` lists a command's flags, its config's keys and each method's settings
 (`tome_jax.config_help`), and the extra it needs (`COMMANDS`).
 
@@ -66,7 +69,8 @@ def _config_flag(default: str, help_text: str):
 
     flags.DEFINE_bool("traceback", False, "On an error, show the whole traceback instead of one line.")
     try:
-        return config_flags.DEFINE_config_file("config", str(CONFIGS / default), help_text)
+        shipped = " A relative configs/NAME missing from the current folder is the installed package's."
+        return config_flags.DEFINE_config_file("config", str(CONFIGS / default), help_text + shipped)
     except (AttributeError, KeyError) as error:  # an override names no key of the default config
         if "--traceback" in sys.argv:
             raise
@@ -149,9 +153,28 @@ def _absl_command(command: str, define_flags: Callable[[], Callable[[list[str]],
     def job():
         from absl import app
 
+        sys.argv = _shipped_config(sys.argv)  # before define_flags: ml_collections reads sys.argv there
         app.run(define_flags(), flags_parser=_flags_parser(command))
 
     _run(command, job, "--traceback" in sys.argv)
+
+
+def _shipped_config(argv: list[str]) -> list[str]:
+    """`argv` with a `--config configs/NAME[:ARG]` missing from the current folder naming the
+    installed package's copy (`data.find_shipped`), so the documented configs run from any folder."""
+    from tome_jax import data
+
+    found = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            flag, value = "--config=", arg.removeprefix("--config=")
+        elif i > 0 and argv[i - 1] == "--config":
+            flag, value = "", arg
+        else:
+            continue
+        path, colon, argument = value.partition(":")
+        found[i] = flag + data.find_shipped(path) + colon + argument
+    return found
 
 
 def eval_main() -> None:
@@ -262,8 +285,9 @@ def _vis_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="assets/vit_tiny_p4_cifar10.safetensors",
-        help="anything tome_jax.from_timm reads: a checkpoint file (relative paths may be "
-        "relative to the repository) or a timm model name (downloads its weights) (default: %(default)s)",
+        help="anything tome_jax.from_timm or from_hf reads: a checkpoint file (a relative assets/NAME missing "
+        "here is the installed package's), a timm model name (downloads its weights) or a Hugging Face model "
+        "directory or hub id (default: %(default)s)",
     )
     parser.add_argument(
         "--random-weights",
@@ -336,7 +360,7 @@ def _visualize(args: argparse.Namespace) -> None:
     reduce.check_tracks_sources(method)
     args.mean = args.mean or data.CIFAR10_MEAN
     args.std = args.std or data.CIFAR10_STD
-    source = evaluate.resolve_source(args.model)
+    source = data.find_shipped(args.model)
     model, params = evaluate.model_from_source(source, pretrained=not args.random_weights, reduction=method)
     variables = {"params": init_params(model) if params is None else params}
     for r_value in r_values:

@@ -54,7 +54,7 @@ class SoftMerge(NamedTuple):
       size: [batch, tokens] float32; merged-away tokens have sizes near or at 0.
       n: static int, the tokens taking part in the next block's merge (`n - r`).
       assign: [batch, num_a, num_b] float32 soft assignment of the A tokens
-        (positions 1, 3, .. < n) to the B tokens (2, 4, .. < n); rows sum to <= 1.
+        (positions prefix, prefix + 2, .. < n) to the B tokens (prefix + 1, .. < n); rows sum to <= 1.
     """
 
     x: jax.Array
@@ -98,24 +98,24 @@ def _check_token_shapes(x: jax.Array, size: jax.Array, metric: jax.Array | None 
         )
 
 
-def num_a_b(n: int) -> tuple[int, int]:
-    """How many tokens fall in A (positions 1, 3, .. < n) and in B (2, 4, .. < n)."""
-    return len(range(1, n, 2)), len(range(2, n, 2))
+def num_a_b(n: int, prefix: int = 1) -> tuple[int, int]:
+    """How many tokens fall in A (positions prefix, prefix + 2, .. < n) and in B (prefix + 1, .. < n)."""
+    return len(range(prefix, n, 2)), len(range(prefix + 1, n, 2))
 
 
-def soft_merge_scores(metric: jax.Array, n: int) -> jax.Array:
+def soft_merge_scores(metric: jax.Array, n: int, prefix: int = 1) -> jax.Array:
     """Cosine similarity of every A token to every B token among the first `n`.
 
     Args:
       metric: [batch, tokens, channels] the learned embedding, any float dtype.
-      n: participating tokens, a static int (token 0, the class token, never does).
+      n: participating tokens, a static int (the `prefix` tokens never take part).
+      prefix: the leading tokens (class, distillation, registers), a static int.
 
     Returns:
       [batch, num_a, num_b] float32 (see `num_a_b`).
     """
     _check_int(n, "n", 0, metric.shape[1])
-    unit = merge.unit_vectors(metric)
-    return merge.cosine_scores(unit[:, 1:n:2], unit[:, 2:n:2])
+    return merge.cosine_scores(*_a_and_b(merge.unit_vectors(metric), n, prefix))
 
 
 def _share_of_other_rows(row_share: jax.Array) -> jax.Array:
@@ -206,9 +206,9 @@ def _per_token(weights: jax.Array, values: jax.Array) -> jax.Array:
     return weights.reshape(weights.shape + (1,) * (values.ndim - 2))
 
 
-def _a_and_b(values: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """[batch, tokens, ...] -> A (positions 1, 3, .. < n) and B (2, 4, .. < n)."""
-    return values[:, 1:n:2], values[:, 2:n:2]
+def _a_and_b(values: jax.Array, n: int, prefix: int) -> tuple[jax.Array, jax.Array]:
+    """[batch, tokens, ...] -> A (positions prefix, prefix + 2, .. < n) and B (prefix + 1, .. < n)."""
+    return values[:, prefix:n:2], values[:, prefix + 1 : n : 2]
 
 
 def _soft_sums(assign: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -221,10 +221,11 @@ def _soft_sums(assign: jax.Array, a: jax.Array, b: jax.Array) -> tuple[jax.Array
 class SoftPlan:
     """One soft merge step as a plan that any per-token quantity can follow (`tome_jax.tokens`).
 
-    Among the first `n` tokens, each A token (positions 1, 3, ..) sends the share
-    `assign[a, b]` of itself to each B token (2, 4, ..); then A and B are put in
-    `order`, by their new sizes, largest first. Token 0 and the tokens from `n`
-    on stay where they are; no token is removed.
+    Among the first `n` tokens, each A token (positions prefix, prefix + 2, ..)
+    sends the share `assign[a, b]` of itself to each B token (prefix + 1, ..);
+    then A and B are put in `order`, by their new sizes, largest first. The
+    `prefix` tokens and the tokens from `n` on stay where they are; no token is
+    removed.
 
     Attributes:
       assign: [batch, num_a, num_b] float32, rows summing to <= 1.
@@ -232,27 +233,33 @@ class SoftPlan:
         after the step (A first, then B, as `num_a_b(n)` counts them).
       n: participating tokens, a static int.
       residue_from: places from here on get sum 0 (`drop_residue`), or None.
+      prefix: the leading tokens that never take part, a static int.
     """
 
     assign: jax.Array
     order: jax.Array
     n: int = struct.field(pytree_node=False)
     residue_from: int | None = struct.field(pytree_node=False, default=None)
+    prefix: int = struct.field(pytree_node=False, default=1)
 
     @classmethod
-    def build(cls, assign: jax.Array, size: jax.Array, n: int, residue_from: int | None = None) -> SoftPlan:
+    def build(
+        cls, assign: jax.Array, size: jax.Array, n: int, residue_from: int | None = None, prefix: int = 1
+    ) -> SoftPlan:
         """The plan of `assign` for tokens of sizes [batch, tokens] (the order follows the new sizes)."""
-        size_a, size_b = _soft_sums(assign, *_a_and_b(size.astype(jnp.float32), n))
+        size_a, size_b = _soft_sums(assign, *_a_and_b(size.astype(jnp.float32), n, prefix))
         order = jnp.argsort(jnp.concatenate([size_a, size_b], axis=1), axis=-1, descending=True, stable=True)
-        return cls(assign, order, n, residue_from)
+        return cls(assign, order, n, residue_from, prefix)
 
     def _split(self, values: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return _a_and_b(values, self.n)
+        return _a_and_b(values, self.n, self.prefix)
 
     def _place(self, values: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-        """A and B in `order`, between token 0 and the tokens from `n` on (values' dtype)."""
+        """A and B in `order`, between the prefix tokens and the tokens from `n` on (values' dtype)."""
         ordered = merge.gather_tokens(jnp.concatenate([a, b], axis=1), self.order)
-        return jnp.concatenate([values[:, :1], ordered.astype(values.dtype), values[:, self.n :]], axis=1)
+        return jnp.concatenate(
+            [values[:, : self.prefix], ordered.astype(values.dtype), values[:, self.n :]], axis=1
+        )
 
     def sum(self, values: jax.Array, *, implementation: str | None = None) -> jax.Array:
         """[batch, tokens, ...] -> the same shape: each B token adds the shares it receives.
@@ -283,16 +290,16 @@ class SoftPlan:
 
 
 def merge_assigned(
-    x: jax.Array, size: jax.Array, assign: jax.Array, n: int
+    x: jax.Array, size: jax.Array, assign: jax.Array, n: int, prefix: int = 1
 ) -> tuple[jax.Array, jax.Array]:
     """Soft-merges A into B by a given assignment; the merge step of `dtem_soft_merge`.
 
-    Among the first `n` tokens, A (positions 1, 3, ..) sends the fraction
-    `assign[a, b]` of its size and size-weighted features to B (2, 4, ..):
+    Among the first `n` tokens, A (positions prefix, prefix + 2, ..) sends the fraction
+    `assign[a, b]` of its size and size-weighted features to B (prefix + 1, ..):
     `x_b <- (s_b x_b + sum_a assign[a, b] s_a x_a) / s_b'`, `s_b' = s_b + sum_a
     assign[a, b] s_a`, and `s_a <- s_a (1 - sum_b assign[a, b])` (see
     `_clip_unit_interval_straight_through`). A and B are then sorted by size, largest
-    first. Token 0 and the tokens from `n` on are returned untouched. With a one-hot
+    first. The prefix tokens and the tokens from `n` on are returned untouched. With a one-hot
     assignment this is ToMe's merge, the merged-away tokens left with size 0.
     (`SoftPlan` is this step as a plan.)
 
@@ -301,6 +308,7 @@ def merge_assigned(
       size: [batch, tokens] sizes, >= 0.
       assign: [batch, num_a, num_b] (see `num_a_b`), rows summing to <= 1.
       n: participating tokens, a static int in [0, tokens].
+      prefix: the leading tokens that never take part (the official code: 1, a class token).
 
     Returns:
       x: [batch, tokens, channels] in x's dtype; size: [batch, tokens] float32.
@@ -309,20 +317,29 @@ def merge_assigned(
     """
     _check_token_shapes(x, size)
     n = _check_int(n, "n", 0, x.shape[1])
-    if assign.shape != (x.shape[0], *num_a_b(n)):
+    if assign.shape != (x.shape[0], *num_a_b(n, prefix)):
         raise ValueError(
-            f"assign has shape {assign.shape}, expected {(x.shape[0], *num_a_b(n))} for n={n}"
+            f"assign has shape {assign.shape}, expected {(x.shape[0], *num_a_b(n, prefix))} for n={n}"
         )
-    plan = SoftPlan.build(assign, size, n)
+    plan = SoftPlan.build(assign, size, n, prefix=prefix)
     return plan.mean(x, size), plan.sum(size.astype(jnp.float32))
 
 
 def soft_merge_plan(
-    size: jax.Array, metric: jax.Array, r: int, n: int, *, k2: int = 3, tau1=0.1, tau2=0.1, drop_residue: bool = False
+    size: jax.Array,
+    metric: jax.Array,
+    r: int,
+    n: int,
+    *,
+    k2: int = 3,
+    tau1=0.1,
+    tau2=0.1,
+    drop_residue: bool = False,
+    prefix: int = 1,
 ) -> SoftPlan:
     """The plan of one DTEM training merge step (see `dtem_soft_merge`); `r` already clamped, > 0."""
-    assign = soft_khot(soft_merge_scores(metric, n), r, k2=k2, tau1=tau1, tau2=tau2)
-    return SoftPlan.build(assign, size, n, residue_from=n - r if drop_residue else None)
+    assign = soft_khot(soft_merge_scores(metric, n, prefix), r, k2=k2, tau1=tau1, tau2=tau2)
+    return SoftPlan.build(assign, size, n, residue_from=n - r if drop_residue else None, prefix=prefix)
 
 
 def dtem_soft_merge(
@@ -336,13 +353,14 @@ def dtem_soft_merge(
     tau1=0.1,
     tau2=0.1,
     drop_residue: bool = False,
+    prefix: int = 1,
 ) -> SoftMerge:
     """One DTEM training merge step: soft k-hot selection, then soft merge.
 
-    `r` is clamped to `(n - 1) // 2`, the B tokens among the first `n`, as in the
+    `r` is clamped to `(n - prefix) // 2`, the B tokens among the first `n`, as in the
     official code, so a schedule written for long sequences still runs; after the
     clamp `r == 0` returns the inputs unchanged (sizes cast to float32).
-    `schedules.tokens_per_layer(tokens, schedule, protected=1)` gives every block's `n`.
+    `schedules.tokens_per_layer(tokens, schedule, protected=prefix)` gives every block's `n`.
 
     Args:
       x: [batch, tokens, channels] features, any float dtype.
@@ -350,8 +368,8 @@ def dtem_soft_merge(
       metric: [batch, tokens, feat] the learned merge embedding (any float dtype;
         a zero vector is safe).
       r: merges to make, a static int >= 0.
-      n: tokens taking part, a static int in [0, tokens]; the class token (index 0)
-        and the tokens from `n` on are never merged.
+      n: tokens taking part, a static int in [0, tokens]; the `prefix` tokens and
+        the tokens from `n` on are never merged.
       k2, tau1, tau2: see `soft_khot` (the official defaults).
       drop_residue: give the tokens sorted behind the new `n` size 0, so attention
         no longer sees them. Not in the official code, where an A token merged
@@ -359,16 +377,21 @@ def dtem_soft_merge(
         merge far more accurate than the hard merge it stands in for, and so
         little for training to lower (docs/training.md, DTEM results).
         Total size is then not conserved.
+      prefix: the leading tokens that never take part, a static int: 1 (a class
+        token) in the official code; with registers or a distillation token, all
+        of them, A and B then alternating from the first token after them.
 
     Returns:
       `SoftMerge(x, size, n - r, assign)`, shapes as the inputs'.
     """
     _check_token_shapes(x, size, metric)
     n = _check_int(n, "n", 0, x.shape[1])
-    r = merge.clamp_r(r, n, protected=1)
+    r = merge.clamp_r(r, n, protected=prefix)
     if r == 0:
         _check_selection(k2, tau1, tau2)
-        no_merge = jnp.zeros((x.shape[0], *num_a_b(n)), jnp.float32)
+        no_merge = jnp.zeros((x.shape[0], *num_a_b(n, prefix)), jnp.float32)
         return SoftMerge(x, size.astype(jnp.float32), n, no_merge)
-    plan = soft_merge_plan(size, metric, r, n, k2=k2, tau1=tau1, tau2=tau2, drop_residue=drop_residue)
+    plan = soft_merge_plan(
+        size, metric, r, n, k2=k2, tau1=tau1, tau2=tau2, drop_residue=drop_residue, prefix=prefix
+    )
     return SoftMerge(plan.mean(x, size), plan.sum(size.astype(jnp.float32)), n - r, plan.assign)

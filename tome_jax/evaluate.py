@@ -148,14 +148,6 @@ def text_of_process_zero(text: str, max_bytes: int = 4096) -> str:
     return bytes(multihost_utils.broadcast_one_to_all(padded)).rstrip(b"\0").decode()
 
 
-def resolve_source(source: str) -> str:
-    """A checkpoint path relative to the working directory or the repository, else as is."""
-    for candidate in (pathlib.Path(source), data.REPO / source):
-        if candidate.suffix and candidate.exists():
-            return str(candidate)
-    return source
-
-
 def load_model(config) -> tuple[ViT, Any, str]:
     """The ViT the config names, its parameters and the resolved source.
 
@@ -168,7 +160,7 @@ def load_model(config) -> tuple[ViT, Any, str]:
     ("best", "latest" or a step).
     """
     method_config.check(config)
-    source = resolve_source(config.model)
+    source = data.find_shipped(config.model)  # the configs' assets/NAME from any folder
     given = {k: v for k, v in dict(config.model_overrides).items() if v is not None}  # unset: the model's own
     overrides = {"reduction": method_config.reduction(config), **given}
     metric_layers = config.get("metric_layers") or None

@@ -12,8 +12,10 @@ from tome_jax.vit import ViT
 
 def get_config():
     config = ml_collections.ConfigDict()
-    # A timm model name, a timm checkpoint file (.safetensors/.pth/.bin/.npz) or a
-    # torchvision ViT state dict. Relative paths are relative to the repository.
+    # A timm model name, a timm checkpoint file (.safetensors/.pth/.bin/.npz), a torchvision ViT
+    # state dict, or a Hugging Face model directory or hub id ("google/vit-base-patch16-224"). A
+    # relative assets/NAME missing from the current folder is the installed package's copy
+    # (tome_jax/assets), so this default runs from any folder.
     config.model = "assets/vit_tiny_p4_cifar10.safetensors"
     config.pretrained = True  # False: the architecture of that name or file, random init
     # ViT attributes (--config.model_overrides.num_classes=10); those left unset keep the model's own.

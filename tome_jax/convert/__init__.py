@@ -21,10 +21,14 @@ a checkpoint that does not say is an error naming the override.
 
 torch and timm are imported only when a source needs them.
 
+Hugging Face transformers checkpoints (a `save_pretrained` directory or a hub id) are
+`from_hf`'s (`hf`): each `model_type` is one more layout (`hf_layouts`) into timm's names.
+
 The modules, in the order a conversion runs: `readers` (a source -> a
-`layouts.Checkpoint` in timm's names), `infer` (the ViT attributes), `resample`
-(position embeddings and patch kernels fitted to the model), `params` (the
-parameter tree, checked), with `names` (timm names <-> Flax paths) under them all.
+`layouts.Checkpoint` in timm's names; `hf` for Hugging Face's), `infer` (the ViT
+attributes), `resample` (position embeddings and patch kernels fitted to the model),
+`params` (the parameter tree, checked), with `names` (timm names <-> Flax paths) under
+them all.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ activation, image size, pooling), as hints. Each head becomes timm's `head`, so 
   distillation token is `head` at twice its weights with a zero `head_dist`, the same mean.
 - DINOv2 (with registers): no head (pooler_output, the class token), or `classifier` on
   the class token beside the patches' mean (`global_pool="token_avg"`, registers left out).
+- DINOv3 (rotary: `rope.Rope("dinov3")`, its keys without a bias): no head (pooler_output).
 - CLIP: `visual_projection` (get_image_features, image_embeds) with a zero bias, or no head
   (CLIPVisionModel's pooler_output).
 - SigLIP: the MAP head (pooler_output), or `classifier` on the mean of all tokens
@@ -35,6 +36,7 @@ from tome_jax.convert import layouts
 from tome_jax.convert.layouts import Checkpoint
 from tome_jax.convert.resample import sinusoid_table
 from tome_jax.layers import pair
+from tome_jax.rope import Rope
 
 
 # transformers' activation names (its ACT2FN keys) -> `ViT.act_layer`; the tanh forms of GELU are one.
@@ -66,9 +68,9 @@ _BERT_LAYERS = (
 )
 _VIT_RENAMES = _VIT_EMBEDDINGS + _BERT_LAYERS + (
     ("^pooler.dense.", "^head."),
-    ("^classifier.", "^head."),
     ("^cls_classifier.", "^head."),
     ("^distillation_classifier.", "^head_dist."),
+    ("^classifier.", "^head."),  # last: a missing `head` is named as the common classes name it
 )
 # DINOv2's blocks: LayerScale, and its SwiGLU's packed `weights_in` (gate first, as timm's SwiGLUPacked).
 _DINOV2_RENAMES = _VIT_EMBEDDINGS + (
@@ -90,9 +92,23 @@ _AST_RENAMES = _VIT_EMBEDDINGS + _BERT_LAYERS + (
     ("^classifier.dense.", "^head."),
 )
 # VideoMAEForPreTraining's decoder, which the encoder (a VideoMAEModel) does without.
-_VIDEOMAE_DECODER = re.compile(r"decoder\..*|encoder_to_decoder\..*")
+_VIDEOMAE_DECODER = r"decoder\..*|encoder_to_decoder\..*"
 # PyTorch's LayerNorm epsilon, which VideoMAE's classifier norm keeps whatever the config says.
 _TORCH_LAYER_NORM_EPS = 1e-5
+# DINOv3: no position embeddings (rotary), separate q/k/v projections (the keys without a bias).
+_DINOV3_EMBEDDINGS = (
+    ("^embeddings.cls_token$", "^cls_token$"),
+    ("^embeddings.register_tokens$", "^reg_token$"),
+    ("^embeddings.patch_embeddings.", "^patch_embed.proj."),
+    ("^layer.{i}.", "^blocks.{i}."),
+    (".attention.o_proj.", ".attn.proj."),
+    (".attention.", ".attn."),
+    (".layer_scale{i}.lambda1$", ".ls{i}.gamma$"),
+    (".mlp.down_proj.", ".mlp.fc2."),
+)
+_DINOV3_RENAMES = _DINOV3_EMBEDDINGS + ((".mlp.up_proj.", ".mlp.fc1."),)
+# Its gated MLP: act(gate_proj x) * up_proj x, timm's SwiGLU.
+_DINOV3_GATED_RENAMES = _DINOV3_EMBEDDINGS + ((".mlp.gate_proj.", ".mlp.fc1_g."), (".mlp.up_proj.", ".mlp.fc1_x."))
 # The vision towers of CLIP and SigLIP.
 _TOWER_RENAMES = (
     ("^embeddings.class_embedding$", "^cls_token$"),
@@ -115,8 +131,16 @@ _SIGLIP_RENAMES = _TOWER_RENAMES + (
     ("^head.mlp.", "^attn_pool.mlp."),
     ("^classifier.", "^head."),
 )
-# What no tower computes: masked-image-modelling tokens, the text tower and CLIP's logit scales.
-_UNUSED = re.compile(r"(.*\.)?mask_token|text_model\..*|text_projection\..*|logit_(scale|bias)")
+# What no tower computes: masked-image-modelling tokens, the text tower, CLIP's logit scales, and
+# the `position_ids` buffers older transformers saved.
+_UNUSED = r"(.*\.)?(mask_token|position_ids)|text_model\..*|text_projection\..*|logit_(scale|bias)"
+# Heads beside the base model, outside its prefix.
+_HEADS = ("classifier.", "cls_classifier.", "distillation_classifier.", "visual_projection.")
+
+
+def _unused(besides: str | None = None) -> Callable[[str], Any]:
+    """Whether a tensor name is `_UNUSED`, or `besides` (a regex: a head the class does not read)."""
+    return re.compile(_UNUSED + (f"|{besides}" if besides else "")).fullmatch
 
 
 def _activation(name: str, key: str) -> str:
@@ -125,13 +149,33 @@ def _activation(name: str, key: str) -> str:
     return _ACTIVATIONS[name]
 
 
-def _hints(config: Mapping[str, Any], norm_eps: float, **more) -> dict[str, Any]:
-    """What a vision config states that the tensors do not; `norm_eps` where it is left out."""
+# What each config class assumes where a config.json leaves a key out (older transformers wrote
+# only the values that differ from these).
+_DEFAULTS = {
+    "vit": dict(num_attention_heads=12, layer_norm_eps=1e-12, hidden_act="gelu", image_size=224),
+    "dinov2": dict(num_attention_heads=12, layer_norm_eps=1e-6, hidden_act="gelu", image_size=224),
+    "dinov3": dict(num_attention_heads=6, layer_norm_eps=1e-5, hidden_act="gelu", image_size=224),
+    "clip": dict(num_attention_heads=12, layer_norm_eps=1e-5, hidden_act="quick_gelu", image_size=224),
+    "siglip": dict(num_attention_heads=12, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", image_size=224),
+    "videomae": dict(
+        num_attention_heads=12, layer_norm_eps=1e-12, hidden_act="gelu", image_size=224, patch_size=16,
+        num_frames=16, tubelet_size=2, hidden_size=768, use_mean_pooling=True,
+    ),
+    "audio-spectrogram-transformer": dict(
+        num_attention_heads=12, layer_norm_eps=1e-12, hidden_act="gelu", num_mel_bins=128, max_length=1024,
+        frequency_stride=10, time_stride=10,
+    ),
+}
+
+
+def _hints(config: Mapping[str, Any], family: str, **more) -> dict[str, Any]:
+    """What a vision config states that the tensors do not (the `family`'s defaults where it is silent)."""
+    value = {**_DEFAULTS[family], **config}
     return dict(
-        num_heads=config["num_attention_heads"],
-        norm_eps=config.get("layer_norm_eps", norm_eps),
-        act_layer=_activation(config.get("hidden_act", "gelu"), "hidden_act"),
-        img_size=config["image_size"],
+        num_heads=value["num_attention_heads"],
+        norm_eps=value["layer_norm_eps"],
+        act_layer=_activation(value["hidden_act"], "hidden_act"),
+        img_size=value["image_size"],
         **more,
     )
 
@@ -141,7 +185,7 @@ def _timm_named(
     base: str,
     renames,
     hints: dict[str, Any],
-    unused: Callable[[str], bool] = _UNUSED.fullmatch,
+    unused: Callable[[str], Any] = _unused(),
 ) -> Checkpoint:
     """The base model's tensors without their `{base}.` prefix (heads sit outside it),
     renamed, the unused ones left out, q/k/v fused; named in the checkpoint's own terms."""
@@ -150,18 +194,26 @@ def _timm_named(
     renamed, renamed_from = layouts.rename({short: arrays[full] for full, short in own.items()}, renames)
     full_name = {short: full for full, short in own.items()}
     original = lambda name: full_name.get(renamed_from.get(name, name), name)  # noqa: E731
+
+    def name_in_source(key: str) -> str:
+        if re.search(r"\.attn\.qkv\.", key):  # the three projections it is fused from
+            return ", ".join(name_in_source(key.replace(".qkv.", f".{part}_proj.")) for part in "qkv")
+        name = layouts.renamed(key, renames, backwards=True)
+        return name if name.startswith(_HEADS) else prefix + name
+
+    projections = {m.group(1) for k in renamed if (m := re.fullmatch(r"(.*\.attn\.)[qkv]_proj\.weight", k))}
+    missing = [
+        f"{a}{part}_proj.weight" for a in sorted(projections) for part in "qkv" if f"{a}{part}_proj.weight" not in renamed
+    ]
+    if missing:
+        raise ValueError(f"the checkpoint lacks the attention projection(s) {', '.join(map(name_in_source, missing))}")
     fused, fused_from = layouts.fused_attention(renamed)
     source_names = {key: ", ".join(map(original, fused_from[key].split(", "))) for key in fused_from}
     source_names.update({key: original(key) for key in fused if key not in fused_from and original(key) != key})
-
-    def name_in_source(key: str) -> str:
-        name = layouts.renamed(key, renames, backwards=True)
-        return name if name in arrays or not prefix else prefix + name
-
     return Checkpoint(fused, source_names, hints, name_in_source)
 
 
-def _tokens_with_positions(checkpoint: Checkpoint) -> Checkpoint:
+def _class_position_in_class_token(checkpoint: Checkpoint) -> Checkpoint:
     """timm's layout of class-token and register positions: Hugging Face's DINOv2 with
     registers adds a position to the class token and none to the registers, which timm
     (`no_embed_class`) keeps as the class token plus its position, then the patches' positions."""
@@ -175,33 +227,52 @@ def _tokens_with_positions(checkpoint: Checkpoint) -> Checkpoint:
 
 def vit(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """ViTModel (its pooler with `pooler_act`), ViTForImageClassification; DeiT's classes too."""
-    pooler = any(k.endswith("pooler.dense.weight") for k in arrays)
-    head_act = {"head_act": _activation(config.get("pooler_act", "tanh"), "pooler_act")} if pooler else {}
-    checkpoint = _timm_named(arrays, config["model_type"], _VIT_RENAMES, _hints(config, 1e-12, **head_act))
-    out = dict(checkpoint.arrays)
-    if "dist_token" in out and "head.weight" in out and "head_dist.weight" not in out:
-        # The class token's head alone, as the mean of two heads (ViT's distilled rule):
-        # doubled (exactly: a power of two), beside a zero distillation head.
-        names = {**checkpoint.source_names}
-        for part in ("weight", "bias"):
-            if f"head.{part}" in out:
-                out[f"head_dist.{part}"] = np.zeros_like(out[f"head.{part}"])
-                out[f"head.{part}"] = 2 * out[f"head.{part}"]
-                names[f"head_dist.{part}"] = f"{checkpoint.name_in_source(f'head.{part}')} (the class token's head alone: zeros)"
-        checkpoint = checkpoint._replace(arrays=out, source_names=names)
-    return checkpoint
+    classifier = any(k.startswith(_HEADS) for k in arrays)
+    # A classifier reads the class token itself; a pooler saved beside it is unused.
+    unused = _unused(r"(.*\.)?pooler\..*" if classifier else None)
+    pooled = not classifier and any(".pooler." in f".{k}" for k in arrays)
+    head_act = {"head_act": _activation(config.get("pooler_act", "tanh"), "pooler_act")} if pooled else {}
+    checkpoint = _timm_named(arrays, config["model_type"], _VIT_RENAMES, _hints(config, "vit", **head_act), unused)
+    return _class_head_as_mean(checkpoint)
+
+
+def _class_head_as_mean(checkpoint: Checkpoint) -> Checkpoint:
+    """A distilled model's head on the class token alone (DeiTForImageClassification, DeiTModel's
+    pooler) as `tome_jax.ViT` computes a distilled head, the mean of two: doubled (exactly, a
+    power of two) beside a zero distillation head."""
+    out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
+    if "dist_token" not in out or "head.weight" not in out or "head_dist.weight" in out:
+        return checkpoint
+    for part in ("weight", "bias"):
+        if f"head.{part}" in out:
+            out[f"head_dist.{part}"] = np.zeros_like(out[f"head.{part}"])
+            out[f"head.{part}"] = 2 * out[f"head.{part}"]
+            names[f"head_dist.{part}"] = f"zeros (the class token's head alone, {checkpoint.name_in_source(f'head.{part}')})"
+    return checkpoint._replace(arrays=out, source_names=names)
 
 
 def dinov2(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """Dinov2Model, Dinov2ForImageClassification, and their WithRegisters forms."""
     base = config["model_type"]
     classifier = arrays.get("classifier.weight")
-    pool = "token_avg" if classifier is not None and classifier.shape[-1] == 2 * config["hidden_size"] else "token"
-    hints = _hints(config, 1e-6, global_pool=pool)
+    width = config.get("hidden_size", 768)  # Dinov2Config's default
+    pool = "token_avg" if classifier is not None and classifier.shape[-1] == 2 * width else "token"
+    hints = _hints(config, "dinov2", global_pool=pool)
     if config.get("use_swiglu_ffn"):  # SiLU whatever hidden_act says (Dinov2SwiGLUFFN)
         hints["act_layer"] = "silu"
     checkpoint = _timm_named(arrays, base, _DINOV2_RENAMES, hints)
-    return _tokens_with_positions(checkpoint)
+    return _class_position_in_class_token(checkpoint)
+
+
+def dinov3(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+    """DINOv3ViTModel (pooler_output, the class token): rotary, "dinov3" kind (`rope.Rope`)."""
+    rope = Rope("dinov3", temperature=float(config.get("rope_theta", 100.0)), half=True)
+    hints = _hints(config, "dinov3", global_pool="token", rope=rope)
+    renames = _DINOV3_GATED_RENAMES if config.get("use_gated_mlp") else _DINOV3_RENAMES
+    checkpoint = _timm_named(arrays, "model", renames, hints)
+    if checkpoint.arrays.get("reg_token", np.zeros((1, 1))).shape[1] == 0:  # num_register_tokens=0 saves [1, 0, width]
+        checkpoint = checkpoint._replace(arrays={k: v for k, v in checkpoint.arrays.items() if k != "reg_token"})
+    return checkpoint
 
 
 def _tower_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -222,9 +293,10 @@ def _with_batch_axes(checkpoint: Checkpoint) -> Checkpoint:
 def clip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
     """CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (its vision tower and projection)."""
     tower = _tower_config(config)
-    checkpoint = _with_batch_axes(
-        _timm_named(arrays, "vision_model", _CLIP_RENAMES, _hints(tower, 1e-5, pre_norm=True))
-    )
+    hints = _hints(tower, "clip", pre_norm=True)
+    if {"CLIPModel", "CLIPVisionModelWithProjection"} & set(config.get("architectures") or ()):
+        hints["projection"] = "visual_projection.weight"  # these classes have one: its absence is an error
+    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _CLIP_RENAMES, hints))
     out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
     if "head.weight" in out:
         out["head.bias"] = np.zeros(out["head.weight"].shape[0], out["head.weight"].dtype)
@@ -236,17 +308,15 @@ def siglip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     """SiglipVisionModel (the MAP head), SiglipForImageClassification (the mean of all
     tokens; its MAP head unused), SiglipModel (its vision tower)."""
     tower = _tower_config(config)
-    classifier = "classifier.weight" in arrays
-    map_head = re.compile(r"(vision_model\.)?head\..*")
-    unused = (lambda key: _UNUSED.fullmatch(key) or map_head.fullmatch(key)) if classifier else _UNUSED.fullmatch
-    hints = _hints(tower, 1e-6, pool_num_heads=tower["num_attention_heads"])
-    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _SIGLIP_RENAMES, hints, unused))
+    # The classifier reads the mean of the tokens: the MAP head saved beside it is unused.
+    unused = _unused(r"(vision_model\.)?head\..*" if "classifier.weight" in arrays else None)
+    # The MAP head has the blocks' heads (ViT's default, pool_num_heads=None).
+    checkpoint = _with_batch_axes(_timm_named(arrays, "vision_model", _SIGLIP_RENAMES, _hints(tower, "siglip"), unused))
     out, names = dict(checkpoint.arrays), dict(checkpoint.source_names)
-    width = tower["hidden_size"]
     for part in ("weight", "bias"):  # nn.MultiheadAttention's in_proj: query rows, then key and value
         fused = out.pop(f"attn_pool.in_proj_{part}", None)
         if fused is not None:
-            source = names.pop(f"attn_pool.in_proj_{part}")
+            width, source = fused.shape[0] // 3, names.pop(f"attn_pool.in_proj_{part}")
             out[f"attn_pool.q.{part}"], out[f"attn_pool.kv.{part}"] = fused[:width], fused[width:]
             names[f"attn_pool.q.{part}"] = f"{source}[:{width}]"
             names[f"attn_pool.kv.{part}"] = f"{source}[{width}:]"
@@ -257,19 +327,19 @@ def videomae(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Che
     """VideoMAEModel (the mean of its last hidden state), VideoMAEForPreTraining (its encoder,
     the same) and VideoMAEForVideoClassification (mean pooling, `fc_norm`, head); the fixed
     sinusoid table is `pos_embed`, built again for any other size (`fixed_pos_embed`)."""
-    mean_pooling = config.get("use_mean_pooling", True)
+    config = {**_DEFAULTS["videomae"], **config}
+    mean_pooling = config["use_mean_pooling"]
     if "classifier.weight" in arrays and not mean_pooling:
         raise ValueError(
             "a VideoMAE classifier with use_mean_pooling=False classifies its first patch token (VideoMAE has no "
             "class token), which merging moves; tome_jax reads VideoMAE classifiers with use_mean_pooling=True"
         )
     hints = _hints(
-        config, 1e-12, num_frames=config["num_frames"], global_pool="avg", fixed_pos_embed="sinusoid",
+        config, "videomae", num_frames=config["num_frames"], global_pool="avg", fixed_pos_embed="sinusoid",
         # The classifier's norm is PyTorch's default; a bare model's mean pooling has no norm at all.
         fc_norm_eps=_TORCH_LAYER_NORM_EPS, token_norm=not mean_pooling,
     )  # fmt: skip
-    unused = lambda key: _UNUSED.fullmatch(key) or _VIDEOMAE_DECODER.fullmatch(key)  # noqa: E731
-    checkpoint = _timm_named(arrays, "videomae", _VIDEOMAE_RENAMES, hints, unused)
+    checkpoint = _timm_named(arrays, "videomae", _VIDEOMAE_RENAMES, hints, _unused(_VIDEOMAE_DECODER))
     height, width = pair(config["image_size"])
     patch = pair(config["patch_size"])
     positions = config["num_frames"] // config["tubelet_size"] * (height // patch[0]) * (width // patch[1])
@@ -282,9 +352,10 @@ def audio_spectrogram_transformer(config: Mapping[str, Any], arrays: Mapping[str
     """ASTModel (its pooled output) and ASTForAudioClassification: [batch, time, mel bins]
     inputs read as [mel bins, time] images, patches `frequency_stride` x `time_stride` apart,
     the class and distillation tokens' mean after the final norm, then `fc_norm` and head."""
+    config = {**_DEFAULTS["audio-spectrogram-transformer"], **config}
     spectrogram = {**config, "image_size": (config["num_mel_bins"], config["max_length"])}
     hints = _hints(
-        spectrogram, 1e-12, patch_stride=(config["frequency_stride"], config["time_stride"]), fbank_input=True,
+        spectrogram, "audio-spectrogram-transformer", patch_stride=(config["frequency_stride"], config["time_stride"]), fbank_input=True,
         global_pool="cls_distill_avg", token_norm=True,
     )  # fmt: skip
     return _timm_named(arrays, "audio_spectrogram_transformer", _AST_RENAMES, hints)
@@ -295,6 +366,7 @@ LAYOUTS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], Check
     "deit": vit,
     "dinov2": dinov2,
     "dinov2_with_registers": dinov2,
+    "dinov3_vit": dinov3,
     "clip": clip,
     "clip_vision_model": clip,
     "siglip": siglip,

@@ -1,6 +1,6 @@
 """Input data on tf.data: datasets and their batches, image preprocessing, augmentation.
 
-    tome_jax.data.bundled   the data the repository ships, CIFAR-10's normalisation
+    tome_jax.data.bundled   the model and data the package ships, CIFAR-10's normalisation
     tome_jax.data.images    decoding and evaluation preprocessing of one image
     tome_jax.data.augment   training augmentation, per example (tf.data)
     tome_jax.data.datasets  datasets by name, evaluation and training batches
@@ -15,7 +15,7 @@ with a segfault, both registering the same LLVM options.
 
 import importlib
 
-from tome_jax.data.bundled import ASSETS, BUNDLED_CIFAR10, CIFAR10_MEAN, CIFAR10_STD, REPO
+from tome_jax.data.bundled import ASSETS, BUNDLED_CIFAR10, CIFAR10_MEAN, CIFAR10_STD, find_shipped
 
 # Each name -> the module that holds it, imported when the name is first used.
 ON_FIRST_USE = {

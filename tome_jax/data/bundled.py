@@ -1,4 +1,4 @@
-"""The data the repository ships: where it lies, CIFAR-10's normalisation, and the
+"""The model and data the package ships: where they lie, CIFAR-10's normalisation, and the
 extraction of the bundled CIFAR-10 (no TensorFlow here: the configs read this)."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ import os
 import pathlib
 import tarfile
 
-# The repository around the package: its assets/ hold the bundled model and data.
-REPO = pathlib.Path(__file__).resolve().parents[2]
-ASSETS = REPO / "assets"
+# The package's folder. Its assets/ holds the bundled model and data (package data: in a clone a
+# link to the repository's assets/, in an installed wheel the files pyproject.toml names), its
+# configs/ the commands' configs (the repository's configs/ links to it).
+PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+ASSETS = PACKAGE / "assets"
+SHIPPED_FOLDERS = ("assets", "configs")
 BUNDLED_CIFAR10 = ASSETS / "cifar10-jpg.tar.gz"
 BUNDLED_CIFAR10_SHA256 = "98d6573b2eb3a94d49785094465846f7dd26b797ddaa64b429b6317e6a74d5bd"
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -20,6 +23,27 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 def cache_dir() -> pathlib.Path:
     """Where extracted data lives: $TOME_JAX_CACHE, else ~/.cache/tome_jax."""
     return pathlib.Path(os.environ.get("TOME_JAX_CACHE", "~/.cache/tome_jax")).expanduser()
+
+
+def find_shipped(path: str) -> str:
+    """`path` itself, unless it is a relative `assets/NAME` or `configs/NAME` missing from the
+    current folder: then the installed package's copy (tome_jax/assets/NAME, tome_jax/configs/NAME),
+    so that the commands' defaults and the documented `--config configs/...` run from any folder.
+
+    Raises FileNotFoundError, naming both places, when neither holds it.
+    """
+    given = pathlib.Path(path)
+    folder = given.parts[0] if given.parts else ""
+    if given.is_absolute() or folder not in SHIPPED_FOLDERS or given.exists():
+        return path
+    shipped = PACKAGE / given
+    if shipped.exists():
+        return str(shipped)
+    names = ", ".join(sorted(p.name for p in shipped.parent.glob("[!_]*"))) or "nothing"
+    raise FileNotFoundError(
+        f"no file {path} in the current folder ({given.absolute()}) nor in the installed package "
+        f"({shipped}, whose {folder}/ holds {names}); give the file's full path"
+    )
 
 
 def _sha256(path: pathlib.Path) -> str:

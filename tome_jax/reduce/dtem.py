@@ -54,7 +54,8 @@ class DTEM(Reduction):
       drop_residue: tokens sorted behind the participants get size 0
         (`dtem.dtem_soft_merge`; not in the paper).
 
-    The soft merge takes a class token alone as the prefix.
+    The soft merge leaves every prefix token out, as the official code leaves the class
+    token out (`dtem.dtem_soft_merge`'s `prefix`).
     """
 
     name: ClassVar[str] = "dtem"
@@ -71,8 +72,6 @@ class DTEM(Reduction):
     def start(self, tokens: Tokens, model, train: bool) -> Tokens:
         if not self.merges_softly(train):
             return tokens
-        if model.num_prefix_tokens != 1 or not model.class_token:
-            raise ValueError("DTEM's soft merge expects exactly one prefix token, a class token")
         return tokens.replace(state=SoftMergeState(participants=tokens.x.shape[1]))
 
     def metric(self, keys: jax.Array | None, normed: jax.Array, block) -> jax.Array:
@@ -85,11 +84,20 @@ class DTEM(Reduction):
         if not self.merges_softly(step.train):
             return ToMe()(step)
         n = step.state.participants
-        r = merge.clamp_r(step.r, n, protected=1)
+        prefix = step.num_prefix_tokens
+        r = merge.clamp_r(step.r, n, protected=prefix)
         if r == 0:  # nothing takes part any more
             return Reduced(step.x, step.size, merge.identity_plan(*step.size.shape), state=step.state)
         plan = dtem.soft_merge_plan(
-            step.size, step.metric, r, n, k2=self.k2, tau1=self.tau1, tau2=self.tau2, drop_residue=self.drop_residue
+            step.size,
+            step.metric,
+            r,
+            n,
+            k2=self.k2,
+            tau1=self.tau1,
+            tau2=self.tau2,
+            drop_residue=self.drop_residue,
+            prefix=prefix,
         )
         size = plan.sum(step.size)
         return Reduced(plan.mean(step.x, step.size), size, plan, state=SoftMergeState(n - r))
