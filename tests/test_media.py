@@ -186,6 +186,10 @@ def test_video_checkpoints_round_trip_in_videomaes_layout():
         (dict(VIDEO, num_frames=5), (1, 5, 16, 16, 3), "num_frames 5 is not a positive multiple of tubelet_size 2"),
         (dict(TINY, tubelet_size=2), (1, 16, 16, 3), "tubelet_size needs num_frames"),
         (AUDIO, (1, 8, 32, 3), "inputs have 3 channels, the model's in_chans is 1"),
+        (dict(AUDIO, patch_stride=(4, 5)), (1, 8, 32, 1), r"patch_stride \(4, 5\) must be between 1 and patch_size 4"),
+        (dict(AUDIO, fbank_input=True, in_chans=3), (1, 32, 8), r"fbank_input reads \[batch, time, mel bins\]"),
+        (dict(TINY, global_pool="cls_distill_avg"), (1, 16, 16, 3), "it needs distill_token=True"),
+        (dict(TINY, fc_norm_eps=0.0), (1, 16, 16, 3), "fc_norm_eps must be > 0"),
     ],
 )
 def test_bad_media_get_a_clear_error(config, shape, message):
@@ -200,6 +204,9 @@ def test_conversion_and_drawing_refuse_what_they_cannot_do():
     model = tome_jax.ViT(**VIDEO)
     with pytest.raises(ValueError, match="visualize draws image models"):
         vis.visualize(model, None, inputs_for(model), np.zeros((2, 16, 16, 3)), 2)
+    model = tome_jax.ViT(**dict(AUDIO, patch_stride=2))
+    with pytest.raises(ValueError, match="visualize draws patches that tile the image"):
+        vis.visualize(model, None, inputs_for(model), np.zeros((2, 8, 32, 3)), 2)
 
 
 def test_named_media_configs():

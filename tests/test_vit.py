@@ -371,7 +371,7 @@ def test_pixels_past_the_last_whole_patch_are_dropped():
         (dict(img_size=3), (1, 3, 3, 3), r"image size \(3, 3\) is smaller than one patch \(4, 4\)"),
         (dict(class_token=False), (1, 16, 16, 3), "global_pool='token' needs a class token"),
         (dict(class_token=False, distill_token=True, global_pool="avg"), (1, 16, 16, 3), "distillation token needs a class token"),
-        (dict(global_pool="max"), (1, 16, 16, 3), r"global_pool must be one of \('token', 'avg', 'map', 'token_avg'\)"),
+        (dict(global_pool="max"), (1, 16, 16, 3), r"global_pool must be one of \('token', 'avg', 'map', 'token_avg', 'cls_distill_avg'\)"),
         (dict(act_layer="relu"), (1, 16, 16, 3), r"act_layer must be one of \['gelu', 'gelu_tanh', 'quick_gelu', 'silu', 'tanh'\]"),
         (dict(mlp_layer="glu"), (1, 16, 16, 3), "mlp_layer must be one of"),
         (dict(mlp_layer="swiglu_packed", mlp_ratio=0.125), (1, 16, 16, 3), "width \\* mlp_ratio is even"),

@@ -5,6 +5,7 @@
         --config.batch_sizes=8,16 --config.r="0, 16, (16, -1)" --config.dtypes=float32,bfloat16
     tome-jax-bench --config configs/bench_cpu.py --device=gpu
     tome-jax-bench --config configs/bench_families.py   # CLIP, SigLIP, DINOv2 towers by timm name
+    tome-jax-bench --config configs/bench_media.py      # VideoMAE and AST beside transformers
 
 For every model, batch size and dtype, one interleaved timing loop
 (`measure.interleaved_times`) runs, call by call, tome_jax at each `r`, the same
@@ -14,6 +15,12 @@ the project's reference `tome_jax.torch_tome`), and square matmuls in the dtype,
 the fastest of which is the reachable peak that `peak_pct` divides by. Both
 frameworks run the same random weights (`from_timm` of the timm module). Prints a
 table and writes JSON.
+
+A model named `transformers:<class>` (e.g. `transformers:VideoMAEForVideoClassification`)
+is that transformers class, built from its config class's defaults with
+`config.hf_overrides[<class>]` on top, random weights, nothing downloaded; tome_jax
+reads it with `from_hf`. Its PyTorch column (`timm_r0_img_s`) is then the
+transformers model at r = 0, and there is no PyTorch ToMe for it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import tempfile
 from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
@@ -34,9 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tome_jax import attention, budget, measure, merge, reduce, registry, report, schedules, vit
-from tome_jax.convert import from_timm
+from tome_jax.convert import from_hf, from_timm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Model names that are transformers classes rather than timm names.
+TRANSFORMERS_PREFIX = "transformers:"
 COLUMNS = (
     "model", "batch", "dtype", "r", "tome_jax_img_s", "official_img_s", "reference_img_s",
     "ratio", "timm_r0_img_s", "gflops", "gflop_s", "peak_gflop_s", "peak_pct", "compile_s", "merge_pct",
@@ -98,8 +108,8 @@ def peak_speeds(peaks: dict[str, tuple[Any, float]], times: dict[str, list[float
 class TorchSide(NamedTuple):
     """The PyTorch models of one benchmark group, on one device."""
 
-    timm: Any  # timm VisionTransformer, eval mode
-    official: Any | None  # a copy patched by the official ToMe, None where not installed
+    timm: Any  # timm VisionTransformer (or a transformers model), eval mode
+    official: Any | None  # a copy patched by the official ToMe, None where not installed (or not timm)
     call: Callable[[Callable, int], None]  # (forward, i): forward on batch i, synchronised
 
 
@@ -127,20 +137,31 @@ def official_tome():
     return tome
 
 
-def torch_side(timm_model, images: Sequence[np.ndarray], device: str, dtype: str) -> TorchSide:
-    """Moves `timm_model` to `device` and builds its timed call (autocast for bfloat16).
+def torch_input_axes(model: vit.ViT) -> tuple[int, ...]:
+    """The transpose of tome_jax's inputs into PyTorch's: NHWC images to NCHW, videos
+    [batch, frames, height, width, channels] to transformers' [batch, frames, channels,
+    height, width]; spectrograms [batch, time, mel bins] stay as they are."""
+    if model.fbank_input:
+        return (0, 1, 2)
+    return (0, 3, 1, 2) if model.num_frames is None else (0, 1, 4, 2, 3)
 
-    images: NHWC batches, given to torch as NCHW copies.
+
+def torch_side(timm_model, images: Sequence[np.ndarray], device: str, dtype: str, axes=(0, 3, 1, 2)) -> TorchSide:
+    """Moves `timm_model` (or a transformers model) to `device` and builds its timed call
+    (autocast for bfloat16).
+
+    images: tome_jax's input batches, given to torch as copies transposed by `axes`
+    (`torch_input_axes`). The official ToMe patches timm models only.
     """
     import torch
 
     timm_model = timm_model.to(device).eval()
     tome = official_tome()
     official = None
-    if tome is not None:
+    if tome is not None and not is_transformers(timm_model):
         official = copy.deepcopy(timm_model)
         tome.patch.timm(official)
-    tensors = [torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device) for x in images]
+    tensors = [torch.from_numpy(np.asarray(x).transpose(axes).copy()).to(device) for x in images]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def call(forward, i):
@@ -164,14 +185,41 @@ def official_forward(model, r):
     return forward
 
 
+def is_transformers(model) -> bool:
+    """A transformers model (the PyTorch side of a `transformers:` name), not a timm one."""
+    return type(model).__module__.startswith("transformers.")
+
+
+def transformers_model(name: str, config):
+    """The transformers class a `transformers:<class>` name gives, from its config class's
+    defaults and `config.hf_overrides[<class>]`, random weights, eval mode."""
+    import transformers
+
+    class_name = name[len(TRANSFORMERS_PREFIX) :]
+    model_class = getattr(transformers, class_name, None)
+    if model_class is None or not hasattr(model_class, "config_class"):
+        raise ValueError(f"{name}: transformers has no model class {class_name!r}")
+    overrides = config.get("hf_overrides", {}).get(class_name, {})
+    overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+    return model_class(model_class.config_class(**overrides)).eval()
+
+
 def build_models(name: str, dtype: str, config, device: str):
-    """(tome_jax model, variables, timm model or None) with the same random weights."""
+    """(tome_jax model, variables, timm model or None) with the same random weights; for a
+    `transformers:` name the transformers model stands in for timm's."""
     architecture = {k: v for k, v in dict(config.model_overrides).items() if v is not None}  # unset: the model's own
     overrides = dict(dtype=DTYPES[dtype])
     if config.merge_implementation:
         overrides["merge_implementation"] = config.merge_implementation
     if config.attn_implementation:
         overrides["attn_implementation"] = config.attn_implementation
+    if name.startswith(TRANSFORMERS_PREFIX):
+        torch_model = transformers_model(name, config)
+        with tempfile.TemporaryDirectory() as directory:
+            torch_model.save_pretrained(directory)
+            model, variables = from_hf(directory, **overrides)
+        keep = config.torch and torch_device(device) is not None
+        return model, jax.device_put(variables), torch_model if keep else None
     if config.torch and torch_device(device) is not None:
         import timm
 
@@ -230,6 +278,8 @@ def pytorch_calls(side: TorchSide, r_values: dict) -> dict:
     from tome_jax import torch_tome
 
     calls = {"timm": lambda i: side.call(side.timm, i)}
+    if is_transformers(side.timm):  # PyTorch ToMe patches timm models only
+        return calls
     for label, r in r_values.items():
         reference = lambda x, r=r: torch_tome.tome_forward(side.timm, x, r)  # noqa: E731
         calls[f"reference {label}"] = lambda i, f=reference: side.call(f, i)
@@ -249,7 +299,8 @@ def bench_group(name: str, batch: int, dtype: str, config, device: str) -> list[
     r_values, targets = r_values_for(model, variables, config, batch, jax_images)
     calls, costs = tome_jax_calls(model, variables, r_values, jax_images)
     if timm_model is not None:
-        calls.update(pytorch_calls(torch_side(timm_model, images, torch_device(device), dtype), r_values))
+        side = torch_side(timm_model, images, torch_device(device), dtype, torch_input_axes(model))
+        calls.update(pytorch_calls(side, r_values))
     # The peak runs inside the same loop, as on a shared machine it moves with the load.
     matmuls = peak_calls(DTYPES[dtype], parse_ints(config.peak_sizes))
     calls.update({name: call for name, (call, _) in matmuls.items()})

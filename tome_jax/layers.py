@@ -22,18 +22,28 @@ def pair(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def patchify(inputs: jax.Array, kernel: tuple[int, ...]) -> jax.Array:
-    """[batch, *spatial, channels] -> [batch, *grid, *kernel, channels], grid = floor(spatial / kernel).
+def patchify(inputs: jax.Array, kernel: tuple[int, ...], stride: tuple[int, ...] | None = None) -> jax.Array:
+    """[batch, *spatial, channels] -> [batch, *grid, *kernel, channels], grid = (spatial - kernel) // stride + 1.
 
     Each patch's pixels end up contiguous, in the order of a convolution kernel.
     Pixels past the last whole patch are dropped, as a strided convolution drops
-    them (timm's So400m/14 at 384 px reads 27 x 14 = 378 of them).
+    them (timm's So400m/14 at 384 px reads 27 x 14 = 378 of them). `stride`
+    (None: the kernel) below the kernel gives overlapping patches (AST's 16 x 16
+    patches every 10 pixels), each pixel then copied into every patch that reads it.
     """
+    stride = kernel if stride is None else stride
     batch, *spatial, channels = inputs.shape
-    grid = [extent // k for extent, k in zip(spatial, kernel)]
+    grid = [(extent - k) // s + 1 for extent, k, s in zip(spatial, kernel, stride)]
+    axes = len(kernel)
+    if tuple(stride) != tuple(kernel):
+        # One strided slice per kernel offset and axis: [batch, *grid, *kernel, channels] directly.
+        for axis, (g, k, s) in enumerate(zip(grid, kernel, stride)):
+            at = 1 + axis
+            offsets = [jax.lax.slice_in_dim(inputs, i, i + (g - 1) * s + 1, s, axis=at) for i in range(k)]
+            inputs = jnp.stack(offsets, axis=inputs.ndim - 1)
+        return inputs
     inputs = inputs[(slice(None), *(slice(g * k) for g, k in zip(grid, kernel)))]
     split = inputs.reshape(batch, *[d for dims in zip(grid, kernel) for d in dims], channels)
-    axes = len(kernel)
     grid_axes, kernel_axes = range(1, 2 * axes, 2), range(2, 2 * axes + 1, 2)
     return split.transpose(0, *grid_axes, *kernel_axes, 2 * axes + 1)
 

@@ -308,6 +308,8 @@ def visualize(
     """
     if require_vit(model, "visualize").num_frames is not None:
         raise ValueError("visualize draws image models; a video model's token groups span frames")
+    if model.patch_strides != model.patch_kernel:
+        raise ValueError("visualize draws patches that tile the image; this model's overlap (its patch_stride)")
     reduce.check_tracks_sources(model.method)
     if not isinstance(r, (numbers.Integral, list, tuple)):
         raise TypeError(f"r must be an int or a list of r specs (one row each), got {r!r} ({type(r).__name__})")

@@ -37,8 +37,10 @@ from tome_jax.rope import Rope
 from tome_jax.tokens import DEST, MEAN, Field, TokenField, Tokens
 
 
-# Pooling before the head (`ViT.global_pool`).
-GLOBAL_POOLS = ("token", "avg", "map", "token_avg")
+# Pooling before the head (`ViT.global_pool`): the class token, the mean of the patch
+# tokens, attention pooling (SigLIP's MAP head), the class token beside the patches' mean
+# (DINOv2's classifier), the mean of the class and distillation tokens (AST).
+GLOBAL_POOLS = ("token", "avg", "map", "token_avg", "cls_distill_avg")
 
 
 class SoftMergeSettings(NamedTuple):
@@ -69,13 +71,27 @@ class ViT(nn.Module):
 
     `img_size` need not be a multiple of `patch_size`: the grid is `img_size //
     patch_size` and the pixels past the last whole patch are dropped, as timm's
-    strided patch convolution drops them.
+    strided patch convolution drops them. `patch_stride` below `patch_size` makes
+    the patches overlap (AST's): the grid is then `(img_size - patch_size) //
+    patch_stride + 1`.
 
     `in_chans` is the input's channels (1 for spectrograms [batch, freq, time, 1]).
     `num_frames` makes it a video ViT (VideoMAE's tubelet embedding): inputs are
     [batch, num_frames, height, width, in_chans], cut into tubelets of
     `tubelet_size` frames x `patch_size`, and the tokens (one position embedding
     each) are flattened time first, then rows, then columns.
+
+    `fbank_input` takes AST's input, filter-bank features [batch, time, mel bins],
+    and reads them as the one-channel image [batch, mel bins, time, 1] (rows are
+    frequency, columns time, as AST's patch convolution reads them): `img_size`
+    is (mel bins, time frames), `in_chans` 1.
+
+    `token_norm` None is timm's rule, a final LayerNorm on the tokens unless
+    `fc_norm`; True or False forces it (AST's classifier has both norms, a bare
+    VideoMAE with mean pooling neither). `fc_norm_eps` is fc_norm's epsilon
+    (None: `norm_eps`; VideoMAE's classifier has PyTorch's 1e-5 there).
+    `global_pool="cls_distill_avg"` is AST's pooling: the mean of the class and
+    distillation tokens, one head.
     """
 
     num_classes: int = 1000
@@ -83,7 +99,10 @@ class ViT(nn.Module):
     head_act: str | None = None
     img_size: int | tuple[int, int] = 224
     patch_size: int | tuple[int, int] = 16
+    # The patch convolution's stride; None: patch_size (patches side by side).
+    patch_stride: int | tuple[int, int] | None = None
     in_chans: int = 3
+    fbank_input: bool = False
     num_frames: int | None = None
     tubelet_size: int = 1
     width: int = 768
@@ -97,6 +116,8 @@ class ViT(nn.Module):
     reg_tokens: int = 0
     global_pool: str = "token"
     fc_norm: bool | None = None
+    fc_norm_eps: float | None = None
+    token_norm: bool | None = None
     pre_norm: bool = False
     no_embed_class: bool = False
     # Learned absolute position embeddings (timm's `use_abs_pos_emb`); rotary models may go without.
@@ -146,12 +167,13 @@ class ViT(nn.Module):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """The patch grid, (height // patch, width // patch): the pixels past the
-        last whole patch are dropped, as timm's strided patch convolution drops them."""
-        (h, w), (ph, pw) = pair(self.img_size), pair(self.patch_size)
+        """The patch grid, ((height - patch) // stride + 1, same for width), (height //
+        patch, width // patch) without a stride: the pixels past the last whole patch
+        are dropped, as timm's strided patch convolution drops them."""
+        (h, w), (ph, pw), (sh, sw) = pair(self.img_size), pair(self.patch_size), self.patch_strides[-2:]
         if h < ph or w < pw:
             raise ValueError(f"image size {(h, w)} is smaller than one patch {(ph, pw)}")
-        return h // ph, w // pw
+        return (h - ph) // sh + 1, (w - pw) // sw + 1
 
     @property
     def token_grid(self) -> tuple[int, ...]:
@@ -163,13 +185,24 @@ class ViT(nn.Module):
 
     @property
     def patch_kernel(self) -> tuple[int, ...]:
-        """The patch embedding's kernel, also its stride: (ph, pw) or (tubelet, ph, pw)."""
+        """The patch embedding's kernel: (ph, pw) or (tubelet, ph, pw)."""
         patch = pair(self.patch_size)
         return patch if self.num_frames is None else (self.tubelet_size, *patch)
 
     @property
+    def patch_strides(self) -> tuple[int, ...]:
+        """The patch embedding's stride, `patch_kernel` but where `patch_stride` says otherwise."""
+        if self.patch_stride is None:
+            return self.patch_kernel
+        return (*self.patch_kernel[:-2], *pair(self.patch_stride))
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
-        """One example: (height, width, in_chans), or (num_frames, height, width, in_chans)."""
+        """One example: (height, width, in_chans), (num_frames, height, width, in_chans),
+        or with `fbank_input` (time frames, mel bins)."""
+        if self.fbank_input:
+            mel_bins, frames = self.image_hw
+            return (frames, mel_bins)
         frames = () if self.num_frames is None else (self.num_frames,)
         return (*frames, *self.image_hw, self.in_chans)
 
@@ -219,6 +252,10 @@ class ViT(nn.Module):
             raise ValueError("register tokens with a distillation token: no timm model has both; pick one")
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
+        if self.global_pool == "cls_distill_avg" and not self.distill_token:
+            raise ValueError(
+                "global_pool='cls_distill_avg' averages the class and distillation tokens; it needs distill_token=True"
+            )
         if self.act_layer not in ACTIVATIONS:
             raise ValueError(f"act_layer must be one of {sorted(ACTIVATIONS)}, got {self.act_layer!r}")
         if self.head_act is not None and self.head_act not in ACTIVATIONS:
@@ -230,8 +267,11 @@ class ViT(nn.Module):
                 f"mlp_layer='swiglu_packed' splits fc1's {int(self.width * self.mlp_ratio)} features "
                 "into gate and value halves; choose mlp_ratio so that width * mlp_ratio is even"
             )
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        for name in ("norm_eps", "fc_norm_eps"):
+            eps = getattr(self, name)
+            if eps is not None and not eps > 0:
+                raise ValueError(f"{name} must be > 0, got {eps!r}")
+        self._validate_patches()
         if self.global_pool in ("token", "token_avg") and not self.class_token:
             raise ValueError(f"global_pool={self.global_pool!r} needs a class token")
         if self.global_pool == "token_avg" and self.distill_token:
@@ -250,6 +290,16 @@ class ViT(nn.Module):
         self.method.check_depth(self.depth)
         self._validate_rope()
 
+    def _validate_patches(self):
+        stride = () if self.patch_stride is None else pair(self.patch_stride)
+        if any(s < 1 or s > p for s, p in zip(stride, pair(self.patch_size))):
+            raise ValueError(
+                f"patch_stride {self.patch_stride} must be between 1 and patch_size {self.patch_size} "
+                "(a larger stride would skip pixels)"
+            )
+        if self.fbank_input and (self.in_chans != 1 or self.num_frames is not None):
+            raise ValueError("fbank_input reads [batch, time, mel bins] spectrograms: in_chans=1, no num_frames")
+
     def _validate_rope(self):
         if self.rope_position not in rope.POSITION_RULES:
             raise ValueError(f"rope_position must be one of {rope.POSITION_RULES}, got {self.rope_position!r}")
@@ -266,7 +316,9 @@ class ViT(nn.Module):
 
     def _check_input(self, shape: tuple[int, ...]):
         """Clear errors for inputs that do not fit `input_shape` (batch first)."""
-        if self.num_frames is None:
+        if self.fbank_input:
+            layout = "spectrograms must be [batch, time, mel bins]"
+        elif self.num_frames is None:
             layout = "images must be [batch, height, width, channels]"
         else:
             layout = "videos must be [batch, frames, height, width, channels]"
@@ -274,6 +326,12 @@ class ViT(nn.Module):
             raise ValueError(f"{layout}, got {tuple(shape)}")
         if shape[0] == 0:
             raise ValueError(f"an empty batch: inputs of shape {tuple(shape)}; pass at least one")
+        if self.fbank_input:
+            if tuple(shape[1:]) != self.input_shape:
+                raise ValueError(
+                    f"{layout}: got {tuple(shape[1:])} (time, mel bins), the model's are {self.input_shape}"
+                )
+            return
         if shape[-1] != self.in_chans and shape[1] == self.in_chans:
             order = (0, *range(2, len(shape)), 1)
             last = "NHWC" if self.num_frames is None else "NTHWC"
@@ -297,6 +355,8 @@ class ViT(nn.Module):
     def _embed(self, images: jax.Array) -> jax.Array:
         """[batch, *input_shape] -> [batch, tokens, width], prefix tokens first."""
         self._check_input(images.shape)
+        if self.fbank_input:  # [batch, time, mel] -> the image [batch, mel, time, 1]
+            images = images.transpose(0, 2, 1)[..., None]
         kernel = self.patch_kernel
         # A matmul over each patch's pixels: the strided convolution's arithmetic, and
         # its [*kernel, in_chans, width] parameter, at matmul speed (XLA's CPU
@@ -308,7 +368,7 @@ class ViT(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="patch_embed",
-        )(patchify(images, kernel))
+        )(patchify(images, kernel, self.patch_strides))
         # [batch, (frames,) gh, gw, width]: row-major flattening puts time first.
         batch = x.shape[0]
         x = x.reshape(batch, -1, self.width)
@@ -364,14 +424,21 @@ class ViT(nn.Module):
             weights = patch_size[..., None].astype(jnp.float32)
             mean = ((patches.astype(jnp.float32) * weights).sum(1) / weights.sum(1)).astype(x.dtype)
             return mean if self.global_pool == "avg" else jnp.concatenate([x[:, 0], mean], axis=-1)
+        if self.global_pool == "cls_distill_avg":
+            return (x[:, 0] + x[:, 1]) / 2
         if self.distill_token:
             return x[:, :2]
         return x[:, 0]
 
+    @property
+    def distill_heads(self) -> bool:
+        """DeiT's two heads, one on the class token and one on the distillation token."""
+        return self.distill_token and self.global_pool == "token"
+
     def _head(self, pooled: jax.Array) -> jax.Array:
         """timm's heads: zero classes gives the pooled features."""
         if self.num_classes == 0:
-            return pooled.mean(1) if self.distill_token else pooled
+            return pooled.mean(1) if self.distill_heads else pooled
         head = lambda name: nn.Dense(  # noqa: E731
             self.num_classes,
             kernel_init=nn.initializers.zeros,
@@ -379,7 +446,7 @@ class ViT(nn.Module):
             param_dtype=self.param_dtype,
             name=name,
         )
-        if self.distill_token:
+        if self.distill_heads:
             # DeiT's inference rule: the mean of the class and distillation heads.
             logits = (head("head")(pooled[:, 0]) + head("head_dist")(pooled[:, 1])) / 2
         else:
@@ -497,12 +564,15 @@ class ViT(nn.Module):
         """The final norm, recorded (`tokens`, `size`), then pooling (with fc_norm after it)."""
         x, size = tokens.x, tokens.size
         use_fc_norm = self.global_pool == "avg" if self.fc_norm is None else self.fc_norm
-        if not use_fc_norm:
+        if (not use_fc_norm) if self.token_norm is None else self.token_norm:
             x = self._norm("norm")(x)
         self.sow("intermediates", "tokens", x)
         self.sow("intermediates", "size", size)
         pooled = self._pool(x, size)
-        return self._norm("fc_norm")(pooled) if use_fc_norm else pooled
+        if not use_fc_norm:
+            return pooled
+        eps = self.norm_eps if self.fc_norm_eps is None else self.fc_norm_eps
+        return layer_norm("fc_norm", self.dtype, self.param_dtype, eps)(pooled)
 
 
 def init_params(model: ViT, rng: jax.Array | None = None) -> Any:

@@ -144,7 +144,8 @@ def save_checkpoint(model: ViT, variables, path, **metadata) -> pathlib.Path:
     save_file(to_timm_state_dict(model, variables), path, metadata=strings)
     read_back, _ = from_timm(path)
     # 32 and (32, 32) are one image size.
-    same = lambda key, a, b: pair(a) == pair(b) if key in ("img_size", "patch_size") else a == b  # noqa: E731
+    sizes = ("img_size", "patch_size", "patch_stride")
+    same = lambda key, a, b: pair(a) == pair(b) if key in sizes and a is not None else a == b  # noqa: E731
     differ = {
         key: (getattr(model, key), getattr(read_back, key))
         for key in ViT.__dataclass_fields__

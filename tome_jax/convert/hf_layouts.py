@@ -17,6 +17,10 @@ activation, image size, pooling), as hints. Each head becomes timm's `head`, so 
   (CLIPVisionModel's pooler_output).
 - SigLIP: the MAP head (pooler_output), or `classifier` on the mean of all tokens
   (SiglipForImageClassification, whose unused MAP head is left out).
+- VideoMAE: no head (the mean of the last hidden state: VideoMAEModel has no pooled
+  output), or mean pooling, `fc_norm` and `classifier` (VideoMAEForVideoClassification).
+- AST: no head (pooler_output, the mean of the class and distillation tokens), or the
+  classifier's LayerNorm and Linear as `fc_norm` and `head` (ASTForAudioClassification).
 
 A CLIPModel or SiglipModel is read for its `vision_config` and `vision_model.` tensors.
 """
@@ -30,6 +34,8 @@ import numpy as np
 
 from tome_jax.convert import layouts
 from tome_jax.convert.layouts import Checkpoint
+from tome_jax.convert.resample import sinusoid_table
+from tome_jax.layers import pair
 from tome_jax.rope import Rope
 
 
@@ -54,11 +60,13 @@ _VIT_EMBEDDINGS = (
     ("^layernorm.", "^norm."),
 )
 # ViT's and DeiT's blocks (BERT's names) and heads.
-_VIT_RENAMES = _VIT_EMBEDDINGS + (
+_BERT_LAYERS = (
     (".layernorm_before.", ".norm1."),
     (".layernorm_after.", ".norm2."),
     (".intermediate.dense.", ".mlp.fc1."),
     (".output.dense.", ".mlp.fc2."),
+)
+_VIT_RENAMES = _VIT_EMBEDDINGS + _BERT_LAYERS + (
     ("^pooler.dense.", "^head."),
     ("^cls_classifier.", "^head."),
     ("^distillation_classifier.", "^head_dist."),
@@ -71,6 +79,22 @@ _DINOV2_RENAMES = _VIT_EMBEDDINGS + (
     (".mlp.weights_out.", ".mlp.fc2."),
     ("^classifier.", "^head."),
 )
+# VideoMAE: BERT's blocks with separate query and value biases (the keys have none) and
+# the classifier's own `fc_norm`; its position table is not a tensor (`videomae` adds it).
+_VIDEOMAE_RENAMES = _VIT_EMBEDDINGS + _BERT_LAYERS + (
+    (".attention.attention.q_bias$", ".attn.q_proj.bias$"),
+    (".attention.attention.v_bias$", ".attn.v_proj.bias$"),
+    ("^classifier.", "^head."),
+)
+# AST: BERT's blocks; its classifier is a LayerNorm (timm's `fc_norm`) and a Linear.
+_AST_RENAMES = _VIT_EMBEDDINGS + _BERT_LAYERS + (
+    ("^classifier.layernorm.", "^fc_norm."),
+    ("^classifier.dense.", "^head."),
+)
+# VideoMAEForPreTraining's decoder, which the encoder (a VideoMAEModel) does without.
+_VIDEOMAE_DECODER = r"decoder\..*|encoder_to_decoder\..*"
+# PyTorch's LayerNorm epsilon, which VideoMAE's classifier norm keeps whatever the config says.
+_TORCH_LAYER_NORM_EPS = 1e-5
 # DINOv3: no position embeddings (rotary), separate q/k/v projections (the keys without a bias).
 _DINOV3_EMBEDDINGS = (
     ("^embeddings.cls_token$", "^cls_token$"),
@@ -133,6 +157,14 @@ _DEFAULTS = {
     "dinov3": dict(num_attention_heads=6, layer_norm_eps=1e-5, hidden_act="gelu", image_size=224),
     "clip": dict(num_attention_heads=12, layer_norm_eps=1e-5, hidden_act="quick_gelu", image_size=224),
     "siglip": dict(num_attention_heads=12, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", image_size=224),
+    "videomae": dict(
+        num_attention_heads=12, layer_norm_eps=1e-12, hidden_act="gelu", image_size=224, patch_size=16,
+        num_frames=16, tubelet_size=2, hidden_size=768, use_mean_pooling=True,
+    ),
+    "audio-spectrogram-transformer": dict(
+        num_attention_heads=12, layer_norm_eps=1e-12, hidden_act="gelu", num_mel_bins=128, max_length=1024,
+        frequency_stride=10, time_stride=10,
+    ),
 }
 
 
@@ -291,6 +323,44 @@ def siglip(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Check
     return checkpoint._replace(arrays=out, source_names=names)
 
 
+def videomae(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+    """VideoMAEModel (the mean of its last hidden state), VideoMAEForPreTraining (its encoder,
+    the same) and VideoMAEForVideoClassification (mean pooling, `fc_norm`, head); the fixed
+    sinusoid table is `pos_embed`, built again for any other size (`fixed_pos_embed`)."""
+    config = {**_DEFAULTS["videomae"], **config}
+    mean_pooling = config["use_mean_pooling"]
+    if "classifier.weight" in arrays and not mean_pooling:
+        raise ValueError(
+            "a VideoMAE classifier with use_mean_pooling=False classifies its first patch token (VideoMAE has no "
+            "class token), which merging moves; tome_jax reads VideoMAE classifiers with use_mean_pooling=True"
+        )
+    hints = _hints(
+        config, "videomae", num_frames=config["num_frames"], global_pool="avg", fixed_pos_embed="sinusoid",
+        # The classifier's norm is PyTorch's default; a bare model's mean pooling has no norm at all.
+        fc_norm_eps=_TORCH_LAYER_NORM_EPS, token_norm=not mean_pooling,
+    )  # fmt: skip
+    checkpoint = _timm_named(arrays, "videomae", _VIDEOMAE_RENAMES, hints, _unused(_VIDEOMAE_DECODER))
+    height, width = pair(config["image_size"])
+    patch = pair(config["patch_size"])
+    positions = config["num_frames"] // config["tubelet_size"] * (height // patch[0]) * (width // patch[1])
+    out = {**checkpoint.arrays, "pos_embed": sinusoid_table(positions, config["hidden_size"])}
+    names = {**checkpoint.source_names, "pos_embed": f"the fixed sinusoid table over {positions} tokens (config)"}
+    return checkpoint._replace(arrays=out, source_names=names)
+
+
+def audio_spectrogram_transformer(config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Checkpoint:
+    """ASTModel (its pooled output) and ASTForAudioClassification: [batch, time, mel bins]
+    inputs read as [mel bins, time] images, patches `frequency_stride` x `time_stride` apart,
+    the class and distillation tokens' mean after the final norm, then `fc_norm` and head."""
+    config = {**_DEFAULTS["audio-spectrogram-transformer"], **config}
+    spectrogram = {**config, "image_size": (config["num_mel_bins"], config["max_length"])}
+    hints = _hints(
+        spectrogram, "audio-spectrogram-transformer", patch_stride=(config["frequency_stride"], config["time_stride"]), fbank_input=True,
+        global_pool="cls_distill_avg", token_norm=True,
+    )  # fmt: skip
+    return _timm_named(arrays, "audio_spectrogram_transformer", _AST_RENAMES, hints)
+
+
 LAYOUTS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], Checkpoint]] = {
     "vit": vit,
     "deit": vit,
@@ -301,4 +371,6 @@ LAYOUTS: dict[str, Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], Check
     "clip_vision_model": clip,
     "siglip": siglip,
     "siglip_vision_model": siglip,
+    "videomae": videomae,
+    "audio-spectrogram-transformer": audio_spectrogram_transformer,
 }

@@ -19,6 +19,10 @@ from tome_jax.convert.layouts import Checkpoint
 from tome_jax.layers import pair
 
 
+# Attributes no tensor shows, taken as the checkpoint states them: the head's activation
+# (Hugging Face's pooler), spectrogram inputs (AST), the norms around pooling (VideoMAE,
+# AST). (So is AST's `patch_stride`.)
+_STATED_ONLY = ("head_act", "fbank_input", "token_norm", "fc_norm_eps")
 # Heads of the standard ViT widths where `width // 64` is wrong (H/14, g/14, G/14).
 _HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
 
@@ -106,8 +110,13 @@ def _mlp_ratio(width: int, hidden: int) -> float:
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
 
 
+def _patch_grid(size, patch, stride) -> tuple[int, ...]:
+    """The patches a strided patch convolution cuts from an image of `size`."""
+    return tuple((s - p) // st + 1 for s, p, st in zip(pair(size), patch, stride))
+
+
 def _position_grid(
-    pos_len: int, prefix: int, patch, stated, requested, steps: int = 1
+    pos_len: int, prefix: int, patch, stride, stated, requested, steps: int = 1
 ) -> tuple[tuple[int, int], bool]:
     """The patch grid the position embeddings were trained for, and whether they
     skip the prefix tokens (`no_embed_class`).
@@ -126,7 +135,7 @@ def _position_grid(
             return grid, True
         return None
 
-    to_grid = lambda size: tuple(s // p for s, p in zip(pair(size), patch))  # noqa: E731
+    to_grid = lambda size: _patch_grid(size, patch, stride)  # noqa: E731
     if stated is not None:
         if fit(to_grid(stated)) is None:
             raise ValueError(f"pos_embed's {pos_len} positions do not fit the stated img_size {stated}")
@@ -164,7 +173,8 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
     reg_tokens = _required(arrays, "reg_token", 3).shape[1] if has("reg_token") else 0
     prefix = int(class_token) + int(distill_token) + reg_tokens
     stated = checkpoint.hints.get("img_size")
-    grid, no_embed_class = _checkpoint_grid(arrays, prefix, patch, stated, overrides.get("img_size"), steps)
+    stride = pair(hints["patch_stride"]) if hints.get("patch_stride") is not None else tuple(patch)
+    grid, no_embed_class = _checkpoint_grid(checkpoint, prefix, patch, stride, overrides.get("img_size"), steps)
     fc_norm = has("fc_norm.weight")
     if has("attn_pool.latent"):
         global_pool = "map"
@@ -174,11 +184,11 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
     mlp_layer, hidden = _mlp_layer(arrays)
     config = dict(
         num_classes=_num_classes(arrays, checkpoint.hints.get("projection"), overrides),
-        head_act=hints.get("head_act"),
         # The stated size may leave pixels past the last whole patch (timm's
         # So400m/14 at 384 px), which the model then drops as timm does.
-        img_size=pair(stated) if stated is not None else tuple(g * p for g, p in zip(grid, patch)),
+        img_size=pair(stated) if stated is not None else tuple((g - 1) * s + p for g, p, s in zip(grid, patch, stride)),
         patch_size=tuple(patch),
+        patch_stride=stride if hints.get("patch_stride") is not None else None,
         in_chans=in_chans,
         **video,
         width=width,
@@ -200,6 +210,7 @@ def infer_config(checkpoint: Checkpoint, overrides: Mapping[str, Any]):
         # Any value turns LayerScale on; the checkpoint's gamma replaces it.
         layer_scale_init=1e-5 if has("blocks.0.ls1.gamma") else None,
         **_eva_config(arrays, hints, width),
+        **{key: hints[key] for key in _STATED_ONLY if key in hints},
     )
     if has("blocks.0.metric.weight") and "reduction" not in overrides:
         # A DTEM export (to_timm_state_dict of a DTEM model) carries its metric layers.
@@ -219,15 +230,21 @@ def _num_classes(arrays: Mapping[str, np.ndarray], projection: str | None, overr
     return 0
 
 
-def _checkpoint_grid(arrays, prefix: int, patch, stated, requested, steps: int) -> tuple[tuple[int, int], bool]:
+def _checkpoint_grid(
+    checkpoint: Checkpoint, prefix: int, patch, stride, requested, steps: int
+) -> tuple[tuple[int, int], bool]:
     """The patch grid the checkpoint was trained at and `no_embed_class`: from its position
-    embeddings, or, for a rotary model without them, from the stated or requested image size."""
-    if "pos_embed" in arrays:
-        return _position_grid(_required(arrays, "pos_embed", 3).shape[1], prefix, patch, stated, requested, steps)
+    embeddings, or, for a rotary model without them or a fixed table (VideoMAE's, built
+    for any size), from the stated or requested image size. Overlapping patches (AST's)
+    are `stride` apart, which no tensor shows."""
+    arrays, stated = checkpoint.arrays, checkpoint.hints.get("img_size")
+    if "pos_embed" in arrays and checkpoint.hints.get("fixed_pos_embed") is None:
+        positions = _required(arrays, "pos_embed", 3).shape[1]
+        return _position_grid(positions, prefix, patch, stride, stated, requested, steps)
     size = stated if stated is not None else requested
     if size is None:
         raise ValueError("the checkpoint has no position embeddings to read its image size from; pass img_size=")
-    return tuple(s // p for s, p in zip(pair(size), patch)), False
+    return _patch_grid(size, patch, stride), False
 
 
 def _eva_config(arrays: Mapping[str, np.ndarray], hints: Mapping[str, Any], width: int) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def params_from_timm(checkpoint: Checkpoint, model: ViT, old_grid, inflation: st
             continue
         value = left.pop(key)
         if key == "pos_embed":
-            value = fit_pos_embed(value, model, old_grid)
+            value = fit_pos_embed(value, model, old_grid, checkpoint.hints.get("fixed_pos_embed"))
         elif key == "patch_embed.proj.weight":
             value = fit_patch_embed(value, model, inflation)
         axes = timm_axes(path, len(leaf.shape))

@@ -38,7 +38,10 @@ _INVISIBLE_TIMM_OPTIONS = {
 # Attributes a `config` states that the tensors leave open: timm's constructor
 # arguments, and `norm_eps` (timm's `norm_layer` is a class, not JSON); `rope` (a JSON
 # object of `rope.Rope`'s fields) is tome_jax's own, as timm's hub files give no rotary kind.
-CONFIG_HINTS = ("num_heads", "img_size", "global_pool", "act_layer", "norm_eps", "pool_include_prefix", "head_act")
+CONFIG_HINTS = (
+    "num_heads", "img_size", "global_pool", "act_layer", "norm_eps", "pool_include_prefix", "head_act",
+    "patch_stride", "fbank_input", "token_norm", "fc_norm_eps",
+)  # fmt: skip
 # timm's activation modules by class name -> `ViT.act_layer` (nn.GELU by its `approximate`).
 _ACTIVATION_NAMES = {
     "GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "SiLU": "silu", "Swish": "silu"

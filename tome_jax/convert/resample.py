@@ -60,9 +60,25 @@ def _space_time(grid) -> tuple[int, int, int]:
     return grid if len(grid) == 3 else (1, *grid)
 
 
-def fit_pos_embed(pos_embed: np.ndarray, model: ViT, old_grid) -> np.ndarray:
+def sinusoid_table(positions: int, width: int) -> np.ndarray:
+    """VideoMAE's fixed position table [1, positions, width]: position / 10000^(2 (j // 2) / width),
+    sine in the even channels, cosine in the odd; float64 rounded to float32, as transformers builds it."""
+    channel = np.arange(width)
+    angles = np.arange(positions)[:, None] / np.power(10000, 2 * (channel // 2) / width)[None]
+    return np.where(channel % 2 == 0, np.sin(angles), np.cos(angles))[None].astype(np.float32)
+
+
+# Position embeddings a checkpoint may hold that are a function of the token count, not
+# learned (its `fixed_pos_embed` hint): built again for the model, never resampled.
+FIXED_POS_EMBEDS = {"sinusoid": sinusoid_table}
+
+
+def fit_pos_embed(pos_embed: np.ndarray, model: ViT, old_grid, fixed: str | None = None) -> np.ndarray:
     """pos_embed [1, positions, width] for the checkpoint's `old_grid` -> for the
-    model's token grid, resampled where the two differ."""
+    model's token grid, resampled where the two differ; a `fixed` table (a key of
+    `FIXED_POS_EMBEDS`) is built for the model's tokens instead."""
+    if fixed is not None:
+        return FIXED_POS_EMBEDS[fixed](math.prod(model.token_grid), model.width).astype(pos_embed.dtype)
     if tuple(old_grid) == model.token_grid:
         return pos_embed
     prefix = 0 if model.no_embed_class else model.num_prefix_tokens
