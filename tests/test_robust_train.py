@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tiny_train_config
 from test_train import REPO, build, committed_steps, config_args, losses, run_train, tiny_config
 from tome_jax import checkpoints, data, divergence, evaluate, metrics_log, sharding, train_lib
 from tome_jax.data import augment
@@ -304,12 +303,8 @@ def test_two_processes_train_resume_and_evaluate_as_one_does(small_cifar, tmp_pa
     ]  # fmt: skip
     run_processes("eval.py", eval_args, count=2, devices=2)
     (row,) = json.loads((tmp_path / "eval" / "sweep.json").read_text())["rows"]
-    config = tiny_train_config.eval_config()
-    config.update({"dataset": dataset, "params_from": str(two), "params_step": "latest", "workdir": str(tmp_path)})
-    (alone,) = evaluate.run(config)
-    assert (row["top1"], row["top5"], row["count"]) == (alone["top1"], alone["top5"], alone["count"]) == (
-        reference["top1"], reference["top5"], 80
-    )
+    # What one process's training evaluated at its last step.
+    assert (row["top1"], row["top5"], row["count"]) == (reference["top1"], reference["top5"], 80)
 
 
 @pytest.mark.slow
