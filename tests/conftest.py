@@ -38,3 +38,10 @@ def small_cifar(tmp_path_factory) -> pathlib.Path:
             if member.isfile() and len(parts) == 3 and int(parts[2][:4]) < wanted[parts[0]]:
                 archive.extract(member, root, filter="data")
     return root
+
+
+def pytest_collection_modifyitems(items):
+    """The end-to-end runs (`slow`) first, in their order: with one worker per core, a minute-long
+    run dealt out last keeps one worker busy while the other idles; dealt out first, the short
+    tests fill in around it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
